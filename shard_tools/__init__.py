@@ -1,0 +1,1 @@
+"""Offline sharding: video manifests -> WebDataset tar shards + DALI index + manifest + quarantine."""

