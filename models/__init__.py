@@ -1,0 +1,32 @@
+"""Video backbones (TimeSformer, Space-Time Swin), SSL heads, the multi-view runner, FLOP counts."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from models import timesformer
+from models.heads import (BYOLPredictor, BYOLProjector, DINOHead, MoCoPredictor, MoCoProjector,
+                          SimSiamPredictor, SimSiamProjector)
+from models.multiview import MultiViewRunner
+from models.timesformer import TimeSformer, slow_fast_features
+
+__all__ = [
+    "BACKBONES", "build_backbone", "TimeSformer", "slow_fast_features", "MultiViewRunner", "DINOHead",
+    "MoCoProjector", "MoCoPredictor", "BYOLProjector", "BYOLPredictor", "SimSiamProjector", "SimSiamPredictor",
+]
+
+# Named variants; a plain dict (no registry decorators): adding a model is one line here.
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "timesformer_tiny_patch16": timesformer.timesformer_tiny_patch16,
+    "timesformer_small_patch16": timesformer.timesformer_small_patch16,
+    "timesformer_base_patch16": timesformer.timesformer_base_patch16,
+}
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
+    """Build a named backbone; ``kwargs`` go to the model (e.g. ``num_frames``, ``depth``,
+    ``drop_path_rate``, ``grad_checkpointing``, ``pretrained_path``). Unknown names raise with the list."""
+    if name not in BACKBONES:
+        raise ValueError(f"build_backbone: unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name](**kwargs)

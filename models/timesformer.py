@@ -1,0 +1,416 @@
+"""TimeSformer: ViT with divided space-time attention (Bertasius et al., 2021), SVT flavour.
+
+Layout follows timm's ``vision_transformer.py``: blocks, model class, init, ``checkpoint_filter_fn``,
+factory, named variants. Parameter names are the official TimeSformer / timm ViT names
+(``cls_token``, ``pos_embed``, ``time_embed``, ``patch_embed.proj``, ``blocks.N.{norm1, attn,
+temporal_norm1, temporal_attn, temporal_fc, norm2, mlp}``, ``norm``, ``head``) so that timm / DINO
+image checkpoints and official TimeSformer checkpoints load from a local file.
+
+Dynamic positional embeddings (SVT Sec. 3.2.3): ``pos_embed`` is stored for the largest spatial grid
+(``img_size // patch_size``) and ``time_embed`` for the largest number of frames (``num_frames``);
+each forward interpolates them to the input's grid and length (2-D bicubic in space, 1-D linear in
+time, or ``nearest`` for both as the official SVT code does). At the native size the stored
+embedding is used unchanged.
+
+Token layout inside the blocks: ``b (t n) d`` with the CLS token in front, i.e. patches of frame 0,
+then frame 1, ... The official code orders ``(h w t)``; the order has no parameters, and ``(t n)``
+makes the spatial step a free view.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "Attention",
+    "DividedSpaceTimeBlock",
+    "TimeSformer",
+    "checkpoint_filter_fn",
+    "interpolate_pos_embed",
+    "interpolate_time_embed",
+    "slow_fast_features",
+    "timesformer_tiny_patch16",
+    "timesformer_small_patch16",
+    "timesformer_base_patch16",
+]
+
+SpaceInterp = Literal["bicubic", "nearest"]
+TimeInterp = Literal["linear", "nearest"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the token axis of ``(B, N, D)`` via ``F.scaled_dot_product_attention``.
+
+    Args:
+        dim: token width.
+        num_heads: heads; must divide ``dim``.
+        qkv_bias: bias in the fused qkv projection (timm ``qkv``).
+        attn_drop: attention dropout (training only).
+        proj_drop: dropout after the output projection (timm ``proj``).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
+
+
+class DividedSpaceTimeBlock(nn.Module):
+    """One TimeSformer block: temporal attention, spatial attention, MLP (all pre-norm, residual).
+
+    Temporal step: each spatial location attends over the T frames (CLS excluded); the result goes
+    through ``temporal_fc`` (zero-initialised, so a fresh block starts as a ViT block) and is added to
+    the patch tokens. Spatial step: the CLS token is copied to every frame, each frame attends over
+    its N patches plus CLS, and the per-frame CLS outputs are averaged back into one CLS residual.
+
+    Args:
+        dim, num_heads, mlp_ratio, qkv_bias: ViT block sizes (timm names).
+        drop: dropout in the projections / MLP.
+        attn_drop: attention dropout.
+        drop_path: stochastic depth rate of this block.
+        act_layer, norm_layer: swappable layer types (timm convention).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 act_layer: type[nn.Module] = nn.GELU, norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        self.temporal_norm1 = norm_layer(dim)
+        self.temporal_attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.temporal_fc = nn.Linear(dim, dim)
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: ``(B, 1 + T*N, D)`` laid out ``b (1 + (t n)) d``; returns the same shape."""
+        cls_token, patches = x[:, :1], x[:, 1:]
+        # Temporal attention: one sequence of T tokens per spatial location.
+        xt = rearrange(patches, "b (t n) d -> (b n) t d", t=num_frames)
+        res_temporal = self.drop_path(self.temporal_attn(self.temporal_norm1(xt)))
+        res_temporal = rearrange(res_temporal, "(b n) t d -> b (t n) d", b=x.shape[0])
+        patches = patches + self.temporal_fc(res_temporal)
+
+        # Spatial attention: one sequence of 1 + N tokens per frame, CLS copied into every frame.
+        xs = rearrange(patches, "b (t n) d -> (b t) n d", t=num_frames)
+        cls_per_frame = rearrange(cls_token.expand(-1, num_frames, -1), "b t d -> (b t) 1 d")
+        res_spatial = self.drop_path(self.attn(self.norm1(torch.cat((cls_per_frame, xs), dim=1))))
+        res_cls = rearrange(res_spatial[:, :1], "(b t) 1 d -> b t d", t=num_frames).mean(dim=1, keepdim=True)
+        res_patches = rearrange(res_spatial[:, 1:], "(b t) n d -> b (t n) d", t=num_frames)
+        x = torch.cat((cls_token, patches), dim=1) + torch.cat((res_cls, res_patches), dim=1)
+
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int], mode: SpaceInterp = "bicubic",
+                          num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resample a ViT ``pos_embed`` ``(1, prefix + Gh*Gw, D)`` to ``grid_hw``; square stored grid assumed.
+
+    The prefix (CLS) embedding is kept as is. Returns the stored tensor itself at the native grid.
+    """
+    prefix, patch_pos = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    stored = int(math.isqrt(patch_pos.shape[1]))
+    if stored * stored != patch_pos.shape[1]:
+        raise ValueError(f"pos_embed holds {patch_pos.shape[1]} patch positions, not a square grid")
+    if (stored, stored) == tuple(grid_hw):
+        return pos_embed
+    grid = rearrange(patch_pos, "1 (gh gw) d -> 1 d gh gw", gh=stored)
+    kwargs = {"align_corners": False} if mode == "bicubic" else {}
+    grid = F.interpolate(grid.float(), size=tuple(grid_hw), mode=mode, **kwargs).to(pos_embed.dtype)
+    return torch.cat((prefix, rearrange(grid, "1 d gh gw -> 1 (gh gw) d")), dim=1)
+
+
+def interpolate_time_embed(time_embed: torch.Tensor, num_frames: int, mode: TimeInterp = "linear") -> torch.Tensor:
+    """Resample ``time_embed`` ``(1, T_stored, D)`` to ``num_frames``; the stored tensor at the native length."""
+    if time_embed.shape[1] == num_frames:
+        return time_embed
+    seq = rearrange(time_embed, "1 t d -> 1 d t")
+    kwargs = {"align_corners": False} if mode == "linear" else {}
+    seq = F.interpolate(seq.float(), size=num_frames, mode=mode, **kwargs).to(time_embed.dtype)
+    return rearrange(seq, "1 d t -> 1 t d")
+
+
+class TimeSformer(nn.Module):
+    """Video ViT with divided space-time attention taking ``(B, C, T, H, W)``.
+
+    Args:
+        img_size: largest spatial input; ``pos_embed`` is stored for ``img_size // patch_size`` squared.
+        patch_size: spatial patch (frames are not merged in time, as in TimeSformer).
+        in_chans: input channels.
+        num_classes: classifier outputs; 0 makes ``head`` an ``nn.Identity`` (SSL pretraining).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: ViT sizes.
+        num_frames: length ``time_embed`` is stored for (largest T seen in training).
+        drop_rate, attn_drop_rate, drop_path_rate: regularisation (stochastic depth grows linearly).
+        space_interp: ``bicubic`` or ``nearest`` resampling of ``pos_embed`` per input.
+        time_interp: ``linear`` or ``nearest`` resampling of ``time_embed`` per input.
+        grad_checkpointing: recompute each block in backward (activation checkpointing).
+        norm_layer: normalisation type (timm uses LayerNorm eps 1e-6).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, num_frames: int = 8, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 space_interp: SpaceInterp = "bicubic", time_interp: TimeInterp = "linear",
+                 grad_checkpointing: bool = False, norm_layer: type[nn.Module] | None = None) -> None:
+        super().__init__()
+        if img_size % patch_size != 0:
+            raise ValueError(f"TimeSformer: img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if space_interp not in ("bicubic", "nearest"):
+            raise ValueError(f"TimeSformer: space_interp must be 'bicubic' or 'nearest', got {space_interp!r}")
+        if time_interp not in ("linear", "nearest"):
+            raise ValueError(f"TimeSformer: time_interp must be 'linear' or 'nearest', got {time_interp!r}")
+        if num_frames < 1 or depth < 1:
+            raise ValueError(f"TimeSformer: num_frames ({num_frames}) and depth ({depth}) must be >= 1")
+        norm_layer = norm_layer or (lambda d: nn.LayerNorm(d, eps=1e-6))
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.num_frames = num_frames
+        self.grid_size = img_size // patch_size
+        self.space_interp = space_interp
+        self.time_interp = time_interp
+        self.grad_checkpointing = grad_checkpointing
+
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size ** 2, embed_dim))
+        self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.time_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            DividedSpaceTimeBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i],
+                                  norm_layer=norm_layer)
+            for i in range(depth)
+        ])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """timm ViT init; ``time_embed`` starts at zero and every ``temporal_fc`` at zero (TimeSformer)."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_vit_weights)
+        for block in self.blocks:
+            # The official code zeroes blocks 1.. only; zeroing all makes a fresh model an exact
+            # ViT at init, which the image-weight loading relies on.
+            nn.init.zeros_(block.temporal_fc.weight)
+            nn.init.zeros_(block.temporal_fc.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "time_embed"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Patchify and add interpolated space/time embeddings: ``(B, C, T, H, W)`` -> ``(B, 1 + T*N, D)``."""
+        if x.ndim != 5 or x.shape[1] != self.in_chans:
+            raise ValueError(f"TimeSformer expects (B, {self.in_chans}, T, H, W), got {tuple(x.shape)}")
+        batch, _, num_frames, height, width = x.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"TimeSformer: H={height}, W={width} must be multiples of patch {self.patch_size}")
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
+        tokens = self.patch_embed.proj(frames)
+        grid_hw = tokens.shape[-2:]
+        tokens = rearrange(tokens, "bt d gh gw -> bt (gh gw) d")
+        pos_embed = interpolate_pos_embed(self.pos_embed, grid_hw, self.space_interp)
+        # CLS gets its position embedding once (official code adds it per frame, then keeps frame 0's).
+        tokens = self.pos_drop(tokens + pos_embed[:, 1:])
+        cls_token = self.cls_token + pos_embed[:, :1]
+        time_embed = interpolate_time_embed(self.time_embed, num_frames, self.time_interp)
+        tokens = rearrange(tokens, "(b t) n d -> b t n d", b=batch) + rearrange(time_embed, "1 t d -> 1 t 1 d")
+        tokens = self.time_drop(rearrange(tokens, "b t n d -> b (t n) d"))
+        return torch.cat((cls_token.expand(batch, -1, -1), tokens), dim=1), num_frames
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All normalised tokens ``(B, 1 + T*N, D)`` (CLS first, then ``(t n)``)."""
+        tokens, num_frames = self.embed(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, num_frames, use_reentrant=False)
+            else:
+                tokens = block(tokens, num_frames)
+        return self.norm(tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS feature ``(B, embed_dim)`` of a ``(B, C, T, H, W)`` clip."""
+        return self.forward_tokens(x)[:, 0]
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return features if pre_logits else self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def flops(self, shape: tuple[int, int, int, int]) -> int:
+        """Analytic matmul FLOPs (2 per multiply-add) of ``forward_features`` for one ``(C, T, H, W)`` sample.
+
+        Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts: the patch conv, every Linear,
+        and the two attention matmuls (QK^T, AV). Norms, softmax, GELU and adds are not counted.
+        """
+        channels, num_frames, height, width = shape
+        n = (height // self.patch_size) * (width // self.patch_size)
+        d, hidden = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
+        patch = 2 * num_frames * n * channels * self.patch_size ** 2 * d
+        tokens = 1 + num_frames * n
+        temporal_tokens = num_frames * n
+        spatial_tokens = num_frames * (1 + n)
+        per_block = (
+            2 * temporal_tokens * d * 3 * d + 2 * temporal_tokens * d * d      # temporal qkv + proj
+            + 2 * 2 * n * num_frames * num_frames * d                          # temporal QK^T + AV
+            + 2 * temporal_tokens * d * d                                      # temporal_fc
+            + 2 * spatial_tokens * d * 3 * d + 2 * spatial_tokens * d * d      # spatial qkv + proj
+            + 2 * 2 * num_frames * (1 + n) * (1 + n) * d                       # spatial QK^T + AV
+            + 2 * 2 * tokens * d * hidden                                      # MLP fc1 + fc2
+        )
+        head = 2 * d * self.num_classes if self.num_classes > 0 else 0
+        return int(patch + self.depth * per_block + head)
+
+
+def _init_vit_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def slow_fast_features(model: nn.Module, slow: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
+    """Slow-fast inference (SVT Fig. 3): the sum of the CLS features of a slow and a fast clip."""
+    return model.forward_features(slow) + model.forward_features(fast)
+
+
+# Keys of the model a timm / DINO *image* checkpoint cannot hold; the filter fills them (copied from
+# the spatial weights or identity/zero) so the load is strict. Documented in docs/models.md.
+_TEMPORAL_PREFIXES = ("temporal_norm1.", "temporal_attn.", "temporal_fc.")
+# Keys of image / TimeSformer checkpoints that this model has no counterpart for; dropped.
+_IGNORED_SOURCE_KEYS = ("fc_norm.weight", "fc_norm.bias", "norm_pre.weight", "norm_pre.bias",
+                        "head_drop", "reg_token", "dist_token", "head_dist.weight", "head_dist.bias")
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: TimeSformer,
+                         temporal_init: Literal["copy", "zero"] = "copy") -> dict[str, torch.Tensor]:
+    """Adapt a timm / DINO ViT or official TimeSformer state dict to ``model``.
+
+    Handles: the TimeSformer ``{"model_state": ...}`` wrapper and ``model.`` / ``module.`` /
+    ``backbone.`` prefixes; ``pos_embed`` resampled to the model's grid, ``time_embed`` to its
+    ``num_frames`` (checkpoint-time resampling, bicubic / linear); image checkpoints get the temporal
+    weights of every block either copied from the spatial ones (``temporal_init="copy"``, TimeSformer's
+    ImageNet init) or left at the model's fresh init (``"zero"``), always with zero ``temporal_fc``
+    (so the temporal branch starts as a no-op; on a 1-frame clip the model equals the image ViT) and zero
+    ``time_embed``. A classifier ``head.*`` is dropped when its shape differs from the model's.
+
+    Returns a dict that ``model.load_state_dict(..., strict=True)`` accepts.
+    """
+    if temporal_init not in ("copy", "zero"):
+        raise ValueError(f"checkpoint_filter_fn: temporal_init must be 'copy' or 'zero', got {temporal_init!r}")
+    if "model_state" in state_dict:
+        state_dict = state_dict["model_state"]
+    elif "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    model_state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "model.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key in _IGNORED_SOURCE_KEYS:
+            continue
+        if key == "patch_embed.proj.weight" and value.ndim == 5:
+            raise ValueError("checkpoint_filter_fn: 3-D patch embedding (ViViT-style tubelets) is not supported")
+        if key == "pos_embed":
+            value = interpolate_pos_embed(value, (model.grid_size, model.grid_size), "bicubic")
+        elif key == "time_embed":
+            value = interpolate_time_embed(value, model.num_frames, "linear")
+        elif key.startswith("head.") and (key not in model_state or model_state[key].shape != value.shape):
+            continue
+        out[key] = value
+
+    is_image_checkpoint = "time_embed" not in out
+    if is_image_checkpoint:
+        out["time_embed"] = torch.zeros_like(model_state["time_embed"])
+        for i in range(model.depth):
+            block = f"blocks.{i}."
+            for name in ("weight", "bias"):
+                out[f"{block}temporal_fc.{name}"] = torch.zeros_like(model_state[f"{block}temporal_fc.{name}"])
+                source = f"{block}norm1.{name}" if temporal_init == "copy" else None
+                out[f"{block}temporal_norm1.{name}"] = (out[source].clone() if source
+                                                        else model_state[f"{block}temporal_norm1.{name}"])
+            for sub in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
+                target = f"{block}temporal_attn.{sub}"
+                if target not in model_state:
+                    continue
+                # "zero" keeps the model's fresh random init here: zero attention weights behind a
+                # zero temporal_fc would get no gradient at all and the branch would stay dead.
+                out[target] = out[f"{block}attn.{sub}"].clone() if temporal_init == "copy" else model_state[target]
+    if "head.weight" in model_state and "head.weight" not in out:
+        # Fresh classifier for a new label set: keep the model's own init.
+        out["head.weight"] = model_state["head.weight"]
+        out["head.bias"] = model_state["head.bias"]
+    return out
+
+
+def load_pretrained(model: TimeSformer, path: str, temporal_init: Literal["copy", "zero"] = "copy") -> None:
+    """Load a local timm / DINO / TimeSformer checkpoint file into ``model`` strictly (after filtering)."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unreadable / not a torch file: name the file and the reason
+        raise ValueError(f"{path}: cannot read checkpoint ({error})") from error
+    try:
+        model.load_state_dict(checkpoint_filter_fn(state_dict, model, temporal_init), strict=True)
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: {error}") from error
+
+
+def _create_timesformer(pretrained_path: str | None = None, temporal_init: Literal["copy", "zero"] = "copy",
+                        **kwargs) -> TimeSformer:
+    model = TimeSformer(**kwargs)
+    if pretrained_path:
+        load_pretrained(model, pretrained_path, temporal_init)
+    return model
+
+
+def timesformer_tiny_patch16(**kwargs) -> TimeSformer:
+    """Tiny (ViT-Ti/16: 192 wide, 12 deep, 3 heads) — CPU tests use fewer blocks via ``depth=``."""
+    return _create_timesformer(**{"embed_dim": 192, "depth": 12, "num_heads": 3, **kwargs})
+
+
+def timesformer_small_patch16(**kwargs) -> TimeSformer:
+    """ViT-S/16 sized TimeSformer (384 wide, 12 deep, 6 heads)."""
+    return _create_timesformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs})
+
+
+def timesformer_base_patch16(**kwargs) -> TimeSformer:
+    """ViT-B/16 sized TimeSformer (768 wide, 12 deep, 12 heads): the SVT backbone."""
+    return _create_timesformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs})
