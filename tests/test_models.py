@@ -1,0 +1,209 @@
+"""TimeSformer, heads and the multi-view runner on tiny models (CPU, small shapes)."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from models import (BYOLPredictor, BYOLProjector, DINOHead, MoCoPredictor, MoCoProjector, MultiViewRunner,
+                    SimSiamPredictor, SimSiamProjector, build_backbone, slow_fast_features)
+from models.timesformer import checkpoint_filter_fn, interpolate_pos_embed, interpolate_time_embed, load_pretrained
+
+torch.set_num_threads(1)
+
+# View sizes (T, H, W) of both recipes and of evaluation (DESIGN.md section 2).
+SVT_VIEWS = [(8, 224, 224), (16, 224, 224)] + [(t, 96, 96) for t in (2, 2, 4, 4, 8, 8, 16, 16)]
+LSTCL_VIEWS = [(8, 224, 224), (8, 224, 224)]
+EVAL_VIEWS = [(8, 224, 224), (64, 96, 96)]
+
+
+def tiny_timesformer(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    args = {"embed_dim": 24, "depth": 2, "num_heads": 2, "num_frames": 8, **kw}
+    return build_backbone("timesformer_tiny_patch16", **args).eval()
+
+
+def test_build_backbone_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown backbone 'vit_nope'"):
+        build_backbone("vit_nope")
+
+
+@pytest.mark.parametrize("thw", sorted(set(SVT_VIEWS + LSTCL_VIEWS + EVAL_VIEWS)))
+def test_timesformer_output_shape_for_every_view_size(thw):
+    model = tiny_timesformer(embed_dim=16, depth=1)
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(1, 3, *thw))
+    assert features.shape == (1, 16)
+    assert torch.isfinite(features).all()
+
+
+def test_pos_embed_interpolation_is_the_stored_embedding_at_native_size():
+    model = tiny_timesformer()
+    assert interpolate_pos_embed(model.pos_embed, (14, 14)) is model.pos_embed
+    assert interpolate_time_embed(model.time_embed, 8) is model.time_embed
+    # Nearest 2x upsampling repeats each stored position; the CLS embedding is untouched.
+    small = torch.randn(1, 1 + 4, 3)
+    up = interpolate_pos_embed(small, (4, 4), mode="nearest")
+    assert torch.equal(up[:, 0], small[:, 0])
+    grid = up[0, 1:].reshape(4, 4, 3)
+    assert torch.equal(grid[0, 0], small[0, 1]) and torch.equal(grid[1, 1], small[0, 1])
+    assert torch.equal(grid[3, 3], small[0, 4])
+    # Linear in time: 2 stored steps -> 3 at align_corners=False keeps the ends' mean in the middle.
+    two = torch.tensor([[[0.0], [1.0]]])
+    torch.testing.assert_close(interpolate_time_embed(two, 4)[0, :, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    assert torch.equal(interpolate_time_embed(two, 4, mode="nearest")[0, :, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_native_size_embeddings_are_added_unchanged_and_other_sizes_use_interpolation():
+    model = tiny_timesformer(img_size=64, num_frames=4)
+    with torch.no_grad():
+        model.time_embed.normal_()
+        x = torch.randn(1, 3, 4, 64, 64)
+        tokens, _ = model.embed(x)
+        patches = model.patch_embed.proj(x[:, :, 2]).flatten(2).transpose(1, 2)  # frame 2, (N, D)
+        expected = patches + model.pos_embed[:, 1:] + model.time_embed[:, 2]
+        torch.testing.assert_close(tokens[:, 1 + 2 * 16: 1 + 3 * 16], expected)
+        torch.testing.assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, :1])[:, 0])
+        for space, time in (("bicubic", "linear"), ("nearest", "nearest")):
+            model.space_interp, model.time_interp = space, time
+            assert model.forward_features(torch.randn(1, 3, 7, 48, 80)).shape == (1, 24)
+
+
+def test_fresh_temporal_branch_is_a_no_op_and_one_frame_equals_the_image_vit():
+    """Zero-initialised temporal_fc: on a 1-frame clip a timm-initialised model is exactly the image ViT."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, depth=2).eval()
+    model = build_backbone("timesformer_small_patch16", depth=2, num_frames=8).eval()
+    model.load_state_dict(checkpoint_filter_fn(vit.state_dict(), model, temporal_init="zero"), strict=True)
+    image = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = vit.forward_features(image)[:, 0]
+        got = model.forward_features(image.unsqueeze(2))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("timm_name,ours", [("vit_small_patch16_224", "timesformer_small_patch16"),
+                                            ("vit_base_patch16_224", "timesformer_base_patch16")])
+@pytest.mark.parametrize("temporal_init", ["copy", "zero"])
+def test_timm_vit_state_dict_file_loads_strictly(tmp_path, timm_name, ours, temporal_init):
+    torch.manual_seed(0)
+    vit = timm.create_model(timm_name, pretrained=False)  # random weights, with a 1000-class head
+    path = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), path)
+    model = build_backbone(ours, num_frames=16, pretrained_path=str(path), temporal_init=temporal_init)
+    source = vit.state_dict()
+    block = model.blocks[3]
+    assert torch.equal(block.attn.qkv.weight, source["blocks.3.attn.qkv.weight"])
+    assert torch.equal(model.pos_embed, source["pos_embed"])
+    assert torch.equal(block.temporal_fc.weight, torch.zeros_like(block.temporal_fc.weight))
+    copied = torch.equal(block.temporal_attn.qkv.weight, source["blocks.3.attn.qkv.weight"])
+    assert copied == (temporal_init == "copy")
+    # Documented key differences: the image head is dropped (num_classes=0); temporal keys are filled.
+    filtered = checkpoint_filter_fn(source, model, temporal_init)
+    assert not any(k.startswith("head.") for k in filtered)
+    assert set(filtered) == set(model.state_dict())
+
+
+def test_official_timesformer_checkpoint_loads(tmp_path):
+    torch.manual_seed(1)
+    official = tiny_timesformer(num_classes=5, num_frames=8)
+    # Official files: {"model_state": {"model.<name>": ...}} around the TimeSformer names.
+    state = {"model_state": {f"model.{k}": v for k, v in official.state_dict().items()}}
+    path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
+    torch.save(state, path)
+    same = tiny_timesformer(num_classes=5, num_frames=8)
+    load_pretrained(same, str(path))
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), official(x))
+    # A pretraining model (no classifier, longer time_embed) takes the same file: head dropped,
+    # time_embed resampled linearly to 16 frames.
+    longer = tiny_timesformer(num_classes=0, num_frames=16)
+    load_pretrained(longer, str(path))
+    torch.testing.assert_close(longer.time_embed, interpolate_time_embed(official.time_embed.detach(), 16))
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pth"):
+        load_pretrained(tiny_timesformer(), str(bad))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x = torch.randn(2, 3, 4, 32, 32)
+    grads = []
+    for enable in (False, True):
+        model = tiny_timesformer(img_size=32, grad_checkpointing=enable).train()
+        model.forward_features(x).square().sum().backward()
+        grads.append(model.blocks[0].temporal_attn.qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_slow_fast_features_sum_the_two_clips():
+    model = tiny_timesformer()
+    slow, fast = torch.randn(1, 3, 8, 64, 64), torch.randn(1, 3, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(slow_fast_features(model, slow, fast),
+                                   model.forward_features(slow) + model.forward_features(fast))
+
+
+def test_grouped_runner_equals_per_view_loop_in_view_order():
+    model = tiny_timesformer(embed_dim=16, depth=1)
+    head = DINOHead(16, out_dim=32, hidden_dim=24, bottleneck_dim=8)
+    runner = MultiViewRunner(model, head).eval()
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.randn(2, 3, t, h, w, generator=gen) for t, h, w in SVT_VIEWS]
+    with torch.no_grad():
+        grouped = runner(views)
+        loop = [head(model.forward_features(v)) for v in views]
+        features = runner.forward_features(views)
+    assert len(grouped) == len(views)
+    for got, want in zip(grouped, loop):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(features[5], model.forward_features(views[5]).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_runner_runs_one_backbone_pass_per_shape():
+    calls = []
+    model = tiny_timesformer(embed_dim=16, depth=1)
+    original = model.forward_features
+    model.forward_features = lambda x: (calls.append(tuple(x.shape)), original(x))[1]  # count passes
+    runner = MultiViewRunner(model)
+    with torch.no_grad():
+        runner([torch.randn(1, 3, t, h, w) for t, h, w in SVT_VIEWS])
+    assert sorted(calls) == sorted([(1, 3, 8, 224, 224), (1, 3, 16, 224, 224)]
+                                   + [(2, 3, t, 96, 96) for t in (2, 4, 8, 16)])
+
+
+def test_dino_head_weight_norm_and_frozen_last_layer():
+    head = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8, norm_last_layer=True)
+    assert head.last_layer.weight_g.requires_grad is False
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(50))
+    out = head(torch.randn(4, 16))
+    assert out.shape == (4, 50)
+    out.sum().backward()
+    assert head.last_layer.weight_v.grad is not None
+    head.cancel_last_layer_gradients()
+    assert head.last_layer.weight_v.grad is None
+    trainable_g = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
+    assert trainable_g.last_layer.weight_g.requires_grad
+    assert len(trainable_g.last_layer_parameters()) == 2
+    # DINO's names, so DINO head checkpoints load.
+    assert {"mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_g", "last_layer.weight_v"} <= set(
+        head.state_dict())
+
+
+def test_contrastive_heads_have_the_papers_layer_structure():
+    def count(module, kind):
+        return sum(isinstance(m, kind) for m in module.modules())
+
+    projector, predictor = MoCoProjector(16, mlp_dim=32, out_dim=8), MoCoPredictor(8, mlp_dim=32)
+    assert (count(projector, nn.Linear), count(projector, nn.BatchNorm1d)) == (3, 3)
+    assert projector[-1].affine is False
+    assert (count(predictor, nn.Linear), count(predictor, nn.BatchNorm1d)) == (2, 1)
+    x = torch.randn(4, 16)
+    assert predictor(projector(x)).shape == (4, 8)
+    assert BYOLPredictor(8, 32)(BYOLProjector(16, 32, 8)(x)).shape == (4, 8)
+    assert SimSiamPredictor(12, 6)(SimSiamProjector(16, 12)(x)).shape == (4, 12)
