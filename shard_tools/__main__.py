@@ -1,0 +1,182 @@
+"""``python -m shard_tools [shard|verify|stats|bench] ...`` (``shard`` is the default subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from shard_tools.encode import CODEC_TABLE, EncodeSettings
+from shard_tools.executors import EXECUTORS, default_workers
+from shard_tools.sources import DATASET_KINDS, load_label_map, read_folder, read_kinetics_csv, read_ssv2
+
+SUBCOMMANDS = ("shard", "verify", "stats", "bench")
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_shard_size(text: str) -> tuple[int | None, int | None]:
+    """``1000`` -> (1000 samples, None); ``256MB`` / ``1GiB`` -> (None, bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--shard-size {text!r}: give a sample count (1000) or a size (256MB)")
+    number, unit = match.groups()
+    if not unit or unit.lower() == "samples":
+        if not float(number).is_integer() or int(float(number)) < 1:
+            raise argparse.ArgumentTypeError(f"--shard-size {text!r}: sample count must be a positive integer")
+        return int(float(number)), None
+    if unit.upper() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"--shard-size {text!r}: unit must be one of {sorted(_SIZE_UNITS)}")
+    return None, int(float(number) * _SIZE_UNITS[unit.upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m shard_tools",
+        description="Re-encode video datasets into shuffled WebDataset tar shards for DALI "
+                    "(plus .idx, manifest.json, quarantine.jsonl). Subcommands: shard (default), "
+                    "verify, stats, bench. See docs/shard_tools.md.")
+    sub = parser.add_subparsers(dest="command")
+
+    shard = sub.add_parser("shard", help="list, re-encode, test-decode and shard videos",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           description="Example: python -m shard_tools shard --source kinetics "
+                                       "--annotations k400/train.csv --videos k400/train --out shards/k400")
+    src = shard.add_argument_group("inputs")
+    src.add_argument("--source", choices=("auto",) + DATASET_KINDS, default="auto",
+                     help="input layout; auto: .csv annotations -> kinetics, .json -> ssv2, "
+                          "none -> folder of class subfolders")
+    src.add_argument("--annotations", type=Path,
+                     help="Kinetics CSV (label,youtube_id,time_start,time_end,split[,is_cc]) or SSv2 "
+                          "train.json/validation.json/test.json")
+    src.add_argument("--labels", type=Path, help="SSv2 labels.json (name -> id)")
+    src.add_argument("--videos", type=Path, required=True,
+                     help="video folder (Kinetics: flat {id}_{start:06d}_{end:06d}.mp4 or class folders)")
+    src.add_argument("--split", help="split name (Kinetics: rows of this split; default from the data)")
+    src.add_argument("--label-map", type=Path,
+                     help="fixed class map (JSON name->id or one name per line) so splits agree")
+    out = shard.add_argument_group("output")
+    out.add_argument("--out", type=Path, required=True, help="output folder")
+    out.add_argument("--name", help="shard name prefix (default: the dataset kind)")
+    out.add_argument("--shard-size", type=parse_shard_size, default="1000",
+                     help="samples per shard (1000) or bytes per shard (256MB, 1GiB)")
+    out.add_argument("--seed", type=int, default=0, help="shuffles samples across shards")
+    out.add_argument("--keep-work", action="store_true", help="keep OUT/.work (per-video outputs) after success")
+    enc = shard.add_argument_group("encoding")
+    enc.add_argument("--codec", choices=sorted(CODEC_TABLE), default="vp9",
+                     help="vp9 (WebM, DALI CPU+GPU decodable) or h264 (mp4, DALI GPU decoder only)")
+    enc.add_argument("--short-side", type=int, default=256, help="scale the short side down to this")
+    enc.add_argument("--max-fps", type=float, default=30.0, help="frame-rate cap")
+    enc.add_argument("--keyframe-interval", type=int, default=16, help="a keyframe every N frames")
+    enc.add_argument("--crf", type=int, default=None, help="quality (lower = better); default VP9 32, H.264 23")
+    enc.add_argument("--vp9-cpu-used", type=int, default=8, help="libvpx speed 0..8")
+    enc.add_argument("--vp9-deadline", choices=("realtime", "good", "best"), default="realtime")
+    enc.add_argument("--h264-preset", default="veryfast", help="x264 preset")
+    enc.add_argument("--min-frames", type=int, default=16, help="quarantine videos with fewer frames")
+    enc.add_argument("--copy", action="store_true",
+                     help="keep the original bytes of videos that already meet every target")
+    run = shard.add_argument_group("execution")
+    run.add_argument("--executor", choices=EXECUTORS, default="process")
+    run.add_argument("--workers", type=int, default=default_workers(),
+                     help="parallel videos (0: in this process)")
+    run.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    verify = sub.add_parser("verify", help="re-read every shard and check the invariants")
+    verify.add_argument("out", type=Path, help="a shard folder (holding manifest.json)")
+    verify.add_argument("--decoder", choices=("auto", "dali", "pyav", "none"), default="auto",
+                        help="decode check: DALI CPU (vp9) / mixed (h264 with a GPU), PyAV fallback")
+    verify.add_argument("--threads", type=int, default=2, help="DALI threads")
+
+    stats = sub.add_parser("stats", help="totals, per-label counts, duration/fps/resolution histograms")
+    stats.add_argument("out", type=Path, help="a shard folder (holding manifest.json)")
+
+    bench = sub.add_parser("bench", help="videos/s and MB/s for 1 and 2 workers, VP9 and H.264")
+    bench.add_argument("--videos", type=Path, help="folder of input videos (default: bundled footage)")
+    bench.add_argument("--num-videos", type=int, default=12, help="inputs when generating footage")
+    bench.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    bench.add_argument("--codecs", nargs="+", choices=sorted(CODEC_TABLE), default=["vp9", "h264"])
+    bench.add_argument("--work-dir", type=Path, default=Path("runs/bench/shard_work"))
+    bench.add_argument("--out", type=Path, default=Path("runs/bench/shard.json"))
+    return parser
+
+
+def _listing_from_args(args):
+    kind = args.source
+    if kind == "auto":
+        if args.annotations is None:
+            kind = "folder"
+        elif args.annotations.suffix == ".csv":
+            kind = "kinetics"
+        elif args.annotations.suffix == ".json":
+            kind = "ssv2"
+        else:
+            raise SystemExit(f"--annotations {args.annotations}: cannot tell the format; pass --source")
+    label_map = load_label_map(args.label_map) if args.label_map else None
+    if kind == "kinetics":
+        if args.annotations is None:
+            raise SystemExit("--source kinetics needs --annotations CSV")
+        listing = read_kinetics_csv(args.annotations, args.videos, split=args.split, label_map=label_map)
+    elif kind == "ssv2":
+        if args.annotations is None or args.labels is None:
+            raise SystemExit("--source ssv2 needs --annotations (train.json ...) and --labels (labels.json)")
+        listing = read_ssv2(args.annotations, args.labels, args.videos, split=args.split)
+    else:
+        listing = read_folder(args.videos, labelled=(kind == "folder"), split=args.split or "train",
+                              label_map=label_map)
+    source = {"kind": kind, "annotations": str(args.annotations) if args.annotations else None,
+              "labels": str(args.labels) if args.labels else None, "videos": str(args.videos),
+              "split": listing.split, "label_map": str(args.label_map) if args.label_map else None}
+    return listing, source
+
+
+def cmd_shard(args) -> int:
+    from shard_tools.job import ShardJob, run_shard_job
+
+    listing, source = _listing_from_args(args)
+    settings = EncodeSettings(codec=args.codec, short_side=args.short_side, max_fps=args.max_fps,
+                              keyframe_interval=args.keyframe_interval, crf=args.crf,
+                              vp9_cpu_used=args.vp9_cpu_used, vp9_deadline=args.vp9_deadline,
+                              h264_preset=args.h264_preset, min_frames=args.min_frames, copy=args.copy)
+    max_samples, max_bytes = args.shard_size
+    job = ShardJob(out_dir=args.out, name=args.name or listing.dataset, settings=settings, seed=args.seed,
+                   shard_max_samples=max_samples, shard_max_bytes=max_bytes, executor=args.executor,
+                   workers=args.workers, ray_address=args.ray_address, keep_work=args.keep_work,
+                   progress=not args.no_progress, source=source)
+    manifest = run_shard_job(listing, job)
+    print(json.dumps({"out": str(args.out), "codec": manifest["codec"], "totals": manifest["totals"],
+                      "quarantine": manifest["quarantine"]["by_reason"]}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "shard")
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    if args.command == "shard":
+        if isinstance(args.shard_size, str):
+            args.shard_size = parse_shard_size(args.shard_size)
+        return cmd_shard(args)
+    if args.command == "verify":
+        from shard_tools.verify import verify_shards
+
+        report = verify_shards(args.out, decoder=args.decoder, threads=args.threads)
+        print(json.dumps(report, indent=1))
+        return 0 if report["ok"] else 1
+    if args.command == "stats":
+        from shard_tools.stats import format_stats
+
+        print(format_stats(args.out))
+        return 0
+    from shard_tools.bench import run_bench
+
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Run the per-video function on a local process pool or on Ray -- the same function either way.
+
+Both executors yield results as they complete (unordered) and keep a bounded number of tasks in
+flight, so encoded payloads never pile up in memory. The caller makes the result order irrelevant
+(shard plans are computed from sorted keys, not from completion order).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+EXECUTORS = ("process", "ray")
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def map_unordered(fn: Callable, tasks: Iterable[tuple], *, executor: str = "process", workers: int | None = None,
+                  ray_address: str | None = None, max_in_flight: int | None = None) -> Iterator[Any]:
+    """Yield ``fn(*task)`` for every task, in completion order.
+
+    Args:
+        executor: ``process`` (local pool; ``workers=0`` runs in this process, for debugging) or
+            ``ray`` (``ray_address`` of a running cluster, or a local Ray with ``workers`` CPUs).
+        max_in_flight: tasks submitted but not yet returned (default 2 x workers).
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r}: choose from {EXECUTORS}")
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if executor == "ray":
+        yield from _ray_map(fn, tasks, workers=workers or 1, ray_address=ray_address,
+                            max_in_flight=max_in_flight)
+    elif workers == 0:
+        for task in tasks:
+            yield fn(*task)
+    else:
+        yield from _pool_map(fn, tasks, workers=workers, max_in_flight=max_in_flight or 2 * workers)
+
+
+def _pool_map(fn, tasks, *, workers: int, max_in_flight: int):
+    # spawn: workers start clean (no inherited threads from tqdm / Ray / DALI in the parent).
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: set[cf.Future] = set()
+        task_iter = iter(tasks)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < max_in_flight:
+                try:
+                    pending.add(pool.submit(fn, *next(task_iter)))
+                except StopIteration:
+                    exhausted = True
+            if not pending:
+                break
+            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+
+
+def _ray_map(fn, tasks, *, workers: int, ray_address: str | None, max_in_flight: int | None):
+    import ray  # imported only when asked for: Ray's import alone takes seconds
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        remote_fn = ray.remote(num_cpus=1)(fn)
+        window = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", workers)))
+        pending = []
+        task_iter = iter(tasks)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < window:
+                try:
+                    pending.append(remote_fn.remote(*next(task_iter)))
+                except StopIteration:
+                    exhausted = True
+            if not pending:
+                break
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                yield ray.get(ref)
+    finally:
+        if started_here:
+            ray.shutdown()

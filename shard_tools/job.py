@@ -1,0 +1,225 @@
+"""The sharding job: listing -> per-video work (pool or Ray) -> shard plan -> shards -> manifest.
+
+Resume design (kill -9 at any moment, rerun with the same arguments, same final bytes):
+1. The job's fingerprint (tool version, settings, seed, shard size, every input) is stored in
+   ``OUT/.work/job.json``; a rerun with different arguments or inputs refuses to mix results.
+2. Each finished video leaves ``OUT/.work/done/{key}.json`` (sample record or quarantine entry),
+   written after its encoded bytes ``{key}.{ext}`` and renamed into place, so a record on disk means
+   the video is complete. A rerun only processes inputs without a record.
+3. Shards are planned only when every video is done, from the sorted keys and the seed -- never from
+   completion order -- so every run plans the same shards. Encoders are deterministic (one thread,
+   bitexact muxing), so a video encoded twice gives the same bytes.
+4. Each shard is written under ``.tmp`` and renamed; a rerun keeps a shard whose tar and index exist
+   and whose keys match the plan, and rewrites any other.
+5. ``quarantine.jsonl`` and then ``manifest.json`` are written last; the manifest marks a finished job.
+   ``OUT/.work`` is deleted afterwards unless ``keep_work``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shard_tools import __version__
+from shard_tools.encode import EncodeSettings, process_video, quarantine_entry
+from shard_tools.executors import map_unordered
+from shard_tools.sources import SourceListing
+from shard_tools.writer import (atomic_write_bytes, estimate_sample_bytes, plan_shards, sample_members,
+                                shard_file_name, shard_keys, write_jsonl, write_manifest, write_shard)
+
+MANIFEST_NAME = "manifest.json"
+QUARANTINE_NAME = "quarantine.jsonl"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Where and how to write shards.
+
+    Args:
+        out_dir: output folder (shards, .idx, manifest.json, quarantine.jsonl, .work/ while running).
+        name: shard name prefix: ``{name}-{split}-{index:06d}.tar``.
+        settings: encode settings.
+        seed: shuffles samples across shards.
+        shard_max_samples / shard_max_bytes: a shard closes at whichever limit is hit first.
+        executor / workers / ray_address: see :func:`shard_tools.executors.map_unordered`.
+        keep_work: keep ``OUT/.work`` (encoded videos and records) after success.
+        progress: show the tqdm bar.
+        source: how the inputs were listed (kind + arguments), recorded so ``verify`` can re-list.
+    """
+
+    out_dir: Path
+    name: str
+    settings: EncodeSettings = field(default_factory=EncodeSettings)
+    seed: int = 0
+    shard_max_samples: int | None = 1000
+    shard_max_bytes: int | None = None
+    executor: str = "process"
+    workers: int | None = None
+    ray_address: str | None = None
+    keep_work: bool = False
+    progress: bool = True
+    source: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '_' and '-'")
+        if not self.shard_max_samples and not self.shard_max_bytes:
+            raise ValueError("a shard size is required (shard_max_samples or shard_max_bytes)")
+
+
+def job_fingerprint(listing: SourceListing, job: ShardJob) -> str:
+    """Everything that determines the output bytes (not paths of OUT, workers or executor)."""
+    description = {
+        "tool_version": __version__, "settings": job.settings.to_dict(), "seed": job.seed,
+        "shard_max_samples": job.shard_max_samples, "shard_max_bytes": job.shard_max_bytes,
+        "name": job.name, "dataset": listing.dataset, "split": listing.split,
+        "label_map": listing.label_map,
+        "inputs": [[v.input_id, v.key, v.path, v.label] for v in listing.inputs],
+        "rejected": [[r.input_id, r.reason] for r in listing.rejected],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def _log(message: str) -> None:
+    print(f"[shard_tools] {message}", file=sys.stderr, flush=True)
+
+
+def _remove_temporaries(folder: Path) -> None:
+    if folder.exists():
+        for tmp in folder.glob("*.tmp"):
+            tmp.unlink()
+
+
+def run_shard_job(listing: SourceListing, job: ShardJob) -> dict:
+    """Run (or resume, or confirm) a sharding job; return the manifest."""
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir, done_dir = out_dir / ".work", out_dir / ".work" / "done"
+    fingerprint = job_fingerprint(listing, job)
+    manifest_path = out_dir / MANIFEST_NAME
+
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("job_fingerprint") != fingerprint:
+            raise ValueError(f"{out_dir} already holds a finished job with other arguments or inputs; "
+                             "write to a new folder")
+        missing = [s["path"] for s in manifest["shards"]
+                   if not (out_dir / s["path"]).exists() or not (out_dir / s["idx_path"]).exists()]
+        if not missing:
+            _log(f"{out_dir}: already complete ({manifest['totals']})")
+            return manifest
+        if not work_dir.exists():
+            raise ValueError(f"{out_dir}: shards {missing[:3]} are gone and .work was deleted; "
+                             "rerun into a new folder")
+        manifest_path.unlink()
+
+    job_file = work_dir / "job.json"
+    if job_file.exists():
+        if json.loads(job_file.read_text()).get("job_fingerprint") != fingerprint:
+            raise ValueError(f"{out_dir}/.work belongs to an unfinished job with other arguments or "
+                             "inputs; rerun that job or write to a new folder")
+    else:
+        done_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(job_file, json.dumps({"job_fingerprint": fingerprint}).encode())
+    done_dir.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(out_dir)
+    _remove_temporaries(done_dir)
+
+    records = _encode_all(listing, job, done_dir)
+    manifest = _write_outputs(listing, job, records, done_dir, fingerprint)
+    if not job.keep_work:
+        shutil.rmtree(work_dir)
+    return manifest
+
+
+def _encode_all(listing: SourceListing, job: ShardJob, done_dir: Path) -> dict[str, dict]:
+    """Process every input without a record; return key -> record ({ok, record})."""
+    extension = job.settings.extension
+    records: dict[str, dict] = {}
+    todo = []
+    for item in listing.inputs:
+        record_path = done_dir / f"{item.key}.json"
+        if record_path.exists():
+            records[item.key] = json.loads(record_path.read_text())
+        else:
+            todo.append(item)
+    quarantined = len(listing.rejected) + sum(not r["ok"] for r in records.values())
+    if records:
+        _log(f"resuming: {len(records)} of {len(listing.inputs)} videos already done")
+    bar = tqdm(total=len(listing.inputs), initial=len(records), unit="video", dynamic_ncols=True,
+               disable=not job.progress, desc="shard")
+    bar.set_postfix(quarantined=quarantined)
+    tasks = ((item, job.settings) for item in todo)
+    for outcome in map_unordered(process_video, tasks, executor=job.executor, workers=job.workers,
+                                 ray_address=job.ray_address):
+        if outcome.ok:
+            atomic_write_bytes(done_dir / f"{outcome.key}.{extension}", outcome.payload)
+        else:
+            quarantined += 1
+        entry = {"ok": outcome.ok, "record": outcome.record}
+        # The record is renamed into place after the payload: it marks the video complete.
+        atomic_write_bytes(done_dir / f"{outcome.key}.json", json.dumps(entry, sort_keys=True).encode())
+        records[outcome.key] = entry
+        bar.update(1)
+        bar.set_postfix(quarantined=quarantined)
+    bar.close()
+    return records
+
+
+def _write_outputs(listing: SourceListing, job: ShardJob, records: dict[str, dict], done_dir: Path,
+                   fingerprint: str) -> dict:
+    out_dir = Path(job.out_dir)
+    extension = job.settings.extension
+    samples = {k: r["record"] for k, r in records.items() if r["ok"]}
+    sizes = {k: estimate_sample_bytes(k, extension, (done_dir / f"{k}.{extension}").stat().st_size, rec)
+             for k, rec in samples.items()}
+    plan = plan_shards(sizes, seed=job.seed, max_samples=job.shard_max_samples, max_bytes=job.shard_max_bytes)
+    shard_entries = []
+    for shard in plan:
+        tar_name = shard_file_name(job.name, listing.split, shard.index)
+        tar_path, idx_path = out_dir / tar_name, out_dir / (tar_name[:-4] + ".idx")
+        complete = tar_path.exists() and idx_path.exists() and shard_keys(tar_path) == list(shard.keys)
+        if not complete:
+            members = (sample_members(k, extension, (done_dir / f"{k}.{extension}").read_bytes(), samples[k])
+                       for k in shard.keys)
+            write_shard(tar_path, idx_path, members)
+        shard_entries.append({
+            "path": tar_name, "idx_path": idx_path.name, "num_samples": len(shard.keys),
+            "bytes": tar_path.stat().st_size, "keys": list(shard.keys),
+            "sources": [samples[k]["source"] for k in shard.keys],
+            "num_frames": sum(samples[k]["num_frames"] for k in shard.keys),
+        })
+    quarantine = [quarantine_entry(r.input_id, r.key, r.source, r.stage, r.reason, r.detail)
+                  for r in listing.rejected]
+    quarantine += [r["record"] for r in records.values() if not r["ok"]]
+    quarantine.sort(key=lambda q: q["input_id"])
+    write_jsonl(out_dir / QUARANTINE_NAME, quarantine)
+    if len(samples) + len(quarantine) != listing.num_inputs:  # the invariant, before it is published
+        raise AssertionError(f"{len(samples)} samples + {len(quarantine)} quarantined != "
+                             f"{listing.num_inputs} inputs")
+    manifest = {
+        "tool_version": __version__,
+        "name": job.name, "dataset": listing.dataset, "split": listing.split,
+        "codec": job.settings.codec, "container": job.settings.container, "extension": extension,
+        "encode": job.settings.to_dict(),
+        "seed": job.seed,
+        "shard_size": {"max_samples": job.shard_max_samples, "max_bytes": job.shard_max_bytes},
+        "label_map": listing.label_map,
+        "shards": shard_entries,
+        "totals": {"inputs": listing.num_inputs, "samples": len(samples), "quarantined": len(quarantine),
+                   "shards": len(shard_entries), "frames": sum(s["num_frames"] for s in shard_entries),
+                   "bytes": sum(s["bytes"] for s in shard_entries)},
+        "quarantine": {"path": QUARANTINE_NAME,
+                       "by_reason": dict(sorted(Counter(q["reason"] for q in quarantine).items()))},
+        "source": job.source,
+        "job_fingerprint": fingerprint,
+    }
+    write_manifest(out_dir / MANIFEST_NAME, manifest)
+    return manifest
