@@ -1,0 +1,76 @@
+"""``python -m shard_tools stats OUT``: totals, per-label counts and text histograms.
+
+Reads the manifest and the small ``.json`` member of every sample (video bytes are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from shard_tools.verify import read_shard_samples
+from shard_tools.writer import load_manifest, read_jsonl
+
+DURATION_EDGES = (0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 60)
+BAR_WIDTH = 40
+
+
+def collect_records(out: Path) -> tuple[dict, list[dict], list[dict]]:
+    """(manifest, sample json records, quarantine entries) of a shard folder."""
+    out = Path(out)
+    manifest = load_manifest(out)
+    records = []
+    for shard in manifest["shards"]:
+        for sample in read_shard_samples(out / shard["path"]):
+            records.append(json.loads(sample["members"]["json"]))
+    quarantine = read_jsonl(out / manifest["quarantine"]["path"])
+    return manifest, records, quarantine
+
+
+def _bars(title: str, counts: list[tuple[str, int]]) -> list[str]:
+    lines = [title]
+    if not counts:
+        return lines + ["  (none)"]
+    peak = max(n for _, n in counts) or 1
+    width = max(len(label) for label, _ in counts)
+    for label, n in counts:
+        lines.append(f"  {label:>{width}} | {'#' * max(1 if n else 0, round(BAR_WIDTH * n / peak)):<{BAR_WIDTH}} {n}")
+    return lines
+
+
+def duration_histogram(durations: list[float]) -> list[tuple[str, int]]:
+    edges = list(DURATION_EDGES) + [float("inf")]
+    bins = Counter()
+    for d in durations:
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            if lo <= d < hi:
+                bins[(lo, hi)] += 1
+                break
+    return [(f"{lo}-{hi}s" if hi != float("inf") else f">={lo}s", bins[(lo, hi)])
+            for lo, hi in zip(edges[:-1], edges[1:]) if bins[(lo, hi)]]
+
+
+def format_stats(out: Path, *, top_labels: int = 50) -> str:
+    manifest, records, quarantine = collect_records(out)
+    totals = manifest["totals"]
+    frames = sum(r["num_frames"] for r in records)
+    seconds = sum(r["duration"] for r in records)
+    lines = [f"{out}: {manifest['dataset']} / {manifest['split']}, codec {manifest['codec']} "
+             f"({manifest['container']}), seed {manifest['seed']}",
+             f"inputs {totals['inputs']}  samples {totals['samples']}  quarantined {totals['quarantined']}  "
+             f"shards {len(manifest['shards'])}  bytes {totals['bytes'] / 1e6:.1f} MB",
+             f"frames {frames}  hours {seconds / 3600:.3f}  mean {seconds / max(1, len(records)):.2f} s/video  "
+             f"{8 * totals['bytes'] / max(seconds, 1e-9) / 1e3:.0f} kbit/s", ""]
+    label_counts = Counter(r["label_name"] or "(unlabelled)" for r in records)
+    ordered = sorted(label_counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines += _bars(f"per label ({len(label_counts)} of {len(manifest['label_map'])} classes present"
+                   + (f", top {top_labels}" if len(ordered) > top_labels else "") + ")", ordered[:top_labels])
+    lines += [""] + _bars("duration", duration_histogram([r["duration"] for r in records]))
+    fps = Counter(f"{r['fps']:.2f}" for r in records)
+    lines += [""] + _bars("fps", sorted(fps.items(), key=lambda kv: float(kv[0])))
+    resolution = Counter(f"{r['width']}x{r['height']}" for r in records)
+    lines += [""] + _bars("resolution (top 15)", sorted(resolution.items(), key=lambda kv: (-kv[1], kv[0]))[:15])
+    reasons = Counter(f"{q['stage']}: {q['reason']}" for q in quarantine)
+    lines += [""] + _bars("quarantine", sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""``python -m shard_tools verify OUT``: re-read every shard and check the shard contract.
+
+Checks (DESIGN.md section 1):
+- every shard and its ``.idx`` exist; the index is exactly what DALI's ``wds2idx`` format gives;
+- each shard holds exactly the manifest's keys, in order, each with video + ``.json`` + ``.cls``,
+  the json's key/label agreeing with the member names and ``.cls``;
+- counts agree: per shard, totals, quarantine lines, samples + quarantined == inputs;
+- the invariant: every input id is in exactly one shard or in the quarantine, never both, never
+  neither -- against the sources themselves when they can still be listed;
+- every video decodes through DALI's CPU decoder (VP9) with the frame count its json states
+  (H.264: DALI's GPU decoder when a GPU is present, otherwise PyAV, since DALI 2.4's CPU decoder
+  has no H.264).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from shard_tools.sources import load_label_map, read_folder, read_kinetics_csv, read_ssv2
+from shard_tools.writer import load_manifest, read_jsonl, write_dali_index
+
+MAX_LISTED_PROBLEMS = 50
+
+
+def read_shard_samples(tar_path: Path, *, with_video: bool = False) -> list[dict]:
+    """Samples of a shard in order: {key, members: {ext: bytes-or-size}}; video bytes only if asked."""
+    samples: list[dict] = []
+    with tarfile.open(tar_path, "r:") as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            dot = member.name.find(".", member.name.rfind("/") + 1)
+            key, ext = member.name[:dot], member.name[dot + 1:]
+            if not samples or samples[-1]["key"] != key:
+                samples.append({"key": key, "members": {}})
+            small = ext in ("json", "cls")
+            data = archive.extractfile(member).read() if (small or with_video) else member.size
+            samples[-1]["members"][ext] = data
+    return samples
+
+
+def relist_input_ids(manifest: dict) -> set[str]:
+    """Input ids of the original sources, listed again the way the job listed them."""
+    source = manifest.get("source") or {}
+    kind, videos = source.get("kind"), source.get("videos")
+    label_map = manifest.get("label_map") or None
+    if kind == "kinetics":
+        listing = read_kinetics_csv(Path(source["annotations"]), Path(videos), split=source.get("split"),
+                                    label_map=label_map)
+    elif kind == "ssv2":
+        listing = read_ssv2(Path(source["annotations"]), Path(source["labels"]), Path(videos),
+                            split=source.get("split"))
+    elif kind in ("folder", "unlabelled"):
+        listing = read_folder(Path(videos), labelled=(kind == "folder"), split=source.get("split", "train"),
+                              label_map=load_label_map(Path(source["label_map"])) if source.get("label_map")
+                              else None)
+    else:
+        raise ValueError(f"manifest source kind {kind!r} cannot be listed again")
+    return {v.input_id for v in listing.inputs} | {r.input_id for r in listing.rejected}
+
+
+def _dali_frame_counts(paths: list[str], index_paths: list[str], extension: str, device: str,
+                       threads: int) -> dict[str, int]:
+    """key -> decoded frame count, reading the shards with DALI (reader + video decoder)."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=2, num_threads=threads, device_id=None if device == "cpu" else 0,
+                  prefetch_queue_depth=1)
+    def decode_pipeline():
+        video, meta = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=[extension, "json"],
+                                            missing_component_behavior="error", name="Reader")
+        return fn.decoders.video(video, device=device), meta
+
+    pipe = decode_pipeline()
+    pipe.build()
+    epoch_size = pipe.reader_meta("Reader")["epoch_size"]
+    counts: dict[str, int] = {}
+    while len(counts) < epoch_size:
+        frames, metas = pipe.run()
+        if device != "cpu":
+            frames = frames.as_cpu()
+        for i in range(len(metas)):
+            key = json.loads(bytes(metas.at(i)).decode())["key"]
+            counts[key] = int(frames.at(i).shape[0])
+    return counts
+
+
+def _pyav_frame_count(payload: bytes) -> int:
+    import av
+
+    with av.open(io.BytesIO(payload)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2) -> dict:
+    """Check a shard folder; return a report with ``ok`` and the list of problems."""
+    out = Path(out)
+    manifest = load_manifest(out)
+    problems: list[str] = []
+    extension = manifest["extension"]
+    label_names = {v: k for k, v in manifest["label_map"].items()}
+    expected_frames: dict[str, int] = {}
+    sample_input_ids: list[str] = []
+    videos: dict[str, bytes] = {}
+    use_pyav = decoder == "pyav" or (decoder == "auto" and manifest["codec"] == "h264" and not _gpu_available())
+
+    for shard in manifest["shards"]:
+        tar_path, idx_path = out / shard["path"], out / shard["idx_path"]
+        if not tar_path.exists() or not idx_path.exists():
+            problems.append(f"{shard['path']}: tar or index missing")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh_idx = Path(tmp) / "fresh.idx"
+            write_dali_index(tar_path, fresh_idx)
+            if fresh_idx.read_bytes() != idx_path.read_bytes():
+                problems.append(f"{shard['idx_path']}: does not index {shard['path']} correctly")
+        samples = read_shard_samples(tar_path, with_video=use_pyav)
+        keys = [s["key"] for s in samples]
+        if keys != shard["keys"] or len(keys) != shard["num_samples"]:
+            problems.append(f"{shard['path']}: holds {len(keys)} samples {keys[:3]}..., the manifest says "
+                            f"{shard['num_samples']} {shard['keys'][:3]}...")
+        for sample in samples:
+            key, members = sample["key"], sample["members"]
+            if set(members) != {extension, "json", "cls"}:
+                problems.append(f"{shard['path']}:{key}: components {sorted(members)}, expected "
+                                f"{sorted([extension, 'json', 'cls'])}")
+                continue
+            try:
+                record = json.loads(members["json"])
+            except ValueError as err:
+                problems.append(f"{shard['path']}:{key}: bad json ({err})")
+                continue
+            if record.get("key") != key:
+                problems.append(f"{shard['path']}:{key}: json key {record.get('key')!r}")
+            if members["cls"].decode() != str(record.get("label")):
+                problems.append(f"{shard['path']}:{key}: .cls {members['cls']!r} != json label {record.get('label')}")
+            if record.get("label") != -1 and label_names.get(record.get("label")) != record.get("label_name"):
+                problems.append(f"{shard['path']}:{key}: label {record.get('label')} / {record.get('label_name')!r} "
+                                "not in the label map")
+            if record.get("width", 1) % 2 or record.get("height", 1) % 2:
+                problems.append(f"{shard['path']}:{key}: odd frame size {record.get('width')}x{record.get('height')}")
+            expected_frames[key] = int(record.get("num_frames", -1))
+            sample_input_ids.append(record.get("input_id"))
+            if use_pyav:
+                videos[key] = members[extension]
+
+    quarantine = read_jsonl(out / manifest["quarantine"]["path"])
+    quarantine_ids = [q["input_id"] for q in quarantine]
+    totals = manifest["totals"]
+    if len(sample_input_ids) != totals["samples"]:
+        problems.append(f"{len(sample_input_ids)} samples in shards, manifest totals say {totals['samples']}")
+    if len(quarantine) != totals["quarantined"]:
+        problems.append(f"{len(quarantine)} quarantine lines, manifest totals say {totals['quarantined']}")
+    if totals["samples"] + totals["quarantined"] != totals["inputs"]:
+        problems.append(f"totals: samples {totals['samples']} + quarantined {totals['quarantined']} "
+                        f"!= inputs {totals['inputs']}")
+    counted = Counter(sample_input_ids) + Counter(quarantine_ids)
+    repeated = sorted(i for i, n in counted.items() if n > 1)
+    if repeated:
+        problems.append(f"inputs in more than one place (shards/quarantine): {repeated[:10]}")
+    if len(counted) != totals["inputs"]:
+        problems.append(f"{len(counted)} distinct inputs in shards + quarantine, manifest says {totals['inputs']}")
+    relisted = None
+    try:
+        relisted = relist_input_ids(manifest)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        relist_note = f"sources not listed again ({err})"
+    else:
+        relist_note = f"sources listed again: {len(relisted)} inputs"
+        missing, unknown = sorted(relisted - set(counted)), sorted(set(counted) - relisted)
+        if missing:
+            problems.append(f"inputs in neither shards nor quarantine: {missing[:10]}")
+        if unknown:
+            problems.append(f"shards/quarantine hold inputs the sources do not list: {unknown[:10]}")
+
+    decoded_with = "none"
+    decoded: dict[str, int] = {}
+    if decoder != "none" and expected_frames:
+        if use_pyav:
+            decoded_with = "pyav" + (" (no GPU: DALI's CPU decoder has no H.264)" if manifest["codec"] == "h264" else "")
+            for key, payload in videos.items():
+                try:
+                    decoded[key] = _pyav_frame_count(payload)
+                except Exception as err:  # noqa: BLE001 -- any decode failure is a finding to report
+                    problems.append(f"{key}: PyAV cannot decode it ({err})")
+        else:
+            device = "cpu" if manifest["codec"] == "vp9" else "mixed"
+            if device == "mixed" and not _gpu_available():
+                raise ValueError(f"{out}: H.264 shards need a GPU for DALI (use --decoder pyav)")
+            decoded_with = f"dali ({device})"
+            try:
+                decoded = _dali_frame_counts([str(out / s["path"]) for s in manifest["shards"]],
+                                             [str(out / s["idx_path"]) for s in manifest["shards"]],
+                                             extension, device, threads)
+            except RuntimeError as err:
+                problems.append(f"DALI failed to read/decode the shards: {str(err)[:500]}")
+        for key, frames in decoded.items():
+            if frames != expected_frames.get(key):
+                problems.append(f"{key}: decoded {frames} frames, its json says {expected_frames.get(key)}")
+        if len(decoded) != len(expected_frames) and not any("DALI failed" in p for p in problems):
+            problems.append(f"decoded {len(decoded)} videos of {len(expected_frames)}")
+    return {"ok": not problems, "out": str(out), "shards": len(manifest["shards"]),
+            "samples": len(sample_input_ids), "quarantined": len(quarantine), "inputs": totals["inputs"],
+            "invariant": relist_note, "decoded_with": decoded_with, "videos_decoded": len(decoded),
+            "num_problems": len(problems), "problems": problems[:MAX_LISTED_PROBLEMS]}
