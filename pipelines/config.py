@@ -1,0 +1,220 @@
+"""Typed data configuration: which shards, which recipe's views, how they are augmented, where decoded.
+
+Every section is a plain dataclass. ``DataConfig.from_dict`` builds one from YAML-style nested dicts and
+rejects unknown keys with a message naming the field, so a typo in a config file is an error rather
+than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+RECIPES = ("svt", "lstcl", "eval")
+DEVICES = ("cpu", "mixed", "auto")
+DTYPES = ("float32", "float16", "bfloat16")
+PLACEMENTS = ("independent", "included", "disjoint")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentConfig:
+    """Per-view augmentation. One random draw per view and sample, applied to every frame of it.
+
+    ``blur_p`` / ``solarize_p`` are keyed by view group ("global_0", "global_1", "local", "short",
+    "long"); a group missing from the dict gets probability 0.
+    """
+
+    enabled: bool = True
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.0
+    grayscale_p: float = 0.2
+    blur: bool = True
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # DINO (SVT) and MoCo v3 (LSTCL) settings: first view always blurred, second rarely + solarized.
+    blur_p: dict[str, float] = field(default_factory=lambda: {"global_0": 1.0, "global_1": 0.1,
+                                                              "local": 0.5, "short": 1.0, "long": 0.1})
+    solarize: bool = True
+    solarize_p: dict[str, float] = field(default_factory=lambda: {"global_1": 0.2, "long": 0.2})
+    solarize_threshold: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("flip_p", "jitter_p", "grayscale_p"):
+            _check_probability(name, getattr(self, name))
+        for table in ("blur_p", "solarize_p"):
+            for group, p in getattr(self, table).items():
+                _check_probability(f"{table}[{group}]", p)
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"augment.blur_sigma must be 0 < low <= high, got {self.blur_sigma}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"augment.hue must be in [0, 0.5], got {self.hue}")
+
+    def blur_probability(self, group: str) -> float:
+        return self.blur_p.get(group, 0.0) if self.enabled and self.blur else 0.0
+
+    def solarize_probability(self, group: str) -> float:
+        return self.solarize_p.get(group, 0.0) if self.enabled and self.solarize else 0.0
+
+
+@dataclass
+class SVTConfig:
+    """SVT views: global clips over a random ``global_span`` fraction, locals over ``local_span``."""
+
+    global_frames: tuple[int, ...] = (8, 16)
+    global_size: int = 224
+    global_span: float = 0.9
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_frames: tuple[int, ...] = (2, 2, 4, 4, 8, 8, 16, 16)
+    local_size: int = 96
+    local_span: float = 0.125
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        if not self.global_frames:
+            raise ValueError("svt.global_frames needs at least one global view")
+        for name in ("global_frames", "local_frames"):
+            if any(t < 1 for t in getattr(self, name)):
+                raise ValueError(f"svt.{name} must be positive frame counts, got {getattr(self, name)}")
+        for name in ("global_span", "local_span"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"svt.{name} must be in (0, 1], got {getattr(self, name)}")
+        _check_scale("svt.global_scale", self.global_scale)
+        _check_scale("svt.local_scale", self.local_scale)
+
+
+@dataclass
+class LSTCLConfig:
+    """LSTCL short/long clips. Strides are in frames of the shard's frame rate (capped at 30 fps)."""
+
+    short_frames: int = 8
+    short_stride: int = 8
+    long_frames: int = 8
+    long_stride: int = 32
+    placement: str = "independent"
+    # Random strides (LSTCL Table 1 ablation): each clip draws its stride uniformly from the range.
+    random_strides: bool = False
+    short_stride_range: tuple[int, int] = (4, 8)
+    long_stride_range: tuple[int, int] = (16, 32)
+    size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"lstcl.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        for name in ("short_frames", "short_stride", "long_frames", "long_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"lstcl.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("short_stride_range", "long_stride_range"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"lstcl.{name} must be 1 <= low <= high, got {(low, high)}")
+        _check_scale("lstcl.scale", self.scale)
+
+
+@dataclass
+class EvalConfig:
+    """Slow-fast evaluation views: ``clips`` temporal positions x ``crops`` spatial crops each."""
+
+    slow_frames: int = 8
+    slow_size: int = 224
+    fast_frames: int = 64
+    fast_size: int = 96
+    clips: int = 1
+    crops: int = 3
+
+    def __post_init__(self) -> None:
+        if self.clips < 1 or self.crops not in (1, 3):
+            raise ValueError(f"eval.clips must be >= 1 and eval.crops 1 or 3, got {self.clips}, {self.crops}")
+
+
+@dataclass
+class DataConfig:
+    """Everything the loader needs besides batch size, rank and seed (passed to ``build_loader``).
+
+    Args:
+        shards: folder holding ``manifest.json`` and the tar shards it lists.
+        recipe: ``svt`` | ``lstcl`` | ``eval``; picks the frame plan and the views.
+        device: decoder device, ``cpu`` | ``mixed`` (NVDEC) | ``auto`` (mixed when a GPU is visible).
+        num_threads: DALI worker threads for decoding and augmentation (baseline: DataLoader workers).
+        dtype: output dtype of the view tensors.
+        mean, std: the backbone's normalization, in 0..1 units.
+        shuffle_buffer: samples in the reader's shuffle buffer (shards are pre-shuffled offline).
+        drop_last: drop the partial last batch and give every rank the same number of steps.
+        prefetch: batches the decode pipeline works ahead.
+    """
+
+    shards: str = ""
+    recipe: str = "svt"
+    device: str = "cpu"
+    num_threads: int = 2
+    dtype: str = "float32"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    shuffle: bool = True
+    shuffle_buffer: int = 64
+    drop_last: bool = False
+    prefetch: int = 2
+    svt: SVTConfig = field(default_factory=SVTConfig)
+    lstcl: LSTCLConfig = field(default_factory=LSTCLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"data.recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"data.device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"data.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.num_threads < 1 or self.prefetch < 1 or self.shuffle_buffer < 1:
+            raise ValueError("data.num_threads, data.prefetch and data.shuffle_buffer must be >= 1")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"data.mean/std need 3 values with std > 0, got {self.mean}, {self.std}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
+        """Build from nested dicts (YAML), rejecting unknown keys with the field's dotted name."""
+        return _from_dict(cls, values, prefix="data")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise TypeError(f"{prefix} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
+                         f"known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_dict(hint, value, f"{prefix}.{name}")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_probability(name: str, p: float) -> None:
+    if not 0 <= p <= 1:
+        raise ValueError(f"augment.{name} must be a probability in [0, 1], got {p}")
+
+
+def _check_scale(name: str, scale: tuple[float, float]) -> None:
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"{name} must be 0 < low <= high <= 1, got {scale}")

@@ -1,0 +1,104 @@
+"""DALI graphs: a checkpointable reader graph and a decode-once views graph, built from shared pieces.
+
+Why two graphs: ``fn.decoders.video`` does not implement checkpointing in DALI 2.4 (a pipeline that
+contains it fails to build with ``enable_checkpointing=True``), and a decoder error invalidates the
+whole pipeline object. So the reader (``fn.readers.webdataset`` named "Reader": sharding, shuffling,
+padded last batch) lives in a small checkpointable pipeline whose ``checkpoint()`` is the data
+position, and the decode + views graph is fed from it through ``fn.external_source``. The views
+graph holds no random state (every random parameter arrives per sample from ``views.plan_sample``),
+so it can be rebuilt at any time -- after a decoder error, or on resume -- without changing results.
+
+Views graph, per batch:
+  encoded video --fn.decoders.video(frames=union of all views' frames, pad_mode="edge")--> FHWC
+  --per slot: fn.sequence_rearrange(new_order=positions)-->  (a gather; never a strided slice)
+  --per view: resize(roi=crop box) -> color_twist -> [gaussian_blur] -> [solarize]
+  -> crop_mirror_normalize(mirror, mean, std, layout CFHW)--> (C, T, H, W) per sample.
+Every op applies one parameter set to all frames of a sample, so augmentation is temporally
+consistent; parameters differ across views and samples because they are drawn per view and sample.
+The CPU and GPU variants differ only in the decoder's device string ("cpu" | "mixed").
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+from nvidia.dali import pipeline_def
+
+from .config import AugmentConfig
+from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
+                    SATURATION, SIGMA, SOLARIZE, ViewSpec)
+
+READER_NAME = "Reader"
+VIDEO_EXTENSIONS = "webm;mp4"
+
+
+@pipeline_def(enable_checkpointing=True)
+def reader_pipeline(paths: list[str], index_paths: list[str], shard_id: int, num_shards: int,
+                    shuffle: bool, shuffle_buffer: int, reader_seed: int):
+    """Encoded video bytes, the sample's json and its source info ("shard.tar:offset:key.ext")."""
+    encoded, meta = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=[VIDEO_EXTENSIONS, "json"],
+        missing_component_behavior="error", random_shuffle=shuffle, initial_fill=shuffle_buffer,
+        seed=reader_seed, shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
+        stick_to_shard=True, name=READER_NAME)
+    source_info = fn.get_property(encoded, key="source_info")
+    return encoded, meta, source_info
+
+
+def decode_union(encoded, frames, device: str):
+    """Decode each video once: exactly the union of its views' frames (edge-padded past the end)."""
+    return fn.decoders.video(encoded, device=device, frames=frames, pad_mode="edge")
+
+
+def solarize(video, threshold: int):
+    """Invert pixels at or above ``threshold`` (DINO / MoCo v3 solarization)."""
+    wide = fn.cast(video, dtype=types.INT16)
+    inverted = wide + (wide >= threshold) * (255 - 2 * wide)
+    return fn.cast(inverted, dtype=types.UINT8)
+
+
+def augment_view(frames_fhwc, params, view: ViewSpec, aug: AugmentConfig, mean: tuple[float, ...],
+                 std: tuple[float, ...], dtype: types.DALIDataType):
+    """Crop/resize, colour, blur, solarize, flip and normalize one view; FHWC uint8 -> CFHW ``dtype``.
+
+    ``params`` is the view's per-sample vector from ``views.view_params``.
+    """
+    video = fn.resize(frames_fhwc, size=[view.size, view.size], roi_relative=True,
+                      roi_start=params[ROI_Y0:ROI_X0 + 1], roi_end=params[ROI_Y1:ROI_X1 + 1])
+    if view.crop == "random":
+        video = fn.color_twist(video, brightness=params[BRIGHTNESS], contrast=params[CONTRAST],
+                               saturation=params[SATURATION], hue=params[HUE_DEG])
+        if aug.blur_probability(view.group) > 0:
+            if params[BLUR] > 0.5:
+                video = fn.gaussian_blur(video, sigma=params[SIGMA])
+        if aug.solarize_probability(view.group) > 0:
+            if params[SOLARIZE] > 0.5:
+                video = solarize(video, aug.solarize_threshold)
+    return fn.crop_mirror_normalize(
+        video, mirror=fn.cast(params[FLIP], dtype=types.INT32), output_layout="CFHW", dtype=dtype,
+        mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+
+
+@pipeline_def(enable_conditionals=True)
+def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], device: str,
+                   aug: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...],
+                   dtype: types.DALIDataType):
+    """Decode once, then every view of the recipe. ``source`` returns one batch per call:
+    (encoded, frames, positions per slot..., params per view...)."""
+    encoded, frames, *rest = fn.external_source(source=source, num_outputs=2 + len(slots) + len(views),
+                                                batch=True)
+    positions = dict(zip(slots, rest[:len(slots)]))
+    params = rest[len(slots):]
+    video = decode_union(encoded, frames, device)
+    slot_frames = {slot: fn.sequence_rearrange(video, new_order=positions[slot]) for slot in slots}
+    return tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype)
+                 for v, p in zip(views, params))
+
+
+@pipeline_def
+def decode_only_pipeline(source: Callable, device: str):
+    """The decode step alone (same frames), for benchmarks and for isolating a corrupt sample."""
+    encoded, frames = fn.external_source(source=source, num_outputs=2, batch=True)
+    return decode_union(encoded, frames, device)

@@ -1,0 +1,102 @@
+"""Test shards for the pipelines tests, written in the shard contract's format (DESIGN.md section 1).
+
+Written directly with webdataset's TarWriter (not shard_tools), so the pipeline tests also pin the
+contract itself: ``{name}-{split}-{shard:06d}.tar`` + DALI ``.idx`` (``wds2idx``) + ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import webdataset as wds
+
+from shard_tools.media import write_synthetic_video
+
+WDS2IDX = Path(sys.executable).parent / "wds2idx"
+
+
+@dataclass
+class TestVideo:
+    key: str
+    path: Path
+    label: int = 0
+    ext: str = "webm"
+    raw: bytes | None = None   # bytes written instead of the file (corrupt-sample tests)
+
+
+def probe(path: Path) -> dict:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(video=0))
+        return {"num_frames": frames, "fps": float(stream.average_rate or 25),
+                "width": stream.codec_context.width, "height": stream.codec_context.height}
+
+
+def write_shards(folder: Path, videos: list[TestVideo], *, per_shard: int, codec: str = "vp9",
+                 name: str = "test", split: str = "train", meta_override: dict | None = None) -> Path:
+    """Write ``videos`` into tar shards of ``per_shard`` samples plus index files and manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    probes = {v.key: probe(v.path) for v in videos}
+    for s in range(0, len(videos), per_shard):
+        chunk = videos[s:s + per_shard]
+        tar = folder / f"{name}-{split}-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(tar)) as writer:
+            for v in chunk:
+                meta = {"key": v.key, "label": v.label, "label_name": f"class{v.label}", "dataset": "test",
+                        "split": split, "source": str(v.path), **probes[v.key],
+                        "duration": probes[v.key]["num_frames"] / probes[v.key]["fps"]}
+                meta.update((meta_override or {}).get(v.key, {}))
+                writer.write({"__key__": v.key, v.ext: v.raw if v.raw is not None else v.path.read_bytes(),
+                              "json": json.dumps(meta).encode(), "cls": str(v.label).encode()})
+        idx = tar.with_suffix(".idx")
+        subprocess.run([str(WDS2IDX), str(tar), str(idx)], check=True, capture_output=True)
+        shards.append({"path": tar.name, "idx_path": idx.name, "num_samples": len(chunk),
+                       "keys": [v.key for v in chunk]})
+    manifest = {"tool_version": "test", "codec": codec, "container": "webm" if codec == "vp9" else "mp4",
+                "encode": {}, "seed": 0, "label_map": {}, "shards": shards,
+                "totals": {"inputs": len(videos), "samples": len(videos), "quarantined": 0}}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (folder / "quarantine.jsonl").write_text("")
+    return folder
+
+
+def index_videos(folder: Path, lengths: list[int], *, width: int = 64, height: int = 48,
+                 prefix: str = "idx") -> list[TestVideo]:
+    """Videos whose frames encode their own index (shard_tools.media pattern "index")."""
+    videos = []
+    for i, n in enumerate(lengths):
+        path = folder / f"{prefix}{i:03d}.webm"
+        if not path.exists():
+            write_synthetic_video(path, num_frames=n, width=width, height=height, pattern="index")
+        videos.append(TestVideo(f"{prefix}{i:03d}", path, label=i % 5))
+    return videos
+
+
+def reencode_vp9(src: Path, dst: Path, *, max_frames: int | None = None, short_side: int = 128) -> Path:
+    """Re-encode real footage (e.g. H.264 bikes.mp4) to VP9 WebM for the CPU decoder."""
+    if dst.exists():
+        return dst
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        in_stream = inp.streams.video[0]
+        w, h = in_stream.codec_context.width, in_stream.codec_context.height
+        scale = short_side / min(w, h)
+        ow, oh = int(round(w * scale / 2)) * 2, int(round(h * scale / 2)) * 2
+        stream = out.add_stream("libvpx-vp9", rate=in_stream.average_rate or 25)
+        stream.width, stream.height, stream.pix_fmt = ow, oh, "yuv420p"
+        stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b": "0", "g": "16"}
+        for i, frame in enumerate(inp.decode(video=0)):
+            if max_frames is not None and i >= max_frames:
+                break
+            frame = frame.reformat(width=ow, height=oh, format="yuv420p")
+            frame.pts = None
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return dst
