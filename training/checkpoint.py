@@ -1,0 +1,269 @@
+"""Checkpoints: DeepSpeed's files + trainer state + a portable per-parameter state, published atomically.
+
+Layout under ``<run_dir>/checkpoints``::
+
+    step_00000100/                     one complete checkpoint
+        <DeepSpeed's files>            engine.save_checkpoint (exact same-layout resume)
+        trainer.pt                     step, epoch, teacher, objective buffers, config, layout
+        trainer_rank00000.pt ...       per rank: data-loader position, RNG states
+        portable.pt                    fp32 weights + Adam moments per parameter name, buffers
+    latest                             text file naming the newest complete checkpoint
+
+A checkpoint is written under ``tmp-step_...``, renamed when every rank has finished, and only then
+named by ``latest`` (written to a temp file and ``os.replace``d): a run killed while saving leaves a
+``tmp-*`` folder that nothing reads. DeepSpeed's own files refuse a different ZeRO stage or world
+size, so resuming into another layout (a cluster job that comes back on fewer nodes) goes through
+``portable.pt``, built with ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``
+(DESIGN.md section 8).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["CheckpointManager", "find_latest", "rng_state", "set_rng_state", "portable_state",
+           "load_portable_state", "export_weights"]
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+TRAINER_FILE = "trainer.pt"
+PORTABLE_FILE = "portable.pt"
+LATEST_FILE = "latest"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None. Falls back to scanning if ``latest`` is gone."""
+    ckpt_root = Path(ckpt_root)
+    pointer = ckpt_root / LATEST_FILE
+    if pointer.is_file():
+        candidate = ckpt_root / pointer.read_text().strip()
+        if (candidate / TRAINER_FILE).is_file():
+            return candidate
+    complete = sorted(p for p in ckpt_root.glob("step_*") if (p / TRAINER_FILE).is_file())
+    return complete[-1] if complete else None
+
+
+def _is_zero_param(param: nn.Parameter) -> bool:
+    # `_hp_mapping` is None on ranks that own no fragment of the parameter, but the get/set calls are
+    # collectives every rank must join, so test for the attribute, not its value.
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The client torch optimizer (its params are DeepSpeed's flat fp32 partitions under ZeRO)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _adam_step_count(engine) -> int:
+    for state in _inner_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def portable_state(engine) -> dict:
+    """Full fp32 parameters and Adam moments by parameter name (collective: call on every rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    module = engine.module
+    inner = _inner_optimizer(engine)
+    has_state = len(inner.state) > 0
+    if has_state:
+        _link_optimizer_state(engine)
+    params, moments = {}, {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if _is_zero_param(param):
+            params[name] = safe_get_full_fp32_param(param).detach().cpu().clone()
+            if has_state:
+                moments[name] = {k: safe_get_full_optimizer_state(param, k).detach().cpu().clone() for k in ADAM_KEYS}
+        else:  # stage 0: the module parameter is the fp32 master and the optimizer keys on it
+            params[name] = param.detach().float().cpu().clone()
+            if param in inner.state:
+                moments[name] = {k: inner.state[param][k].detach().cpu().clone() for k in ADAM_KEYS}
+    frozen = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach().cpu().clone() for n, b in module.named_buffers()}
+    return {"params": params, "moments": moments, "frozen_params": frozen, "buffers": buffers,
+            "adam_step": _adam_step_count(engine)}
+
+
+def _ensure_adam_state(engine, step: int) -> None:
+    """Creates AdamW state (lazily made at the first step) so the moments can be written into it."""
+    inner = _inner_optimizer(engine)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            state = inner.state[p]
+            for key in ADAM_KEYS:
+                if key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # torch keeps `step` as a float tensor per parameter (non-capturable, non-fused path)
+            state["step"] = torch.tensor(float(step))
+    _link_optimizer_state(engine)
+
+
+def _link_optimizer_state(engine) -> None:
+    """Re-links every parameter's fragment to the Adam state (ZeRO 1/2 and the bf16 optimizer).
+
+    DeepSpeed 0.19.8 links them once, right after the *first param group's* first step, when the
+    other groups' lazily created state does not exist yet; with several param groups (ours: decay /
+    no decay / last layer) ``safe_get_full_optimizer_state`` then fails for the other groups.
+    """
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None and hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+@torch.no_grad()
+def load_portable_state(engine, state: dict) -> None:
+    """Writes a portable state into an engine of any ZeRO stage / world size (call on every rank)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    module = engine.module
+    inner = _inner_optimizer(engine)
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    if names != set(state["params"]):
+        missing, extra = sorted(names - set(state["params"])), sorted(set(state["params"]) - names)
+        raise ValueError(f"portable checkpoint does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    if state["moments"]:
+        _ensure_adam_state(engine, state["adam_step"])
+    import deepspeed
+
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        value = state["params"][name]
+        if _is_zero_param(param):
+            safe_set_full_fp32_param(param, value.to(param.device))
+            for key in ADAM_KEYS if state["moments"] else ():
+                safe_set_full_optimizer_state(param, state["moments"][name][key].to(param.device), key)
+        else:
+            param.copy_(value.to(param.dtype))
+            for key in ADAM_KEYS if state["moments"] else ():
+                inner.state[param][key].copy_(state["moments"][name][key])
+    # The low-precision / partitioned module copies must be refreshed from the fp32 masters.
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        # ZeRO-3: write the gathered full values; the modifier rank's copy is re-partitioned on exit
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if dist.get_rank() == 0:
+                for name, param in module.named_parameters():
+                    source = state["params"].get(name, state["frozen_params"].get(name))
+                    param.copy_(source.to(param.dtype))
+    else:
+        for name, param in module.named_parameters():
+            source = state["params"].get(name, state["frozen_params"].get(name))
+            param.copy_(source.to(param.dtype))
+    for name, buffer in module.named_buffers():
+        if name in state["buffers"]:
+            buffer.copy_(state["buffers"][name])
+
+
+class CheckpointManager:
+    """Saves and restores complete checkpoints of one run (every rank calls every method)."""
+
+    def __init__(self, ckpt_root: Path, *, rank: int, world_size: int, keep: int = 2) -> None:
+        self.root = Path(ckpt_root)
+        self.rank = rank
+        self.world_size = world_size
+        self.keep = keep
+
+    def save(self, engine, step: int, trainer_state: dict, rank_state: dict) -> Path:
+        tag = f"step_{step:08d}"
+        tmp_tag = f"tmp-{tag}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+        tmp_dir = self.root / tmp_tag
+        portable = portable_state(engine)
+        torch.save(rank_state, tmp_dir / f"trainer_rank{self.rank:05d}.pt")
+        if self.rank == 0:
+            torch.save(portable, tmp_dir / PORTABLE_FILE)
+            torch.save(trainer_state, tmp_dir / TRAINER_FILE)
+        dist.barrier()  # every rank's files are on disk
+        final = self.root / tag
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp_dir, final)
+            pointer_tmp = self.root / f".{LATEST_FILE}.tmp"
+            with open(pointer_tmp, "w") as fh:
+                fh.write(tag)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(pointer_tmp, self.root / LATEST_FILE)
+            self._prune(keep_tag=tag)
+        dist.barrier()
+        return final
+
+    def _prune(self, keep_tag: str) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if p.name != keep_tag)
+        for old in complete[: max(len(complete) - (self.keep - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, engine, ckpt_dir: Path, *, zero_stage: int, precision: str) -> tuple[dict, dict | None]:
+        """Restores the engine; returns (trainer state, this rank's state or None if the layout changed)."""
+        ckpt_dir = Path(ckpt_dir)
+        trainer_state = torch.load(ckpt_dir / TRAINER_FILE, map_location="cpu", weights_only=False)
+        same_layout = (trainer_state["world_size"] == self.world_size and trainer_state["zero_stage"] == zero_stage
+                       and trainer_state["precision"] == precision)
+        if same_layout:
+            load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+            if load_path is None:
+                raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load its checkpoint files")
+            rank_state = torch.load(ckpt_dir / f"trainer_rank{self.rank:05d}.pt", map_location="cpu",
+                                    weights_only=False)
+        else:
+            portable = torch.load(ckpt_dir / PORTABLE_FILE, map_location="cpu", weights_only=False)
+            load_portable_state(engine, portable)
+            rank_state = None
+        return trainer_state, rank_state
+
+
+def export_weights(ckpt_dir: Path, out_path: Path) -> Path:
+    """Consolidated fp32 weights of a checkpoint, without DeepSpeed or a process group.
+
+    The file holds ``student`` (full student state dict: backbone + head[s]), ``teacher`` (the EMA
+    teacher's state dict, None for SimSiam), ``backbone`` (the teacher's backbone if there is one, as
+    DINO/SVT evaluate the teacher, else the student's) with the ``backbone.`` prefix stripped, and
+    ``config``. ``models.build_backbone(config['model']['backbone'])`` loads ``backbone`` strictly.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    trainer_state = torch.load(ckpt_dir / TRAINER_FILE, map_location="cpu", weights_only=False)
+    portable = torch.load(ckpt_dir / PORTABLE_FILE, map_location="cpu", weights_only=False)
+    student = {**portable["params"], **portable["frozen_params"], **portable["buffers"]}
+    teacher = trainer_state.get("teacher")
+    source = teacher if teacher is not None else student
+    prefix = trainer_state.get("backbone_prefix", "backbone.")
+    backbone = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+    payload = {"student": student, "teacher": teacher, "backbone": backbone, "config": trainer_state["config"],
+               "step": trainer_state["step"]}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out_path)
+    return out_path

@@ -1,0 +1,320 @@
+"""Typed training configuration: one dataclass per area, loaded from YAML, unknown keys rejected.
+
+A recipe file has the sections ``data`` (``pipelines.DataConfig``), ``model``, ``objective``,
+``optim`` and ``trainer``. ``load_config(path, overrides)`` reads it, applies ``section.key=value``
+overrides from the command line (values parsed as YAML, so ``trainer.zero_stage=3`` is an int and
+``optim.betas=[0.9,0.95]`` a list) and validates everything before any process group or model is
+built, so a bad recipe fails at start with a message that names the field (nanoGPT ``GPTConfig``
+style, not DINO's untyped ``args``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the field (``section.key``)."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and heads. Head sizes are read by the objective that needs them."""
+
+    backbone: str = "timesformer_base_patch16"
+    backbone_kwargs: dict = field(default_factory=dict)  # passed to models.build_backbone
+    drop_path_rate: float = 0.1  # student only; the EMA teacher is built with 0 (DINO)
+    # DINO head (SVT)
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True
+    # projector / predictor (MoCo v3, BYOL, SimSiam)
+    proj_dim: int = 256
+    proj_hidden_dim: int = 4096
+    pred_hidden_dim: int = 4096
+
+
+@dataclass
+class ObjectiveConfig:
+    """Loss and the teacher schedules that belong to it."""
+
+    name: str = "svt"  # svt | mocov3 | byol | simsiam
+    # SVT (DINO-style): temperatures and centering
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    center_momentum: float = 0.9
+    # MoCo v3 InfoNCE temperature
+    temperature: float = 0.2
+    # EMA teacher / momentum encoder: cosine from momentum_teacher to momentum_teacher_final
+    momentum_teacher: float = 0.996
+    momentum_teacher_final: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-step lr / weight-decay schedules (DINO ``cosine_scheduler``)."""
+
+    lr: float = 5e-4  # at a global batch of lr_reference_batch; scaled linearly with the real batch
+    lr_reference_batch: int = 256  # 0 turns the linear scaling off
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float = 3.0  # global norm; 0 disables
+    freeze_last_layer_epochs: float = 1.0  # DINO: the head's last layer is frozen at first
+
+
+@dataclass
+class TrainerConfig:
+    """DeepSpeed engine, run length, checkpoints, logging."""
+
+    epochs: float = 20.0
+    max_steps: int = 0  # > 0 caps the run at this many optimizer steps
+    batch_size_per_gpu: int = 8  # micro-batch per rank
+    grad_accum_steps: int = 1
+    zero_stage: int = 2  # 0 (plain data parallel), 1, 2, 3
+    precision: str = "fp32"  # fp32 | bf16 (bf16 needs zero_stage >= 1)
+    zero3_param_persistence_threshold: int = 100_000  # 0 partitions every parameter (tests)
+    zero3_model_persistence_threshold: int = 9_223_372_036_854_775_807
+    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed JSON keys merged last
+    seed: int = 0
+    output_dir: str = "runs/default"
+    ckpt_every_steps: int = 500
+    keep_checkpoints: int = 2
+    log_every_steps: int = 1
+    on_nonfinite_loss: str = "skip"  # skip | stop
+    loader: str = "dali"  # dali | baseline
+    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    dist_timeout_s: int = 900
+    torch_threads: int = 0  # 0 leaves torch's default
+    peak_tflops: float = 0.0  # per device, for the MFU estimate; 0 omits MFU
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    """A whole recipe. ``data`` is a ``pipelines.DataConfig`` (or None for runs fed by tests)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: Any = None
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+}
+
+OBJECTIVES = ("svt", "mocov3", "byol", "simsiam")
+
+
+def _data_config_class() -> type:
+    try:
+        from pipelines import DataConfig
+    except ImportError as exc:  # pipelines is a sibling package; say what is missing
+        raise ConfigError(f"data: cannot import pipelines.DataConfig ({exc})") from exc
+    return DataConfig
+
+
+def _check_type(value: Any, annotation: Any, name: str) -> Any:
+    """Coerces ints to floats where a float is declared; rejects everything else that does not fit."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_type(value, option, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: expected {annotation}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{name}: expected one of {typing.get_args(annotation)}, got {value!r}")
+        return value
+    base = origin or annotation
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if base in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return base(value)
+    if base is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(base):
+        return _dataclass_from_dict(base, value, name)
+    return value
+
+
+def _dataclass_from_dict(cls: type, values: Any, prefix: str) -> Any:
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of {cls.__name__} fields, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}: unknown key (valid keys of {prefix}: {', '.join(sorted(fields))})")
+        kwargs[key] = _check_type(value, hints.get(key, Any), f"{prefix}.{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a dataclass's own __post_init__ check
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Builds and validates a ``Config`` from nested plain data (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping with sections {sorted(_SECTIONS) + ['data']}, got {raw!r}")
+    for key in raw:
+        if key not in _SECTIONS and key != "data":
+            raise ConfigError(f"{key}: unknown section (valid: data, {', '.join(_SECTIONS)})")
+    sections = {name: _dataclass_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    data = raw.get("data")
+    if data is not None:
+        data = _dataclass_from_dict(_data_config_class(), data, "data")
+    cfg = Config(data=data, **sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a dataclass alone cannot express."""
+    t, o, opt = cfg.trainer, cfg.objective, cfg.optim
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"trainer.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"trainer.precision: must be 'fp32' or 'bf16', got {t.precision!r}")
+    if t.precision == "bf16" and t.zero_stage == 0:
+        # DeepSpeed's bf16 path without ZeRO (FP16_UnfusedOptimizer) takes a dummy step, so Adam's
+        # step count and weight decay drift (DESIGN.md section 8).
+        raise ConfigError("trainer.precision: bf16 needs trainer.zero_stage >= 1 (stage 0 bf16 is wrong in DeepSpeed)")
+    for name in ("batch_size_per_gpu", "grad_accum_steps", "ckpt_every_steps", "log_every_steps", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"trainer.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        raise ConfigError(f"trainer.epochs: must be > 0 unless trainer.max_steps is set, got {t.epochs}")
+    if t.on_nonfinite_loss not in ("skip", "stop"):
+        raise ConfigError(f"trainer.on_nonfinite_loss: must be 'skip' or 'stop', got {t.on_nonfinite_loss!r}")
+    if t.loader not in ("dali", "baseline"):
+        raise ConfigError(f"trainer.loader: must be 'dali' or 'baseline', got {t.loader!r}")
+    if t.dist_backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"trainer.dist_backend: must be auto, gloo or nccl, got {t.dist_backend!r}")
+    if o.name not in OBJECTIVES:
+        raise ConfigError(f"objective.name: must be one of {OBJECTIVES}, got {o.name!r}")
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "temperature"):
+        if not getattr(o, name) > 0:
+            raise ConfigError(f"objective.{name}: must be > 0, got {getattr(o, name)}")
+    for name in ("momentum_teacher", "momentum_teacher_final", "center_momentum"):
+        if not 0.0 <= getattr(o, name) <= 1.0:
+            raise ConfigError(f"objective.{name}: must be in [0, 1], got {getattr(o, name)}")
+    if not (opt.lr > 0 and math.isfinite(opt.lr)):
+        raise ConfigError(f"optim.lr: must be a positive number, got {opt.lr}")
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {opt.betas}")
+    if opt.clip_grad < 0:
+        raise ConfigError(f"optim.clip_grad: must be >= 0 (0 disables), got {opt.clip_grad}")
+    if opt.warmup_epochs < 0 or opt.freeze_last_layer_epochs < 0:
+        raise ConfigError("optim.warmup_epochs / optim.freeze_last_layer_epochs: must be >= 0")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    dotted, value_text = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. trainer.zero_stage=3)")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {dotted}: cannot parse value {value_text!r} ({exc})") from exc
+    return keys, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Sets ``section.key[.sub]=value`` entries in a nested dict (creating sections as needed)."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML recipe, applies ``section.key=value`` overrides and validates the result."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    apply_overrides(raw, list(overrides or []))
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested data (for checkpoints and the run's config.yaml)."""
+    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTIONS}
+    if cfg.data is not None:
+        out["data"] = dataclasses.asdict(cfg.data) if dataclasses.is_dataclass(cfg.data) else dict(cfg.data)
+    return out

@@ -1,0 +1,294 @@
+"""The training loop: DeepSpeed engine for the student, EMA teacher beside it, schedules, checkpoints.
+
+One optimizer step = ``trainer.grad_accum_steps`` micro-batches on every rank. Schedules are
+indexed by the optimizer step (DINO's ``cosine_scheduler``), written into the engine's param
+groups before the step's first micro-batch; the teacher is updated after every real optimizer step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
+from training.config import Config, config_to_dict
+from training.engine import DistInfo, build_engine, set_hyperparameters
+from training.methods import SSLMethod
+from training.metrics import MetricsWriter, read_jsonl, summarize
+from training.teacher import EMATeacher
+
+__all__ = ["Trainer", "Schedules", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised with ``trainer.on_nonfinite_loss: stop`` when a loss is NaN or inf."""
+
+
+@dataclass
+class Schedules:
+    """Per-optimizer-step values, each an array of length ``total_steps``."""
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    freeze_last_layer_steps: int
+
+    @classmethod
+    def build(cls, cfg: Config, total_steps: int, steps_per_epoch: float, global_batch: int) -> "Schedules":
+        from objectives.schedules import cosine_schedule
+
+        o, opt = cfg.objective, cfg.optim
+        lr = opt.lr * (global_batch / opt.lr_reference_batch if opt.lr_reference_batch > 0 else 1.0)
+        warmup = min(int(round(opt.warmup_epochs * steps_per_epoch)), total_steps)
+        temp_warmup = min(int(round(o.warmup_teacher_temp_epochs * steps_per_epoch)), total_steps)
+        return cls(
+            lr=cosine_schedule(lr, opt.min_lr, total_steps, warmup_steps=warmup),
+            weight_decay=cosine_schedule(opt.weight_decay, opt.weight_decay_end, total_steps),
+            momentum=cosine_schedule(o.momentum_teacher, o.momentum_teacher_final, total_steps),
+            teacher_temp=cosine_schedule(o.teacher_temp, o.teacher_temp, total_steps, warmup_steps=temp_warmup,
+                                         warmup_start=o.warmup_teacher_temp),
+            freeze_last_layer_steps=int(round(opt.freeze_last_layer_epochs * steps_per_epoch)),
+        )
+
+
+class _EpochIterator:
+    """Endless micro-batch stream over epochs; knows the epoch of the next batch."""
+
+    def __init__(self, loader, epoch: int, fresh_epoch: bool) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        if fresh_epoch and hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        self._it = iter(loader)
+
+    def __next__(self) -> dict:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(self.epoch)
+            self._it = iter(self.loader)
+            return next(self._it)
+
+
+class Trainer:
+    """Runs a recipe: ``Trainer(cfg, method, loader, dist_info).fit(resume=...)``.
+
+    Args:
+        cfg: the validated recipe.
+        method: the SSL method (student, teacher, objective, loss).
+        loader: iterable of per-step dicts of views with ``__len__``, ``state_dict``/``load_state_dict``,
+            ``set_epoch`` and ``stats`` (pipelines contract).
+        dist_info: from ``engine.init_distributed``.
+    """
+
+    def __init__(self, cfg: Config, method: SSLMethod, loader: Iterable, dist_info: DistInfo) -> None:
+        self.cfg = cfg
+        self.method = method
+        self.loader = loader
+        self.dist = dist_info
+        t = cfg.trainer
+        self.run_dir = Path(t.output_dir)
+        self.global_batch = t.batch_size_per_gpu * t.grad_accum_steps * dist_info.world_size
+        micro_per_epoch = len(loader)
+        if micro_per_epoch < 1:
+            raise ValueError(f"{t.output_dir}: the data loader yields no batches (check data.shards and batch size)")
+        self.steps_per_epoch = micro_per_epoch / t.grad_accum_steps
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, int(math.ceil(t.epochs * self.steps_per_epoch)))
+        if t.max_steps > 0 and t.epochs > 0:
+            self.total_steps = min(t.max_steps, max(1, int(math.ceil(t.epochs * self.steps_per_epoch))))
+        self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch, self.global_batch)
+        method.to(dist_info.device)
+        self.engine, self.group_infos, self.freezer = build_engine(method.student, cfg, dist_info.world_size)
+        self.bf16 = t.precision == "bf16"
+        self.teacher = (EMATeacher(method.teacher, self.engine.module, zero_stage=t.zero_stage, bf16=self.bf16)
+                        if method.teacher is not None else None)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", rank=dist_info.rank,
+                                             world_size=dist_info.world_size, keep=t.keep_checkpoints)
+        self.step = 0
+        self.epoch = 0
+        self.nonfinite_skipped = 0
+        self._fresh_epoch = True
+
+    # ------------------------------------------------------------------ state
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self._data.epoch,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "objective": self.method.objective.state_dict(),
+            "config": config_to_dict(self.cfg),
+            "world_size": self.dist.world_size,
+            "zero_stage": self.cfg.trainer.zero_stage,
+            "precision": self.cfg.trainer.precision,
+            "backbone_prefix": self.method.backbone_prefix,
+        }
+
+    def _rank_state(self) -> dict:
+        return {"loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
+                "rng": rng_state(), "epoch": self._data.epoch}
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.engine, self.step, self._trainer_state(), self._rank_state())
+
+    def restore(self, ckpt_dir: Path) -> None:
+        trainer_state, rank_state = self.checkpoints.load(self.engine, ckpt_dir, zero_stage=self.cfg.trainer.zero_stage,
+                                                          precision=self.cfg.trainer.precision)
+        self.step = trainer_state["step"]
+        self.epoch = trainer_state["epoch"]
+        self.nonfinite_skipped = trainer_state.get("nonfinite_skipped", 0)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(trainer_state["teacher"])
+        self.method.objective.load_state_dict(trainer_state["objective"], strict=True)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+            if rank_state["loader"] is not None:
+                self.loader.load_state_dict(rank_state["loader"])
+            self._fresh_epoch = False
+        elif getattr(self.loader, "position_is_global", False):
+            # a loader whose position does not depend on the rank layout continues exactly
+            rank0 = torch.load(Path(ckpt_dir) / "trainer_rank00000.pt", map_location="cpu", weights_only=False)
+            self.loader.load_state_dict(rank0["loader"])
+            self._reseed()
+            self._fresh_epoch = False
+        else:
+            # new world size: per-rank positions do not map onto the new shards; restart the epoch
+            self._reseed()
+            self._fresh_epoch = True
+            if self.dist.rank == 0:
+                print(f"[train] {ckpt_dir}: rank layout changed ({trainer_state['world_size']} ranks, stage "
+                      f"{trainer_state['zero_stage']} -> {self.dist.world_size} ranks, stage "
+                      f"{self.cfg.trainer.zero_stage}); restored from the portable state, epoch {self.epoch} "
+                      "restarts its data order", flush=True)
+
+    def _reseed(self) -> None:
+        seed = self.cfg.trainer.seed + 1000 * self.dist.rank + self.step
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+
+    # ------------------------------------------------------------------ loop
+    def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.detach().float().cpu() if self.dist.device.type == "cpu" else values.detach().float()
+        dist.all_reduce(values)
+        return values / self.dist.world_size
+
+    def fit(self, resume: str | None = None) -> dict:
+        """Trains to ``total_steps``; ``resume`` is None, "auto" or a checkpoint folder."""
+        t = self.cfg.trainer
+        ckpt = None
+        if resume == "auto":
+            ckpt = find_latest(self.run_dir / "checkpoints")
+        elif resume:
+            ckpt = Path(resume)
+            if not (ckpt / "trainer.pt").is_file():
+                raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (trainer.pt missing)")
+        if ckpt is not None:
+            self.restore(ckpt)
+        else:
+            self._reseed()
+        self._data = _EpochIterator(self.loader, self.epoch, self._fresh_epoch)
+        writer = MetricsWriter(self.run_dir, enabled=self.dist.rank == 0, total_steps=self.total_steps,
+                               start_step=self.step, tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+        if ckpt is not None:
+            writer.message(f"[train] resumed from {ckpt} at step {self.step}")
+        try:
+            while self.step < self.total_steps:
+                record = self._train_step(writer)
+                if record is not None and (self.step % t.log_every_steps == 0 or self.step == self.total_steps):
+                    writer.log(record)
+                if self.step % t.ckpt_every_steps == 0 or self.step == self.total_steps:
+                    path = self.save()
+                    writer.message(f"[train] checkpoint {path}")
+        finally:
+            writer.close()
+        summary = summarize(read_jsonl(writer.jsonl_path)) if self.dist.rank == 0 else {}
+        summary.update(checkpoint=str(find_latest(self.run_dir / "checkpoints")), tensorboard=str(writer.tb_dir),
+                       metrics=str(writer.jsonl_path))
+        return summary
+
+    def _train_step(self, writer: MetricsWriter) -> dict | None:
+        """One optimizer step (grad_accum micro-batches); returns its metrics record."""
+        t = self.cfg.trainer
+        s = self.step
+        frozen = s < self.schedules.freeze_last_layer_steps
+        set_hyperparameters(self.engine, self.group_infos, lr=float(self.schedules.lr[s]),
+                            weight_decay=float(self.schedules.weight_decay[s]), freeze_last_layer=frozen,
+                            freezer=self.freezer)
+        teacher_temp = float(self.schedules.teacher_temp[s])
+        step_start = time.perf_counter()
+        data_wait = 0.0
+        term_sums: dict[str, float] = {}
+        micro_done = 0
+        views_per_sample = tokens_per_sample = flops_per_sample = 0.0
+        while micro_done < t.grad_accum_steps:
+            wait_start = time.perf_counter()
+            batch = next(self._data)
+            data_wait += time.perf_counter() - wait_start
+            student_views, teacher_views = self.method.split_views(batch, self.dist.device, self.bf16)
+            with torch.no_grad(), torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                teacher_out = self.method.teacher(teacher_views) if self.method.teacher is not None else None
+            student_out = self.engine(student_views)
+            loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=teacher_temp)
+            # one all-reduce carries the loss terms and the non-finite flag of every rank
+            names = ["loss", *terms]
+            packed = torch.stack([loss.detach().float(), *[v.detach().float() for v in terms.values()]])
+            nonfinite_local = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=packed.device)
+            reduced = self._all_reduce_mean(torch.cat([torch.nan_to_num(packed, nan=0.0, posinf=0.0, neginf=0.0),
+                                                       nonfinite_local]))
+            if reduced[-1] > 0:
+                self.nonfinite_skipped += 1
+                message = (f"[train] non-finite loss at step {s} (micro-batch {micro_done}, epoch {self._data.epoch}, "
+                           f"keys {batch.get('key', [])[:4]}...)")
+                writer.message(message + ("; stopping" if t.on_nonfinite_loss == "stop" else "; micro-batch skipped"))
+                writer.log({"step": s, "event": "nonfinite_loss", "nonfinite_skipped": self.nonfinite_skipped})
+                if t.on_nonfinite_loss == "stop":
+                    raise NonFiniteLossError(message)
+                continue  # no backward: the engine's micro-step counter stays where it is
+            for name, value in zip(names, reduced[:-1].tolist()):
+                term_sums[name] = term_sums.get(name, 0.0) + value
+            self.engine.backward(loss)
+            boundary = self.engine.is_gradient_accumulation_boundary()  # read before step()
+            self.engine.step()
+            micro_done += 1
+            if micro_done == t.grad_accum_steps and not boundary:
+                raise RuntimeError("engine and trainer disagree on the gradient-accumulation boundary")
+            if micro_done == 1:
+                views_per_sample, tokens_per_sample, flops_per_sample = self.method.throughput_counts(batch)
+        if self.teacher is not None:
+            self.teacher.update(float(self.schedules.momentum[s]))
+        self.step += 1
+        step_time = time.perf_counter() - step_start
+        grad_norm = self.engine.get_global_grad_norm()
+        videos_per_s = self.global_batch / step_time
+        record = {
+            "step": self.step,
+            "epoch": self._data.epoch,
+            **{name: total / t.grad_accum_steps for name, total in term_sums.items()},
+            "lr": float(self.schedules.lr[s]),
+            "wd": float(self.schedules.weight_decay[s]),
+            "momentum": float(self.schedules.momentum[s]),
+            "teacher_temp": teacher_temp,
+            "last_layer_frozen": frozen,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "data_wait_ms": 1000.0 * data_wait,
+            "step_ms": 1000.0 * step_time,
+            "videos_per_s": videos_per_s,
+            "views_per_s": videos_per_s * views_per_sample,
+            "tokens_per_s": videos_per_s * tokens_per_sample,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+        if flops_per_sample and t.peak_tflops > 0:
+            record["mfu"] = videos_per_s * flops_per_sample / (t.peak_tflops * 1e12 * self.dist.world_size)
+        stats = getattr(self.loader, "stats", None)
+        if isinstance(stats, dict):
+            record["decode_failures"] = int(stats.get("decode_failures", 0))
+        return record
