@@ -151,6 +151,15 @@ def cmd_shard(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _dispatch(argv)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input or arguments: one clear line naming the file and the reason, no traceback.
+        print(f"shard_tools: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "shard")

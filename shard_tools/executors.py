@@ -71,12 +71,17 @@ def _pool_map(fn, tasks, *, workers: int, max_in_flight: int):
 def _ray_map(fn, tasks, *, workers: int, ray_address: str | None, max_in_flight: int | None):
     import ray  # imported only when asked for: Ray's import alone takes seconds
 
+    import shard_tools
+
     started_here = not ray.is_initialized()
     if started_here:
+        # Ship this package to the workers (a cluster's nodes need not have the checkout).
+        runtime_env = {"py_modules": [shard_tools]}
         if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
+            ray.init(address=ray_address, runtime_env=runtime_env, log_to_driver=False)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=workers, include_dashboard=False, runtime_env=runtime_env,
+                     log_to_driver=False)
     try:
         remote_fn = ray.remote(num_cpus=1)(fn)
         window = max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", workers)))

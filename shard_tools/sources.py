@@ -127,7 +127,10 @@ def _dedupe(listing: SourceListing, candidates: list[VideoInput]) -> None:
 
 
 def _parse_seconds(text: str) -> int:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"time {text!r} is not a number of seconds") from None
     if not value.is_integer() or value < 0:
         raise ValueError(f"time {text!r} is not a non-negative whole number of seconds")
     return int(value)
