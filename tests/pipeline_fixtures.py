@@ -21,7 +21,7 @@ WDS2IDX = Path(sys.executable).parent / "wds2idx"
 
 
 @dataclass
-class TestVideo:
+class FixtureVideo:
     key: str
     path: Path
     label: int = 0
@@ -37,7 +37,7 @@ def probe(path: Path) -> dict:
                 "width": stream.codec_context.width, "height": stream.codec_context.height}
 
 
-def write_shards(folder: Path, videos: list[TestVideo], *, per_shard: int, codec: str = "vp9",
+def write_shards(folder: Path, videos: list[FixtureVideo], *, per_shard: int, codec: str = "vp9",
                  name: str = "test", split: str = "train", meta_override: dict | None = None) -> Path:
     """Write ``videos`` into tar shards of ``per_shard`` samples plus index files and manifest."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,14 +67,14 @@ def write_shards(folder: Path, videos: list[TestVideo], *, per_shard: int, codec
 
 
 def index_videos(folder: Path, lengths: list[int], *, width: int = 64, height: int = 48,
-                 prefix: str = "idx") -> list[TestVideo]:
+                 prefix: str = "idx") -> list[FixtureVideo]:
     """Videos whose frames encode their own index (shard_tools.media pattern "index")."""
     videos = []
     for i, n in enumerate(lengths):
         path = folder / f"{prefix}{i:03d}.webm"
         if not path.exists():
             write_synthetic_video(path, num_frames=n, width=width, height=height, pattern="index")
-        videos.append(TestVideo(f"{prefix}{i:03d}", path, label=i % 5))
+        videos.append(FixtureVideo(f"{prefix}{i:03d}", path, label=i % 5))
     return videos
 
 

