@@ -5,14 +5,15 @@ from typing import Callable
 
 import torch.nn as nn
 
-from models import timesformer
+from models import stswin, timesformer
 from models.heads import (BYOLPredictor, BYOLProjector, DINOHead, MoCoPredictor, MoCoProjector,
                           SimSiamPredictor, SimSiamProjector)
 from models.multiview import MultiViewRunner
+from models.stswin import SpaceTimeSwin
 from models.timesformer import TimeSformer, slow_fast_features
 
 __all__ = [
-    "BACKBONES", "build_backbone", "TimeSformer", "slow_fast_features", "MultiViewRunner", "DINOHead",
+    "BACKBONES", "build_backbone", "TimeSformer", "SpaceTimeSwin", "slow_fast_features", "MultiViewRunner", "DINOHead",
     "MoCoProjector", "MoCoPredictor", "BYOLProjector", "BYOLPredictor", "SimSiamProjector", "SimSiamPredictor",
 ]
 
@@ -21,6 +22,10 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "timesformer_tiny_patch16": timesformer.timesformer_tiny_patch16,
     "timesformer_small_patch16": timesformer.timesformer_small_patch16,
     "timesformer_base_patch16": timesformer.timesformer_base_patch16,
+    "stswin_tiny_test": stswin.stswin_tiny_test,
+    "stswin_t": stswin.stswin_t,
+    "stswin_s": stswin.stswin_s,
+    "stswin_b": stswin.stswin_b,
 }
 
 
