@@ -335,10 +335,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: TimeSformer
     """
     if temporal_init not in ("copy", "zero"):
         raise ValueError(f"checkpoint_filter_fn: temporal_init must be 'copy' or 'zero', got {temporal_init!r}")
-    if "model_state" in state_dict:
-        state_dict = state_dict["model_state"]
-    elif "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    # Wrappers: TimeSformer "model_state", DeiT/MAE "model", DINO full checkpoints "teacher".
+    for wrapper in ("model_state", "model", "state_dict", "teacher"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
     model_state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():

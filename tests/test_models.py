@@ -119,6 +119,10 @@ def test_official_timesformer_checkpoint_loads(tmp_path):
         torch.testing.assert_close(same(x), official(x))
     # A pretraining model (no classifier, longer time_embed) takes the same file: head dropped,
     # time_embed resampled linearly to 16 frames.
+    # A DINO training checkpoint: {"teacher": {"backbone.<name>", "head.<DINO head>"}}; the head is dropped.
+    dino = {"teacher": {**{f"backbone.{k}": v for k, v in official.state_dict().items() if not k.startswith("head")},
+                        "head.mlp.0.weight": torch.zeros(3, 24), "head.last_layer.weight_g": torch.ones(3, 1)}}
+    assert set(checkpoint_filter_fn(dino, tiny_timesformer())) == set(tiny_timesformer().state_dict())
     longer = tiny_timesformer(num_classes=0, num_frames=16)
     load_pretrained(longer, str(path))
     torch.testing.assert_close(longer.time_embed, interpolate_time_embed(official.time_embed.detach(), 16))

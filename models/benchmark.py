@@ -1,0 +1,130 @@
+"""``python bench.py model``: one SVT student step, grouped multi-view runner vs a per-view loop.
+
+One step = the student's forward over the 2 global + 8 local views, the DINO head, the SVT loss
+against fixed teacher outputs, and backward (the teacher's forward over the two globals is the same
+in both modes, since the globals differ in shape, so it is left out). The two modes run in one
+process, interleaved (alternating which goes first), after a warmup, so machine noise hits both
+alike; the table reports median views/s and the grouped/loop ratio per model size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from models import DINOHead, MultiViewRunner, build_backbone
+from models.flops import views_flops
+from objectives import SVTLoss
+
+__all__ = ["main"]
+
+SIZES = {"tiny": "timesformer_tiny_patch16", "small": "timesformer_small_patch16",
+         "base": "timesformer_base_patch16"}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.py model", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,small", help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--batch", type=int, default=1, help="clips per view")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--global-frames", default="8,16")
+    parser.add_argument("--local-frames", default="2,2,4,4,8,8,16,16")
+    parser.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes")
+    parser.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench/model.json")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.sizes.split(",") if s not in SIZES]
+    if unknown:
+        parser.error(f"--sizes: unknown size(s) {unknown}; choose from {sorted(SIZES)}")
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+def _views(args: argparse.Namespace) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(args.seed)
+    shapes = [(int(t), args.global_size) for t in args.global_frames.split(",")]
+    shapes += [(int(t), args.local_size) for t in args.local_frames.split(",")]
+    return [torch.randn(args.batch, 3, t, s, s, generator=gen) for t, s in shapes]
+
+
+def _step(runner: MultiViewRunner, loss_fn: SVTLoss, views: list[torch.Tensor], teacher: list[torch.Tensor],
+          grouped: bool) -> float:
+    runner.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    if grouped:
+        student = runner(views)
+    else:
+        student = [runner.head(runner.backbone.forward_features(v)) for v in views]
+    loss_fn(student, teacher, teacher_temp=0.04)["loss"].backward()
+    return time.perf_counter() - start
+
+
+def _bench_size(size: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    kwargs = {"num_frames": max(int(t) for t in args.global_frames.split(",")), "img_size": args.global_size}
+    if args.depth is not None:
+        kwargs["depth"] = args.depth
+    backbone = build_backbone(SIZES[size], **kwargs)
+    head = DINOHead(backbone.embed_dim, out_dim=args.out_dim)
+    runner = MultiViewRunner(backbone, head).train()
+    views = _views(args)
+    num_global = len(args.global_frames.split(","))
+    loss_fn = SVTLoss(args.out_dim, num_global=num_global, num_local=len(views) - num_global)
+    teacher = [torch.randn(args.batch, args.out_dim) for _ in range(num_global)]
+    times: dict[str, list[float]] = {"grouped": [], "loop": []}
+    for _ in range(args.warmup):
+        for grouped in (True, False):
+            _step(runner, loss_fn, views, teacher, grouped)
+    for repeat in range(args.repeats):
+        order = (True, False) if repeat % 2 == 0 else (False, True)  # interleave, alternate who goes first
+        for grouped in order:
+            times["grouped" if grouped else "loop"].append(_step(runner, loss_fn, views, teacher, grouped))
+    num_views = args.batch * len(views)
+    median = {mode: statistics.median(t) for mode, t in times.items()}
+    flops = views_flops(backbone, head, [tuple(v.shape[1:]) for v in views]) * args.batch
+    return {
+        "size": size, "backbone": SIZES[size], "depth": backbone.depth, "embed_dim": backbone.embed_dim,
+        "batch": args.batch, "views_per_step": len(views), "step_seconds": times,
+        "grouped_views_per_s": num_views / median["grouped"], "loop_views_per_s": num_views / median["loop"],
+        "ratio_grouped_over_loop": median["loop"] / median["grouped"],
+        "forward_gflops_per_step": flops / 1e9,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(list(argv or []))
+    torch.set_num_threads(args.threads)
+    results = []
+    header = f"{'size':<6} {'depth':>5} {'batch':>5} {'grouped views/s':>16} {'loop views/s':>13} {'ratio':>6} {'fwd GFLOP/step':>15}"
+    print(header)
+    print("-" * len(header))
+    for size in args.sizes.split(","):
+        row = _bench_size(size, args)
+        results.append(row)
+        print(f"{row['size']:<6} {row['depth']:>5} {row['batch']:>5} {row['grouped_views_per_s']:>16.3f} "
+              f"{row['loop_views_per_s']:>13.3f} {row['ratio_grouped_over_loop']:>6.2f} "
+              f"{row['forward_gflops_per_step']:>15.1f}", flush=True)
+    report = {
+        "mode": "model", "argv": list(argv or []), "threads": args.threads, "torch": torch.__version__,
+        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "global_size": args.global_size, "local_size": args.local_size,
+        "global_frames": args.global_frames, "local_frames": args.local_frames, "out_dim": args.out_dim,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
