@@ -73,6 +73,8 @@ class EncodeSettings:
         if self.short_side < 2 or self.keyframe_interval < 1 or self.max_fps <= 0 or self.min_frames < 1:
             raise ValueError(f"invalid encode settings {self}: short_side >= 2, keyframe_interval >= 1, "
                              "max_fps > 0 and min_frames >= 1 are required")
+        if not -8 <= self.vp9_cpu_used <= 8:
+            raise ValueError(f"vp9_cpu_used {self.vp9_cpu_used}: libvpx accepts -8..8")
         if self.crf is None:
             object.__setattr__(self, "crf", CODEC_TABLE[self.codec][3])
 
@@ -315,6 +317,18 @@ def transcode(item: VideoInput, container, stream, settings: EncodeSettings, rat
         return encoder.finish(), encoder.num_frames
     except av.error.FFmpegError as err:
         raise VideoRejected("encode", "encoder error", f"{item.path}: {err}") from None
+
+
+def preflight(settings: EncodeSettings) -> None:
+    """Encode two blank frames with ``settings``: a setting the encoder rejects fails the job here,
+    with one clear error, instead of quarantining every video as ``encoder error``."""
+    try:
+        encoder = _Encoder(settings, Fraction(25), 64, 64)
+        for _ in range(2):
+            encoder.encode(av.VideoFrame(64, 64, "yuv420p"))
+        encoder.finish()
+    except av.error.FFmpegError as err:
+        raise ValueError(f"the {settings.codec} encoder rejects the settings {settings.to_dict()}: {err}") from None
 
 
 def test_decode(payload: bytes, settings: EncodeSettings, size: tuple[int, int]) -> tuple[int, Fraction]:

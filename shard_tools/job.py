@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shard_tools import __version__
-from shard_tools.encode import EncodeSettings, process_video, quarantine_entry
+from shard_tools.encode import EncodeSettings, preflight, process_video, quarantine_entry
 from shard_tools.executors import map_unordered
 from shard_tools.sources import SourceListing
 from shard_tools.writer import (atomic_write_bytes, estimate_sample_bytes, plan_shards, sample_members,
@@ -99,6 +99,7 @@ def _remove_temporaries(folder: Path) -> None:
 
 def run_shard_job(listing: SourceListing, job: ShardJob) -> dict:
     """Run (or resume, or confirm) a sharding job; return the manifest."""
+    preflight(job.settings)
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir, done_dir = out_dir / ".work", out_dir / ".work" / "done"

@@ -141,3 +141,11 @@ def test_settings_reject_unknown_fields_and_bad_values():
     with pytest.raises(ValueError, match="codec"):
         EncodeSettings(codec="av1")
     assert EncodeSettings(codec="h264").crf == 23 and EncodeSettings().crf == 32
+
+
+def test_preflight_fails_the_job_on_settings_the_encoder_rejects():
+    from shard_tools.encode import preflight
+
+    preflight(EncodeSettings(codec="h264"))
+    with pytest.raises(ValueError, match="rejects the settings.*crf"):
+        preflight(EncodeSettings(crf=99))
