@@ -305,11 +305,17 @@ def transcode(item: VideoInput, container, stream, settings: EncodeSettings, rat
     last_duration = (Fraction(prev_frame.duration) * prev_frame.time_base
                      if prev_frame.duration and prev_frame.time_base else default_duration)
     emit_until(prev_time + last_duration)
+    # A file cut short often decodes cleanly up to the cut: compare with what the container declares.
+    # Tolerance: 3 frames or 2% (edit lists and encoder delay shift the ends of intact files a little).
     declared_end = _declared_end(stream, container)
     decoded_end = float(prev_time + last_duration + (first_time or 0))
-    if declared_end and decoded_end < 0.9 * declared_end - 0.25:
+    tolerance = max(3 * float(default_duration), 0.02 * (declared_end or 0))
+    if declared_end and decoded_end < declared_end - tolerance:
         raise VideoRejected("decode", "truncated", f"{item.path}: frames end at {decoded_end:.2f}s, "
                                                    f"the container says {declared_end:.2f}s")
+    if stream.frames and decoded < 0.98 * stream.frames - 2:
+        raise VideoRejected("decode", "truncated", f"{item.path}: decoded {decoded} frames, the container "
+                                                   f"indexes {stream.frames}")
     if encoder.num_frames < settings.min_frames:
         raise VideoRejected("decode", "too short", f"{item.path}: {encoder.num_frames} frames at "
                                                    f"{float(rate):.3f} fps < --min-frames {settings.min_frames}")

@@ -149,3 +149,31 @@ def test_preflight_fails_the_job_on_settings_the_encoder_rejects():
     preflight(EncodeSettings(codec="h264"))
     with pytest.raises(ValueError, match="rejects the settings.*crf"):
         preflight(EncodeSettings(crf=99))
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.9])
+@pytest.mark.parametrize("container", ["webm", "faststart_mp4"])
+def test_files_cut_short_that_still_open_are_truncated(tmp_path, container, fraction):
+    """Index up front (faststart mp4) or a duration in the header (WebM): the file opens and decodes
+    up to the cut, and the missing tail is still detected."""
+    if container == "webm":
+        src = write_synthetic_video(tmp_path / "full.webm", num_frames=60, width=96, height=64, pattern="noise")
+    else:
+        src = tmp_path / "full.mp4"
+        with av.open(str(src), "w", options={"movflags": "+faststart"}) as out:
+            stream = out.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+            rng = np.random.default_rng(0)
+            for i in range(60):
+                frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (64, 96, 3), np.uint8), format="rgb24")
+                frame.pts, frame.time_base = i, Fraction(1, 25)
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+    assert process_video(_item(src), EncodeSettings()).ok
+    data = src.read_bytes()
+    cut = tmp_path / f"cut{src.suffix}"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    outcome = process_video(_item(cut), EncodeSettings())
+    assert not outcome.ok and outcome.record["reason"] == "truncated", outcome.record
