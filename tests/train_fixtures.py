@@ -73,7 +73,7 @@ class TinyDINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], teacher_temp: float
-                ) -> torch.Tensor:
+                ) -> dict[str, torch.Tensor]:
         teacher_probs = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1) for t in teacher_out]
         total, pairs = 0.0, 0
         for ti, tp in enumerate(teacher_probs):
@@ -83,7 +83,8 @@ class TinyDINOLoss(nn.Module):
                 total = total + torch.sum(-tp * F.log_softmax(s.float() / self.student_temp, dim=-1), dim=-1).mean()
                 pairs += 1
         self.update_center(torch.cat(teacher_out))
-        return total / pairs
+        entropy = torch.stack([-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() for p in teacher_probs]).mean()
+        return {"loss": total / pairs, "teacher_entropy": entropy.detach()}
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:

@@ -111,14 +111,21 @@ def portable_state(engine) -> dict:
 def _ensure_adam_state(engine, step: int) -> None:
     """Creates AdamW state (lazily made at the first step) so the moments can be written into it."""
     inner = _inner_optimizer(engine)
-    for group in inner.param_groups:
-        for p in group["params"]:
-            state = inner.state[p]
-            for key in ADAM_KEYS:
-                if key not in state:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # torch keeps `step` as a float tensor per parameter (non-capturable, non-fused path)
-            state["step"] = torch.tensor(float(step))
+    # The tensors the client optimizer keys its state on: DeepSpeed swaps its flat fp32 partitions
+    # into the param groups only around step(), so ask the wrapper for them.
+    flat = None
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flat = getattr(engine.optimizer, attr, None)
+        if flat is not None:
+            break
+    keyed = list(flat) if flat is not None else [p for group in inner.param_groups for p in group["params"]]
+    for p in keyed:
+        state = inner.state[p]
+        for key in ADAM_KEYS:
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        # torch keeps `step` as a float tensor per parameter (non-capturable, non-fused path)
+        state["step"] = torch.tensor(float(step))
     _link_optimizer_state(engine)
 
 

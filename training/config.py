@@ -66,6 +66,7 @@ class ObjectiveConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0.0
     center_momentum: float = 0.9
+    pair_set: str = "paper"  # SVT view pairs (objectives.PAIR_SETS): paper | local_to_global | ...
     # MoCo v3 InfoNCE temperature
     temperature: float = 0.2
     # EMA teacher / momentum encoder: cosine from momentum_teacher to momentum_teacher_final
@@ -222,7 +223,11 @@ def config_from_dict(raw: dict) -> Config:
     sections = {name: _dataclass_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
     data = raw.get("data")
     if data is not None:
-        data = _dataclass_from_dict(_data_config_class(), data, "data")
+        data_cls = _data_config_class()
+        try:  # the data area's own loader rejects unknown keys and names them (data.svt.xyz)
+            data = data_cls.from_dict(data) if hasattr(data_cls, "from_dict") else _dataclass_from_dict(data_cls, data, "data")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc) if "data" in str(exc) else f"data: {exc}") from exc
     cfg = Config(data=data, **sections)
     validate(cfg)
     return cfg
@@ -250,6 +255,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.loader: must be 'dali' or 'baseline', got {t.loader!r}")
     if t.dist_backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"trainer.dist_backend: must be auto, gloo or nccl, got {t.dist_backend!r}")
+    if cfg.data is not None:
+        recipe = getattr(cfg.data, "recipe", None)
+        wanted = "svt" if o.name == "svt" else "lstcl"
+        if recipe != wanted:
+            raise ConfigError(f"data.recipe: objective.name={o.name!r} needs data.recipe={wanted!r}, got {recipe!r}")
     if o.name not in OBJECTIVES:
         raise ConfigError(f"objective.name: must be one of {OBJECTIVES}, got {o.name!r}")
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "temperature"):

@@ -54,6 +54,15 @@ class SSLMethod:
     def loss(self, student_out, teacher_out, *, teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+
+# objectives return {"loss": ..., <monitors>}; metric names in the JSONL / TensorBoard
+_TERM_NAMES = {"kl": "student_teacher_kl"}
+
+
+def _split_terms(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    terms = {_TERM_NAMES.get(k, k): v.detach() for k, v in out.items() if k != "loss"}
+    return out["loss"], terms
+
     def throughput_counts(self, batch: dict) -> tuple[float, float, float]:
         """(views, backbone tokens, training FLOPs) per sample, for the throughput metrics."""
         return float(len(self.student_views)), 0.0, 0.0
@@ -97,18 +106,8 @@ class SVTMethod(SSLMethod):
         self._counts: tuple[float, float, float] | None = None
 
     def loss(self, student_out, teacher_out, *, teacher_temp: float):
-        center = getattr(self.objective, "center", None)
-        with torch.no_grad():  # collapse monitors, before the loss updates the center
-            teacher_logits = torch.cat([t.float() for t in teacher_out])
-            centered = teacher_logits - center if center is not None else teacher_logits
-            teacher_probs = torch.softmax(centered / teacher_temp, dim=-1)
-            entropy = -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean()
-            student_temp = getattr(self.objective, "student_temp", 0.1)
-            student_logp = torch.log_softmax(torch.cat([s.float() for s in student_out[: len(teacher_out)]])
-                                             / student_temp, dim=-1)
-            kl = (teacher_probs * (torch.log(teacher_probs.clamp_min(1e-12)) - student_logp)).sum(-1).mean()
-        loss = self.objective(student_out, teacher_out, teacher_temp=teacher_temp)
-        return loss, {"teacher_entropy": entropy, "student_teacher_kl": kl}
+        # SVTLoss reports the collapse monitors itself: teacher entropy and KL(teacher || student)
+        return _split_terms(self.objective(student_out, teacher_out, teacher_temp=teacher_temp))
 
     def _flops_module(self) -> nn.Module:
         return self.teacher
@@ -163,9 +162,9 @@ class TwoViewMethod(SSLMethod):
     def loss(self, student_out, teacher_out, *, teacher_temp: float):
         (p1, p2), (z1, z2) = student_out
         if self.kind == "simsiam":
-            return self.objective(p1, p2, z1.detach(), z2.detach()), {}
+            return _split_terms(self.objective(p1, p2, z1.detach(), z2.detach()))
         _, (k1, k2) = teacher_out
-        return self.objective(p1, p2, k1.float(), k2.float()), {}
+        return _split_terms(self.objective(p1, p2, k1.float(), k2.float()))
 
     def _flops_module(self) -> nn.Module:
         return (self.teacher or self.student).runner
@@ -178,6 +177,71 @@ class TwoViewMethod(SSLMethod):
         return self._counts
 
 
+def _teacher_from_student(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    """Copies the student's weights into the teacher (names the teacher lacks, e.g. a predictor, skipped)."""
+    wanted = teacher.state_dict().keys()
+    teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in wanted}, strict=True)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def build_method(cfg: Config, view_names: list[str]) -> SSLMethod:
-    """The recipe's method from models/ and objectives/ (call under the same seed on every rank)."""
-    raise NotImplementedError  # filled in below once models/objectives signatures are fixed
+    """The recipe's method from models/ and objectives/ (call under the same seed on every rank).
+
+    The teacher is built with drop path 0 (DINO) and starts as a copy of the student.
+    """
+    import models
+    from objectives import BYOLLoss, MoCoV3Loss, SimSiamLoss, SVTLoss
+
+    m, o = cfg.model, cfg.objective
+
+    def backbone(drop_path_rate: float) -> nn.Module:
+        return models.build_backbone(m.backbone, drop_path_rate=drop_path_rate, **m.backbone_kwargs)
+
+    student_backbone = backbone(m.drop_path_rate)
+    embed_dim = student_backbone.embed_dim
+    if o.name == "svt":
+        global_views = [v for v in view_names if v.startswith("global")]
+        local_views = [v for v in view_names if v.startswith("local")]
+        if not global_views or len(global_views) + len(local_views) != len(view_names):
+            raise ValueError(f"objective.name=svt needs global_*/local_* views from data.recipe=svt, got {view_names}")
+
+        def head() -> nn.Module:
+            return models.DINOHead(embed_dim, out_dim=m.out_dim, hidden_dim=m.hidden_dim,
+                                   bottleneck_dim=m.bottleneck_dim, nlayers=m.head_layers,
+                                   norm_last_layer=m.norm_last_layer)
+
+        student = models.MultiViewRunner(student_backbone, head())
+        teacher = _teacher_from_student(models.MultiViewRunner(backbone(0.0), head()), student)
+        objective = SVTLoss(m.out_dim, num_global=len(global_views), num_local=len(local_views),
+                            student_temp=o.student_temp, center_momentum=o.center_momentum, pair_set=o.pair_set)
+        ordered = global_views + local_views
+        return SVTMethod(student, teacher, objective, ordered,
+                         ordered if objective.teacher_needs_locals else global_views)
+
+    if len(view_names) != 2:
+        raise ValueError(f"objective.name={o.name} needs two clips from data.recipe=lstcl, got views {view_names}")
+    if o.name == "mocov3":
+        def projector() -> nn.Module:
+            return models.MoCoProjector(embed_dim, mlp_dim=m.proj_hidden_dim, out_dim=m.proj_dim)
+
+        predictor = models.MoCoPredictor(m.proj_dim, mlp_dim=m.pred_hidden_dim)
+        objective: nn.Module = MoCoV3Loss(temperature=o.temperature)
+    elif o.name == "byol":
+        def projector() -> nn.Module:
+            return models.BYOLProjector(embed_dim, hidden_dim=m.proj_hidden_dim, out_dim=m.proj_dim)
+
+        predictor = models.BYOLPredictor(m.proj_dim, hidden_dim=m.pred_hidden_dim)
+        objective = BYOLLoss()
+    else:  # simsiam
+        def projector() -> nn.Module:
+            return models.SimSiamProjector(embed_dim, dim=m.proj_dim)
+
+        predictor = models.SimSiamPredictor(dim=m.proj_dim, pred_dim=m.pred_hidden_dim)
+        objective = SimSiamLoss()
+    student = ContrastiveEncoder(student_backbone, projector(), predictor)
+    teacher = None
+    if o.name != "simsiam":
+        teacher = _teacher_from_student(ContrastiveEncoder(backbone(0.0), projector()), student)
+    return TwoViewMethod(o.name, student, teacher, objective, view_names)

@@ -154,21 +154,23 @@ class Trainer:
             if rank_state["loader"] is not None:
                 self.loader.load_state_dict(rank_state["loader"])
             self._fresh_epoch = False
-        elif getattr(self.loader, "position_is_global", False):
-            # a loader whose position does not depend on the rank layout continues exactly
-            rank0 = torch.load(Path(ckpt_dir) / "trainer_rank00000.pt", map_location="cpu", weights_only=False)
-            self.loader.load_state_dict(rank0["loader"])
-            self._reseed()
-            self._fresh_epoch = False
         else:
-            # new world size: per-rank positions do not map onto the new shards; restart the epoch
             self._reseed()
-            self._fresh_epoch = True
+            if getattr(self.loader, "position_is_global", False):
+                # a loader whose position does not depend on the rank layout continues exactly
+                rank0 = torch.load(Path(ckpt_dir) / "trainer_rank00000.pt", map_location="cpu", weights_only=False)
+                self.loader.load_state_dict(rank0["loader"])
+                self._fresh_epoch = False
+                data_note = "the data position carries over"
+            else:
+                # per-rank positions do not map onto a new set of shards: restart the epoch's data order
+                self._fresh_epoch = True
+                data_note = f"epoch {self.epoch} restarts its data order"
             if self.dist.rank == 0:
-                print(f"[train] {ckpt_dir}: rank layout changed ({trainer_state['world_size']} ranks, stage "
-                      f"{trainer_state['zero_stage']} -> {self.dist.world_size} ranks, stage "
-                      f"{self.cfg.trainer.zero_stage}); restored from the portable state, epoch {self.epoch} "
-                      "restarts its data order", flush=True)
+                print(f"[train] {ckpt_dir}: rank layout changed ({trainer_state['world_size']} ranks, ZeRO "
+                      f"{trainer_state['zero_stage']}, {trainer_state['precision']} -> {self.dist.world_size} ranks, "
+                      f"ZeRO {self.cfg.trainer.zero_stage}, {self.cfg.trainer.precision}); restored from the "
+                      f"portable state; {data_note}", flush=True)
 
     def _reseed(self) -> None:
         seed = self.cfg.trainer.seed + 1000 * self.dist.rank + self.step
@@ -237,6 +239,8 @@ class Trainer:
             with torch.no_grad(), torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 teacher_out = self.method.teacher(teacher_views) if self.method.teacher is not None else None
             student_out = self.engine(student_views)
+            # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy to undo
+            objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
             loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=teacher_temp)
             # one all-reduce carries the loss terms and the non-finite flag of every rank
             names = ["loss", *terms]
@@ -252,6 +256,7 @@ class Trainer:
                 writer.log({"step": s, "event": "nonfinite_loss", "nonfinite_skipped": self.nonfinite_skipped})
                 if t.on_nonfinite_loss == "stop":
                     raise NonFiniteLossError(message)
+                self.method.objective.load_state_dict(objective_before)
                 continue  # no backward: the engine's micro-step counter stays where it is
             for name, value in zip(names, reduced[:-1].tolist()):
                 term_sums[name] = term_sums.get(name, 0.0) + value
