@@ -396,6 +396,10 @@ def process_video(item: VideoInput, settings: EncodeSettings) -> VideoOutcome:
         entry = quarantine_entry(item.input_id, item.key, item.path, rejected.stage, rejected.reason,
                                  rejected.detail)
         return VideoOutcome(item.key, item.input_id, False, entry, None)
+    except Exception as err:
+        # Not a known kind of bad video: a bug or an environment problem. Stop the job, naming the file
+        # (finished videos are kept in OUT/.work, so a rerun resumes after the fix).
+        raise RuntimeError(f"{item.path} (input {item.input_id}): unexpected {type(err).__name__}: {err}") from err
     return VideoOutcome(item.key, item.input_id, True, record, payload)
 
 

@@ -141,7 +141,8 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
     """Read an official Kinetics annotation CSV.
 
     Args:
-        csv_path: ``label,youtube_id,time_start,time_end,split[,is_cc]`` with a header row.
+        csv_path: ``label,youtube_id,time_start,time_end,split[,is_cc]`` with a header row (the test
+            CSVs without ``label`` are read as unlabelled).
         video_root: folder with the clips, flat or in class folders.
         split: keep only rows of this split; required when the CSV mixes several splits.
         label_map: fixed name -> id map (so train and val agree); default: sorted CSV labels.
@@ -149,20 +150,24 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
     csv_path, video_root = Path(csv_path), Path(video_root)
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))
-    if not rows:
-        raise ValueError(f"{csv_path}: empty CSV, expected header {','.join(KINETICS_COLUMNS)}")
-    header = [h.strip() for h in rows[0]]
-    if tuple(header[:5]) != KINETICS_COLUMNS:
+    header = [h.strip() for h in rows[0]] if rows else []
+    required = ("youtube_id", "time_start", "time_end")
+    if not all(name in header for name in required) or set(header) - set(KINETICS_COLUMNS) - {"is_cc"}:
         raise ValueError(f"{csv_path}: header {header} is not the Kinetics format "
                          f"{','.join(KINETICS_COLUMNS)}[,is_cc]")
+    column = {name: header.index(name) for name in header}
+
+    def cell(row: list[str], name: str) -> str:
+        return row[column[name]].strip() if name in column and len(row) == len(header) else ""
+
     body = [(line_no, row) for line_no, row in enumerate(rows[1:], start=2) if any(c.strip() for c in row)]
-    splits = sorted({row[4].strip() for _, row in body if len(row) >= 5 and row[4].strip()})
+    splits = sorted({cell(row, "split") for _, row in body} - {""})
     if split is None:
         if len(splits) > 1:
             raise ValueError(f"{csv_path}: rows of several splits {splits}; choose one with --split")
         split = splits[0] if splits else "train"
     if label_map is None:
-        names = sorted({row[0].strip() for _, row in body if len(row) >= 5 and row[0].strip()})
+        names = sorted({cell(row, "label") for _, row in body} - {""})
         label_map = {name: i for i, name in enumerate(names)}
     listing = SourceListing("kinetics", split, label_map=dict(label_map))
     by_stem = index_videos_by_stem(video_root)
@@ -170,13 +175,13 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
     for line_no, row in body:
         input_id = f"{csv_path.name}:{line_no}"
         source = f"{csv_path}:{line_no}"
-        if len(row) >= 5 and row[4].strip() != split:
+        if cell(row, "split") not in ("", split):
             continue  # another split's row is not an input of this run
         try:
-            if len(row) not in (5, 6):
-                raise ValueError(f"expected 5 or 6 columns, got {len(row)}")
-            label_name, youtube_id = row[0].strip(), row[1].strip()
-            start, end = _parse_seconds(row[2]), _parse_seconds(row[3])
+            if len(row) != len(header):
+                raise ValueError(f"expected {len(header)} columns ({','.join(header)}), got {len(row)}")
+            label_name, youtube_id = cell(row, "label"), cell(row, "youtube_id")
+            start, end = _parse_seconds(cell(row, "time_start")), _parse_seconds(cell(row, "time_end"))
             if not KEY_PATTERN.match(youtube_id):
                 raise ValueError(f"youtube_id {youtube_id!r} is empty or outside [A-Za-z0-9_-]")
             if end <= start:

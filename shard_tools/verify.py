@@ -21,6 +21,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import av
+
 from shard_tools.sources import load_label_map, read_folder, read_kinetics_csv, read_ssv2
 from shard_tools.writer import load_manifest, read_jsonl, write_dali_index
 
@@ -91,8 +93,6 @@ def _dali_frame_counts(paths: list[str], index_paths: list[str], extension: str,
 
 
 def _pyav_frame_count(payload: bytes) -> int:
-    import av
-
     with av.open(io.BytesIO(payload)) as container:
         return sum(1 for _ in container.decode(video=0))
 
@@ -114,8 +114,8 @@ def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2) -> dict
     extension = manifest["extension"]
     label_names = {v: k for k, v in manifest["label_map"].items()}
     expected_frames: dict[str, int] = {}
+    decoded: dict[str, int] = {}  # key -> frames decoded (PyAV per shard as it is read, or DALI after)
     sample_input_ids: list[str] = []
-    videos: dict[str, bytes] = {}
     use_pyav = decoder == "pyav" or (decoder == "auto" and manifest["codec"] == "h264" and not _gpu_available())
 
     for shard in manifest["shards"]:
@@ -128,7 +128,7 @@ def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2) -> dict
             write_dali_index(tar_path, fresh_idx)
             if fresh_idx.read_bytes() != idx_path.read_bytes():
                 problems.append(f"{shard['idx_path']}: does not index {shard['path']} correctly")
-        samples = read_shard_samples(tar_path, with_video=use_pyav)
+        samples = read_shard_samples(tar_path, with_video=use_pyav and decoder != "none")
         keys = [s["key"] for s in samples]
         if keys != shard["keys"] or len(keys) != shard["num_samples"]:
             problems.append(f"{shard['path']}: holds {len(keys)} samples {keys[:3]}..., the manifest says "
@@ -155,8 +155,11 @@ def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2) -> dict
                 problems.append(f"{shard['path']}:{key}: odd frame size {record.get('width')}x{record.get('height')}")
             expected_frames[key] = int(record.get("num_frames", -1))
             sample_input_ids.append(record.get("input_id"))
-            if use_pyav:
-                videos[key] = members[extension]
+            if use_pyav and decoder != "none":
+                try:
+                    decoded[key] = _pyav_frame_count(members[extension])
+                except av.error.FFmpegError as err:
+                    problems.append(f"{key}: PyAV cannot decode it ({err})")
 
     quarantine = read_jsonl(out / manifest["quarantine"]["path"])
     quarantine_ids = [q["input_id"] for q in quarantine]
@@ -188,15 +191,9 @@ def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2) -> dict
             problems.append(f"shards/quarantine hold inputs the sources do not list: {unknown[:10]}")
 
     decoded_with = "none"
-    decoded: dict[str, int] = {}
     if decoder != "none" and expected_frames:
         if use_pyav:
             decoded_with = "pyav" + (" (no GPU: DALI's CPU decoder has no H.264)" if manifest["codec"] == "h264" else "")
-            for key, payload in videos.items():
-                try:
-                    decoded[key] = _pyav_frame_count(payload)
-                except Exception as err:  # noqa: BLE001 -- any decode failure is a finding to report
-                    problems.append(f"{key}: PyAV cannot decode it ({err})")
         else:
             device = "cpu" if manifest["codec"] == "vp9" else "mixed"
             if device == "mixed" and not _gpu_available():

@@ -275,3 +275,27 @@ def test_ray_executor_writes_the_same_shards_as_the_process_pool(tmp_path):
     finally:
         ray.shutdown()
     assert _files(tmp_path / "ray") == _files(tmp_path / "pool")
+
+
+def test_verify_decodes_with_dali_and_reports_wrong_frame_counts_and_corrupt_videos(tmp_path):
+    videos = tmp_path / "videos" / "cls"
+    for i in range(2):
+        write_synthetic_video(videos / f"{i}.webm", num_frames=16, width=64, height=48)
+    out = tmp_path / "out"
+    assert main(["--videos", str(tmp_path / "videos"), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    tar = out / "folder-train-000000.tar"
+    pristine = tar.read_bytes()
+    # Same length edit inside the tar: one json now claims 17 frames (the index stays valid).
+    assert pristine.count(b'"num_frames":16') == 2
+    tar.write_bytes(pristine.replace(b'"num_frames":16', b'"num_frames":17', 1))
+    report = verify_shards(out)
+    assert not report["ok"] and report["decoded_with"] == "dali (cpu)"
+    assert any("decoded 16 frames, its json says 17" in p for p in report["problems"]), report["problems"]
+    # Overwrite one video's bytes with garbage of the same length: DALI cannot decode it.
+    index_line = (out / "folder-train-000000.idx").read_text().splitlines()[1].split()
+    offset, size = int(index_line[index_line.index("webm") + 1]), int(index_line[index_line.index("webm") + 2])
+    corrupt = bytearray(pristine)
+    corrupt[offset:offset + size] = b"\x00garbage" * (size // 8) + b"\x00" * (size % 8)
+    tar.write_bytes(bytes(corrupt))
+    report = verify_shards(out)
+    assert not report["ok"] and any("DALI failed" in p for p in report["problems"]), report["problems"]

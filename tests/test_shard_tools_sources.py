@@ -153,3 +153,11 @@ def test_plan_shards_shuffles_with_the_seed():
     a = plan_shards(sample_bytes, seed=0, max_samples=10, max_bytes=None)
     b = plan_shards(sample_bytes, seed=1, max_samples=10, max_bytes=None)
     assert a != b and [k for s in a for k in s.keys] != sorted(sample_bytes)
+
+
+def test_kinetics_test_csv_without_labels_is_unlabelled(tmp_path):
+    path = _kinetics_csv(tmp_path / "test.csv", [["abc123DEF_-", "10", "20", "test"]],
+                         header=("youtube_id", "time_start", "time_end", "split"))
+    listing = read_kinetics_csv(path, tmp_path)
+    assert [(v.key, v.label, v.label_name) for v in listing.inputs] == [("abc123DEF_-_000010_000020", -1, "")]
+    assert listing.split == "test" and listing.label_map == {}
