@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-__all__ = ["MetricsWriter", "summarize", "read_jsonl"]
+__all__ = ["MetricsWriter", "summarize", "read_jsonl", "format_summary"]
 
 
 class MetricsWriter:
@@ -20,10 +20,11 @@ class MetricsWriter:
         enabled: False on ranks other than 0.
         total_steps / start_step: for the progress bar.
         tensorboard, progress_bar: switch those outputs.
+        append: continue an existing metrics file (resume) instead of starting it again.
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress_bar: bool = True) -> None:
+                 tensorboard: bool = True, progress_bar: bool = True, append: bool = False) -> None:
         self.enabled = enabled
         self.jsonl_path = Path(run_dir) / "metrics.jsonl"
         self.tb_dir = Path(run_dir) / "tensorboard"
@@ -33,8 +34,9 @@ class MetricsWriter:
         if not enabled:
             return
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        # append: a resumed run continues the same file (readers keep the last record of a step)
-        self._file = open(self.jsonl_path, "a", buffering=1)
+        # a resumed run appends to the same file (readers keep the last record of a step); a fresh
+        # run in an old folder starts it again
+        self._file = open(self.jsonl_path, "a" if append else "w", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -114,3 +116,12 @@ def summarize(records: list[dict], window: int = 10) -> dict:
             out[f"{key}_first"] = _mean([r.get(key) for r in head])
             out[f"{key}_last"] = _mean([r.get(key) for r in tail])
     return out
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run table printed by train.py."""
+    lines = ["", "=== training summary ==="]
+    for key, value in summary.items():
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:>26}  {text}")
+    return "\n".join(lines)

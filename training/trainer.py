@@ -199,7 +199,8 @@ class Trainer:
             self._reseed()
         self._data = _EpochIterator(self.loader, self.epoch, self._fresh_epoch)
         writer = MetricsWriter(self.run_dir, enabled=self.dist.rank == 0, total_steps=self.total_steps,
-                               start_step=self.step, tensorboard=t.tensorboard, progress_bar=t.progress_bar)
+                               start_step=self.step, tensorboard=t.tensorboard, progress_bar=t.progress_bar,
+                               append=ckpt is not None)
         if ckpt is not None:
             writer.message(f"[train] resumed from {ckpt} at step {self.step}")
         try:

@@ -1,0 +1,24 @@
+"""SVT / LSTCL pretraining on a DeepSpeed ZeRO engine.
+
+    python train.py --config configs/demo_cpu.yaml                      # one process (CPU or 1 GPU)
+    torchrun --nproc_per_node 8 train.py --config configs/svt_vitb16.yaml trainer.zero_stage=3
+    deepspeed --num_gpus 8 train.py --config configs/svt_vitb16.yaml
+    python train.py --config ... --resume auto                          # newest complete checkpoint
+    python train.py --config ... --export runs/x/weights.pt             # consolidated fp32 weights
+
+Trailing ``section.key=value`` arguments override the recipe (values parsed as YAML).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported anywhere
+
+from training.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,94 @@
+"""``train.py``'s command line: parse, validate the recipe, build loader + method, train or export."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from training.config import ConfigError, config_to_dict, load_config
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="SVT / LSTCL pretraining with DeepSpeed",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("--resume", default=None,
+                        help="'auto' (newest complete checkpoint in trainer.output_dir, else start fresh) "
+                             "or a checkpoint folder")
+    parser.add_argument("--export", default=None, metavar="OUT.pt",
+                        help="do not train: write consolidated fp32 weights of the checkpoint named by --resume "
+                             "(default: the newest in trainer.output_dir)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. trainer.zero_stage=3")
+    return parser
+
+
+def _checkpoint_to_export(cfg, resume: str | None) -> Path | None:
+    from training.checkpoint import find_latest
+
+    if resume not in (None, "auto"):
+        return Path(resume) if (Path(resume) / "trainer.pt").is_file() else None
+    return find_latest(Path(cfg.trainer.output_dir) / "checkpoints")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.local_rank is not None:
+        import os
+
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.export:
+        from training.checkpoint import export_weights
+
+        ckpt = _checkpoint_to_export(cfg, args.resume)
+        if ckpt is None:
+            print(f"error: no complete checkpoint to export (--resume {args.resume or 'auto'}, "
+                  f"trainer.output_dir {cfg.trainer.output_dir})", file=sys.stderr)
+            return 2
+        out = export_weights(ckpt, Path(args.export))
+        print(f"exported {ckpt} -> {out}")
+        return 0
+    if cfg.data is None:
+        print(f"error: {args.config}: data: section missing (the shards to train on)", file=sys.stderr)
+        return 2
+
+    from pipelines import build_loader
+    from training.engine import init_distributed
+    from training.methods import build_method
+    from training.metrics import format_summary
+    from training.trainer import Trainer
+
+    t = cfg.trainer
+    info = init_distributed(t.dist_backend, timeout_s=t.dist_timeout_s, torch_threads=t.torch_threads)
+    # the same seed on every rank: student and teacher start identical everywhere
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    loader = build_loader(cfg.data, batch_size=t.batch_size_per_gpu, shard_id=info.rank, num_shards=info.world_size,
+                          seed=t.seed, loader=t.loader)
+    method = build_method(cfg, list(loader.view_names))
+    trainer = Trainer(cfg, method, loader, info)
+    run_dir = Path(t.output_dir)
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    summary = trainer.fit(resume=args.resume)
+    if info.rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(format_summary(summary), flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0
