@@ -90,6 +90,8 @@ def sanitize_key(text: str) -> str:
 
 def index_videos_by_stem(root: Path) -> dict[str, list[Path]]:
     """All video files under ``root`` keyed by file name without suffix (one walk, sorted paths)."""
+    if not Path(root).is_dir():
+        raise ValueError(f"{root}: the video folder does not exist or is not a folder")
     by_stem: dict[str, list[Path]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()

@@ -90,6 +90,9 @@ def test_ssv2_label_from_template_without_brackets(tmp_path):
             {"id": "8", "template": "Not a [real] class"},
             {"label": "no id"}]
     (tmp_path / "validation.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="videos: the video folder does not exist"):
+        read_ssv2(tmp_path / "validation.json", tmp_path / "labels.json", tmp_path / "videos")
+    (tmp_path / "videos").mkdir()
     listing = read_ssv2(tmp_path / "validation.json", tmp_path / "labels.json", tmp_path / "videos")
     assert listing.split == "validation"
     assert [(v.key, v.label, v.label_name) for v in listing.inputs] == [
