@@ -167,6 +167,11 @@ def _check_type(value: Any, annotation: Any, name: str) -> Any:
         return value
     base = origin or annotation
     if base is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
