@@ -254,3 +254,31 @@ def test_real_footage_through_the_graphs(bikes_shards, recipe):
         assert view.std() > 0.1, name            # real content, not a padded black clip
     if recipe == "lstcl":
         assert batch["short"].shape == (1, 3, 8, 112, 112) and batch["long"].shape == (1, 3, 8, 112, 112)
+
+
+def test_eval_views_are_deterministic_crops_of_segments(index_shards):
+    from pipelines.config import EvalConfig
+    cfg = config(index_shards, recipe="eval", shuffle=False,
+                 eval=EvalConfig(slow_frames=4, slow_size=16, fast_frames=8, fast_size=8, clips=2))
+    loader = build_loader(cfg, batch_size=5, seed=0)
+    assert loader.view_names == [f"{s}_{k}_{j}" for k in range(2) for j in range(3) for s in ("slow", "fast")]
+    first = next(iter(loader))
+    again = next(iter(build_loader(cfg, batch_size=5, seed=99)))
+    for name in loader.view_names:
+        assert torch.equal(first[name], again[name])     # no randomness in evaluation views
+    assert first["slow_1_0"].shape == (5, 3, 4, 16, 16) and first["fast_0_2"].shape == (5, 3, 8, 8, 8)
+    # The second clip starts where the first segment ends: later frames than clip 0.
+    slow0, slow1 = frame_indices(first["slow_0_1"], cfg), frame_indices(first["slow_1_1"], cfg)
+    for a, b in zip(slow0, slow1):
+        assert max(a) <= min(b)
+
+
+def test_drop_last_gives_every_rank_the_same_full_steps(index_shards):
+    cfg = config(index_shards, recipe="lstcl", drop_last=True)
+    steps = []
+    for rank in range(2):
+        loader = build_loader(cfg, batch_size=2, shard_id=rank, num_shards=2, seed=1)
+        sizes = [len(batch["key"]) for batch in loader]
+        assert set(sizes) == {2} and len(sizes) == len(loader)
+        steps.append(len(sizes))
+    assert steps[0] == steps[1] == (len(LENGTHS) // 2) // 2
