@@ -1,10 +1,12 @@
 """``python bench.py model``: one SVT student step, grouped multi-view runner vs a per-view loop.
 
-One step = the student's forward over the 2 global + 8 local views, the DINO head, the SVT loss
+Modes: ``grouped`` (one backbone pass per equal-shape group, 6 for SVT), ``packed`` (one packed
+pass for all views: every matmul covers all tokens, attention per sequence length) and ``loop``
+(one pass and one head call per view). One step = the student's forward over the 2 global + 8 local views, the DINO head, the SVT loss
 against fixed teacher outputs, and backward (the teacher's forward over the two globals is the same
 in both modes, since the globals differ in shape, so it is left out). The two modes run in one
 process, interleaved (alternating which goes first), after a warmup, so machine noise hits both
-alike; the table reports median views/s and the grouped/loop ratio per model size.
+alike; the table reports median views/s per mode and its speedup over the loop.
 """
 from __future__ import annotations
 
@@ -41,12 +43,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes")
     parser.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--modes", default="grouped,packed,loop",
+                        help="grouped: one pass per equal-shape group; packed: one packed pass for all views "
+                             "(shared matmuls); loop: one pass per view. Must include loop.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench/model.json")
     args = parser.parse_args(argv)
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
         parser.error(f"--sizes: unknown size(s) {unknown}; choose from {sorted(SIZES)}")
+    modes = args.modes.split(",")
+    if "loop" not in modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        parser.error(f"--modes: a comma list of distinct {MODES} including loop, got {args.modes!r}")
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch and --repeats must be >= 1, --warmup >= 0")
     return args
@@ -59,14 +67,18 @@ def _views(args: argparse.Namespace) -> list[torch.Tensor]:
     return [torch.randn(args.batch, 3, t, s, s, generator=gen) for t, s in shapes]
 
 
+MODES = ("grouped", "packed", "loop")
+
+
 def _step(runner: MultiViewRunner, loss_fn: SVTLoss, views: list[torch.Tensor], teacher: list[torch.Tensor],
-          grouped: bool) -> float:
+          mode: str) -> float:
     runner.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    if grouped:
-        student = runner(views)
-    else:
+    if mode == "loop":
         student = [runner.head(runner.backbone.forward_features(v)) for v in views]
+    else:
+        runner.packed = mode == "packed"
+        student = runner(views)
     loss_fn(student, teacher, teacher_temp=0.04)["loss"].backward()
     return time.perf_counter() - start
 
@@ -78,27 +90,29 @@ def _bench_size(size: str, args: argparse.Namespace) -> dict:
         kwargs["depth"] = args.depth
     backbone = build_backbone(SIZES[size], **kwargs)
     head = DINOHead(backbone.embed_dim, out_dim=args.out_dim)
-    runner = MultiViewRunner(backbone, head).train()
+    runner = MultiViewRunner(backbone, head, packed=False).train()
     views = _views(args)
     num_global = len(args.global_frames.split(","))
     loss_fn = SVTLoss(args.out_dim, num_global=num_global, num_local=len(views) - num_global)
     teacher = [torch.randn(args.batch, args.out_dim) for _ in range(num_global)]
-    times: dict[str, list[float]] = {"grouped": [], "loop": []}
+    modes = args.modes.split(",")
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.warmup):
-        for grouped in (True, False):
-            _step(runner, loss_fn, views, teacher, grouped)
+        for mode in modes:
+            _step(runner, loss_fn, views, teacher, mode)
     for repeat in range(args.repeats):
-        order = (True, False) if repeat % 2 == 0 else (False, True)  # interleave, alternate who goes first
-        for grouped in order:
-            times["grouped" if grouped else "loop"].append(_step(runner, loss_fn, views, teacher, grouped))
+        # Interleaved, rotating which mode goes first, so load changes on the machine hit all modes.
+        order = modes[repeat % len(modes):] + modes[:repeat % len(modes)]
+        for mode in order:
+            times[mode].append(_step(runner, loss_fn, views, teacher, mode))
     num_views = args.batch * len(views)
     median = {mode: statistics.median(t) for mode, t in times.items()}
     flops = views_flops(backbone, head, [tuple(v.shape[1:]) for v in views]) * args.batch
     return {
         "size": size, "backbone": SIZES[size], "depth": backbone.depth, "embed_dim": backbone.embed_dim,
         "batch": args.batch, "views_per_step": len(views), "step_seconds": times,
-        "grouped_views_per_s": num_views / median["grouped"], "loop_views_per_s": num_views / median["loop"],
-        "ratio_grouped_over_loop": median["loop"] / median["grouped"],
+        "views_per_s": {mode: num_views / median[mode] for mode in modes},
+        "speedup_over_loop": {mode: median["loop"] / median[mode] for mode in modes if mode != "loop"},
         "forward_gflops_per_step": flops / 1e9,
     }
 
@@ -107,15 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(list(argv or []))
     torch.set_num_threads(args.threads)
     results = []
-    header = f"{'size':<6} {'depth':>5} {'batch':>5} {'grouped views/s':>16} {'loop views/s':>13} {'ratio':>6} {'fwd GFLOP/step':>15}"
+    modes = args.modes.split(",")
+    header = (f"{'size':<6} {'depth':>5} {'batch':>5} {'mode':>8} {'views/s':>9} {'s/step':>8} "
+              f"{'x loop':>7} {'fwd GFLOP/step':>15}")
     print(header)
     print("-" * len(header))
     for size in args.sizes.split(","):
         row = _bench_size(size, args)
         results.append(row)
-        print(f"{row['size']:<6} {row['depth']:>5} {row['batch']:>5} {row['grouped_views_per_s']:>16.3f} "
-              f"{row['loop_views_per_s']:>13.3f} {row['ratio_grouped_over_loop']:>6.2f} "
-              f"{row['forward_gflops_per_step']:>15.1f}", flush=True)
+        for mode in modes:
+            speedup = row["speedup_over_loop"].get(mode, 1.0)
+            print(f"{row['size']:<6} {row['depth']:>5} {row['batch']:>5} {mode:>8} {row['views_per_s'][mode]:>9.3f} "
+                  f"{statistics.median(row['step_seconds'][mode]):>8.2f} {speedup:>7.2f} "
+                  f"{row['forward_gflops_per_step']:>15.1f}", flush=True)
     report = {
         "mode": "model", "argv": list(argv or []), "threads": args.threads, "torch": torch.__version__,
         "machine": platform.machine(), "cpu_count": os.cpu_count(),

@@ -72,6 +72,39 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
 
+    def forward_multi(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Attention for several ``(B_i, L_i, D)`` inputs: one qkv and one proj matmul over all tokens,
+        one attention call per distinct sequence length L. Equals ``[self(x) for x in xs]``."""
+        qkv = _map_tokens(self.qkv, xs)
+        outputs: list[torch.Tensor | None] = [None] * len(xs)
+        for indices in _group_by(lambda i: xs[i].shape[1], range(len(xs))):
+            batch = torch.cat([qkv[i] for i in indices]) if len(indices) > 1 else qkv[indices[0]]
+            q, k, v = rearrange(batch, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+            out = rearrange(out, "b h n d -> b n (h d)")
+            for i, piece in zip(indices, torch.split(out, [xs[i].shape[0] for i in indices])):
+                outputs[i] = piece
+        return [self.proj_drop(y) for y in _map_tokens(self.proj, outputs)]  # type: ignore[arg-type]
+
+
+def _group_by(key, items) -> list[list[int]]:
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+def _map_tokens(module: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Apply a per-token module (Linear, MLP, norm) to all tokens of several tensors in one call.
+
+    One large matmul instead of one per tensor: the point of the packed multi-clip forward.
+    """
+    if len(xs) == 1:
+        return [module(xs[0])]
+    flat = torch.cat([rearrange(x, "... d -> (...) d") for x in xs])
+    out = torch.split(module(flat), [x[..., 0].numel() for x in xs])
+    return [piece.reshape(*x.shape[:-1], piece.shape[-1]) for piece, x in zip(out, xs)]
+
 
 class DividedSpaceTimeBlock(nn.Module):
     """One TimeSformer block: temporal attention, spatial attention, MLP (all pre-norm, residual).
@@ -120,6 +153,34 @@ class DividedSpaceTimeBlock(nn.Module):
         x = torch.cat((cls_token, patches), dim=1) + torch.cat((res_cls, res_patches), dim=1)
 
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_multi(self, xs: list[torch.Tensor], frames: list[int]) -> list[torch.Tensor]:
+        """The block on several clips at once (any T, any grid): ``xs[i]`` is ``(B_i, 1 + T_i*N_i, D)``.
+
+        Every matmul runs once over the tokens of all clips; attention runs once per distinct
+        sequence length. Equals ``[self(x, t) for x, t in zip(xs, frames)]`` (up to float rounding).
+        """
+        cls_tokens = [x[:, :1] for x in xs]
+        patches = [x[:, 1:] for x in xs]
+        xt = [rearrange(p, "b (t n) d -> (b n) t d", t=t) for p, t in zip(patches, frames)]
+        res_temporal = self.temporal_attn.forward_multi(_map_tokens(self.temporal_norm1, xt))
+        res_temporal = [rearrange(self.drop_path(r), "(b n) t d -> b (t n) d", b=x.shape[0])
+                        for r, x in zip(res_temporal, xs)]
+        patches = [p + r for p, r in zip(patches, _map_tokens(self.temporal_fc, res_temporal))]
+
+        xs_spatial = []
+        for cls_token, p, t in zip(cls_tokens, patches, frames):
+            cls_per_frame = rearrange(cls_token.expand(-1, t, -1), "b t d -> (b t) 1 d")
+            xs_spatial.append(torch.cat((cls_per_frame, rearrange(p, "b (t n) d -> (b t) n d", t=t)), dim=1))
+        res_spatial = self.attn.forward_multi(_map_tokens(self.norm1, xs_spatial))
+        outputs = []
+        for cls_token, p, r, t in zip(cls_tokens, patches, res_spatial, frames):
+            r = self.drop_path(r)
+            res_cls = rearrange(r[:, :1], "(b t) 1 d -> b t d", t=t).mean(dim=1, keepdim=True)
+            res_patches = rearrange(r[:, 1:], "(b t) n d -> b (t n) d", t=t)
+            outputs.append(torch.cat((cls_token, p), dim=1) + torch.cat((res_cls, res_patches), dim=1))
+        mlp_out = _map_tokens(lambda y: self.mlp(self.norm2(y)), outputs)
+        return [x + self.drop_path(m) for x, m in zip(outputs, mlp_out)]
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int], mode: SpaceInterp = "bicubic",
@@ -264,6 +325,22 @@ class TimeSformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """CLS feature ``(B, embed_dim)`` of a ``(B, C, T, H, W)`` clip."""
         return self.forward_tokens(x)[:, 0]
+
+    def forward_features_multi(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """CLS features of several clips of any shapes in one packed pass (one matmul per layer for all).
+
+        Equals ``[self.forward_features(c) for c in clips]`` up to float rounding; used by
+        ``MultiViewRunner(packed=True)`` so SVT's views of different T and size share every matmul.
+        """
+        embedded = [self.embed(c) for c in clips]
+        tokens = [e[0] for e in embedded]
+        frames = [e[1] for e in embedded]
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block.forward_multi, tokens, frames, use_reentrant=False)
+            else:
+                tokens = block.forward_multi(tokens, frames)
+        return [self.norm(t[:, 0]) for t in tokens]
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return features if pre_logits else self.head(features)

@@ -153,10 +153,11 @@ def test_slow_fast_features_sum_the_two_clips():
                                    model.forward_features(slow) + model.forward_features(fast))
 
 
-def test_grouped_runner_equals_per_view_loop_in_view_order():
+@pytest.mark.parametrize("packed", [False, True])
+def test_grouped_runner_equals_per_view_loop_in_view_order(packed):
     model = tiny_timesformer(embed_dim=16, depth=1)
     head = DINOHead(16, out_dim=32, hidden_dim=24, bottleneck_dim=8)
-    runner = MultiViewRunner(model, head).eval()
+    runner = MultiViewRunner(model, head, packed=packed).eval()
     gen = torch.Generator().manual_seed(0)
     views = [torch.randn(2, 3, t, h, w, generator=gen) for t, h, w in SVT_VIEWS]
     with torch.no_grad():
@@ -211,3 +212,25 @@ def test_contrastive_heads_have_the_papers_layer_structure():
     assert predictor(projector(x)).shape == (4, 8)
     assert BYOLPredictor(8, 32)(BYOLProjector(16, 32, 8)(x)).shape == (4, 8)
     assert SimSiamPredictor(12, 6)(SimSiamProjector(16, 12)(x)).shape == (4, 12)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_runner_gradients_equal_the_per_view_loop(checkpointing):
+    model = tiny_timesformer(embed_dim=16, depth=2, img_size=64, grad_checkpointing=checkpointing).train()
+    gen = torch.Generator().manual_seed(1)
+    views = [torch.randn(2, 3, t, s, s, generator=gen) for t, s in [(4, 64), (8, 64), (2, 32), (2, 32), (4, 32)]]
+    weights = [torch.randn(2, 16, generator=gen) for _ in views]
+    grads = []
+    for packed in (True, False):
+        model.zero_grad()
+        features = (MultiViewRunner(model, packed=True).forward_features(views) if packed
+                    else [model.forward_features(v) for v in views])
+        sum((f * w).sum() for f, w in zip(features, weights)).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_runner_needs_a_packing_backbone():
+    with pytest.raises(ValueError, match="forward_features_multi"):
+        MultiViewRunner(nn.Linear(2, 2), packed=True)

@@ -16,11 +16,14 @@ def test_model_benchmark_writes_table_and_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     (row,) = report["results"]
     assert row["views_per_step"] == 10 and row["batch"] == 2
-    assert row["grouped_views_per_s"] > 0 and row["loop_views_per_s"] > 0
-    assert len(row["step_seconds"]["grouped"]) == len(row["step_seconds"]["loop"]) == 1
-    assert "ratio" in capsys.readouterr().out
+    assert set(row["views_per_s"]) == {"grouped", "packed", "loop"}
+    assert all(v > 0 for v in row["views_per_s"].values())
+    assert set(row["speedup_over_loop"]) == {"grouped", "packed"}
+    assert all(len(t) == 1 for t in row["step_seconds"].values())
+    assert "x loop" in capsys.readouterr().out
 
 
-def test_model_benchmark_rejects_unknown_sizes():
+@pytest.mark.parametrize("bad", [["--sizes", "huge"], ["--modes", "grouped"]])
+def test_model_benchmark_rejects_bad_arguments(bad):
     with pytest.raises(SystemExit):
-        benchmark.main(["--sizes", "huge"])
+        benchmark.main(bad)
