@@ -70,6 +70,8 @@ def bench_once(videos: Path, variant: str, workers: int, work_dir: Path) -> dict
 
 
 def run_bench(args) -> int:
+    import webdataset  # noqa: F401 -- warm-up: its torch import (~3 CPU-s) must not count as sharding work
+
     videos = args.videos or make_bench_inputs(args.work_dir / "inputs", args.num_videos)
     rows = []
     for variant in args.codecs:
