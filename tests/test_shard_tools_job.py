@@ -299,3 +299,18 @@ def test_verify_decodes_with_dali_and_reports_wrong_frame_counts_and_corrupt_vid
     tar.write_bytes(bytes(corrupt))
     report = verify_shards(out)
     assert not report["ok"] and any("DALI failed" in p for p in report["problems"]), report["problems"]
+
+
+def test_a_run_where_every_input_is_quarantined(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "text.webm").write_bytes(b"not a video\n" * 10)
+    out = tmp_path / "out"
+    assert main(["--source", "unlabelled", "--videos", str(videos), "--out", str(out), "--workers", "0",
+                 "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == [] and manifest["totals"]["quarantined"] == 2
+    assert manifest["quarantine"]["by_reason"] == {"not a video": 1, "zero bytes": 1}
+    report = verify_shards(out)
+    assert report["ok"], report["problems"]
