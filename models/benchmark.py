@@ -71,16 +71,17 @@ MODES = ("grouped", "packed", "loop")
 
 
 def _step(runner: MultiViewRunner, loss_fn: SVTLoss, views: list[torch.Tensor], teacher: list[torch.Tensor],
-          mode: str) -> float:
+          mode: str) -> tuple[float, float]:
+    """One step; returns (wall seconds, CPU seconds of this process)."""
     runner.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     if mode == "loop":
         student = [runner.head(runner.backbone.forward_features(v)) for v in views]
     else:
         runner.packed = mode == "packed"
         student = runner(views)
     loss_fn(student, teacher, teacher_temp=0.04)["loss"].backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def _bench_size(size: str, args: argparse.Namespace) -> dict:
@@ -97,6 +98,7 @@ def _bench_size(size: str, args: argparse.Namespace) -> dict:
     teacher = [torch.randn(args.batch, args.out_dim) for _ in range(num_global)]
     modes = args.modes.split(",")
     times: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.warmup):
         for mode in modes:
             _step(runner, loss_fn, views, teacher, mode)
@@ -104,15 +106,21 @@ def _bench_size(size: str, args: argparse.Namespace) -> dict:
         # Interleaved, rotating which mode goes first, so load changes on the machine hit all modes.
         order = modes[repeat % len(modes):] + modes[:repeat % len(modes)]
         for mode in order:
-            times[mode].append(_step(runner, loss_fn, views, teacher, mode))
+            wall, cpu = _step(runner, loss_fn, views, teacher, mode)
+            times[mode].append(wall)
+            cpu_times[mode].append(cpu)
     num_views = args.batch * len(views)
     median = {mode: statistics.median(t) for mode, t in times.items()}
+    median_cpu = {mode: statistics.median(t) for mode, t in cpu_times.items()}
     flops = views_flops(backbone, head, [tuple(v.shape[1:]) for v in views]) * args.batch
     return {
         "size": size, "backbone": SIZES[size], "depth": backbone.depth, "embed_dim": backbone.embed_dim,
-        "batch": args.batch, "views_per_step": len(views), "step_seconds": times,
+        "batch": args.batch, "views_per_step": len(views), "step_seconds": times, "step_cpu_seconds": cpu_times,
         "views_per_s": {mode: num_views / median[mode] for mode in modes},
         "speedup_over_loop": {mode: median["loop"] / median[mode] for mode in modes if mode != "loop"},
+        # CPU seconds of this process: on a shared machine less sensitive to other jobs than wall time.
+        "views_per_cpu_s": {mode: num_views / median_cpu[mode] for mode in modes},
+        "cpu_speedup_over_loop": {mode: median_cpu["loop"] / median_cpu[mode] for mode in modes if mode != "loop"},
         "forward_gflops_per_step": flops / 1e9,
     }
 
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     modes = args.modes.split(",")
     header = (f"{'size':<6} {'depth':>5} {'batch':>5} {'mode':>8} {'views/s':>9} {'s/step':>8} "
-              f"{'x loop':>7} {'fwd GFLOP/step':>15}")
+              f"{'x loop':>7} {'views/cpu-s':>12} {'x loop(cpu)':>12} {'fwd GFLOP/step':>15}")
     print(header)
     print("-" * len(header))
     for size in args.sizes.split(","):
@@ -131,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         for mode in modes:
             speedup = row["speedup_over_loop"].get(mode, 1.0)
+            cpu_speedup = row["cpu_speedup_over_loop"].get(mode, 1.0)
             print(f"{row['size']:<6} {row['depth']:>5} {row['batch']:>5} {mode:>8} {row['views_per_s'][mode]:>9.3f} "
                   f"{statistics.median(row['step_seconds'][mode]):>8.2f} {speedup:>7.2f} "
+                  f"{row['views_per_cpu_s'][mode]:>12.3f} {cpu_speedup:>12.2f} "
                   f"{row['forward_gflops_per_step']:>15.1f}", flush=True)
     report = {
         "mode": "model", "argv": list(argv or []), "threads": args.threads, "torch": torch.__version__,
