@@ -1,0 +1,2 @@
+"""Evaluation of pretrained video backbones: frozen features (kNN, linear probe), fine-tuning,
+attention maps and the results table. ``evaluate.py`` is the command line over these pieces."""

@@ -1,0 +1,156 @@
+"""Backbone weights for evaluation from a pretraining run, consolidated to one fp32 state dict.
+
+Three sources, named on the command line:
+
+* a file written by ``train.py --export`` (``training.checkpoint.export_weights``): ``student``,
+  ``teacher`` and ``config`` in one torch file;
+* a checkpoint folder of a run (``<run>/checkpoints/step_N``, or ``<run>/checkpoints`` to take the
+  newest complete one): the student is consolidated from DeepSpeed's own files (at ZeRO-1/2/3 with
+  ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, which gathers the
+  partitioned fp32 masters of every rank; at ZeRO-0 the module file already holds full weights), the
+  teacher comes from the trainer state (it lives outside the engine and is never partitioned);
+* ``random``: a freshly initialised backbone (``--model``), the chance-level reference row.
+
+The backbone is taken out of the student / teacher module by its key prefix (``backbone.``) and
+loaded strictly: a key that does not fit is an error, never silently skipped.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LoadedBackbone", "load_backbone", "read_checkpoint_weights"]
+
+TRAINER_FILE = "trainer.pt"  # training.checkpoint.TRAINER_FILE; named here so reading needs no DeepSpeed
+BACKBONES = ("teacher", "student")
+
+
+@dataclass
+class LoadedBackbone:
+    """A backbone in eval mode plus where it came from (for the results table)."""
+
+    model: nn.Module
+    model_name: str
+    model_kwargs: dict[str, Any]
+    source: str           # checkpoint path or "random"
+    which: str            # teacher | student | random
+    step: int | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)  # the run's data section (mean / std)
+
+
+def _torch_load(path: Path, *, trusted_objects: bool) -> Any:
+    try:
+        # Trainer files hold config dicts and RNG states (numpy objects): not loadable weights-only.
+        return torch.load(path, map_location="cpu", weights_only=not trusted_objects)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: checkpoint file does not exist") from None
+    except Exception as error:  # not a torch file, truncated, ...: name the file and the reason
+        raise ValueError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
+
+
+def _resolve_checkpoint_folder(path: Path) -> Path:
+    """``step_N`` folder itself, or the newest complete one under a ``checkpoints`` root."""
+    if (path / TRAINER_FILE).is_file():
+        return path
+    from training.checkpoint import find_latest
+
+    latest = find_latest(path)
+    if latest is None:
+        raise ValueError(f"{path}: neither a checkpoint folder (no {TRAINER_FILE}) nor a checkpoints root "
+                         f"holding a complete step_* folder")
+    return latest
+
+
+def _student_from_deepspeed_files(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 student state dict from DeepSpeed's files in ``folder`` (any ZeRO stage, any world size)."""
+    if zero_stage == 0:
+        # Stage 0 keeps no partitioned optimizer files: the module state is whole in mp_rank_00.
+        model_file = folder / "mp_rank_00_model_states.pt"
+        state = _torch_load(model_file, trusted_objects=True)
+        if "module" not in state:
+            raise ValueError(f"{model_file}: no 'module' entry; not a DeepSpeed model-states file")
+        return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name))
+    except Exception as error:
+        raise ValueError(f"{folder}: cannot consolidate the ZeRO-{zero_stage} checkpoint ({error})") from error
+
+
+def read_checkpoint_weights(path: str | os.PathLike, which: str) -> tuple[dict[str, torch.Tensor], dict, int | None]:
+    """(module state dict of ``which``, run config dict, step) from an export file or a checkpoint folder."""
+    if which not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {which!r}")
+    path = Path(path)
+    if path.is_dir():
+        folder = _resolve_checkpoint_folder(path)
+        trainer_state = _torch_load(folder / TRAINER_FILE, trusted_objects=True)
+        config, step = trainer_state.get("config") or {}, trainer_state.get("step")
+        if which == "teacher":
+            state = trainer_state.get("teacher")
+        else:
+            state = _student_from_deepspeed_files(folder, int(trainer_state.get("zero_stage", 0)))
+    elif path.is_file():
+        payload = _torch_load(path, trusted_objects=False)
+        if not isinstance(payload, dict) or "student" not in payload:
+            raise ValueError(f"{path}: not a train.py export (expected keys student / teacher / config)")
+        config, step, state = payload.get("config") or {}, payload.get("step"), payload.get(which)
+    else:
+        raise FileNotFoundError(f"{path}: checkpoint does not exist")
+    if state is None:
+        raise ValueError(f"{path}: the run has no {which} (e.g. SimSiam keeps no EMA teacher); use --backbone student")
+    return state, config, step
+
+
+def _backbone_state(state: dict[str, torch.Tensor], prefix: str, source: Path) -> dict[str, torch.Tensor]:
+    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not backbone:
+        # A bare backbone state dict (no wrapper module) is accepted as is.
+        if any(k.startswith(("head.", "projector.", "predictor.")) for k in state):
+            raise ValueError(f"{source}: no '{prefix}*' keys among {sorted(state)[:5]}...")
+        return dict(state)
+    return backbone
+
+
+def load_backbone(checkpoint: str, *, which: str = "teacher", model_name: str | None = None,
+                  model_kwargs: dict[str, Any] | None = None, seed: int = 0) -> LoadedBackbone:
+    """Build the pretraining run's backbone and load its weights (strictly), in eval mode.
+
+    Args:
+        checkpoint: export file, checkpoint folder / checkpoints root, or ``random``.
+        which: ``teacher`` (DINO / SVT evaluate the teacher) or ``student``.
+        model_name, model_kwargs: override the run config's ``model.backbone`` / ``backbone_kwargs``
+            (required for ``random``).
+        seed: initialisation seed for ``random``.
+    """
+    import models
+
+    if checkpoint == "random":
+        if model_name is None:
+            raise ValueError("--checkpoint random needs --model (a models.build_backbone name)")
+        kwargs = dict(model_kwargs or {})
+        torch.manual_seed(seed)
+        model = models.build_backbone(model_name, **kwargs)
+        return LoadedBackbone(model.eval(), model_name, kwargs, "random", "random")
+
+    state, config, step = read_checkpoint_weights(checkpoint, which)
+    model_config = config.get("model", {}) if isinstance(config, dict) else {}
+    name = model_name or model_config.get("backbone")
+    if not name:
+        raise ValueError(f"{checkpoint}: the run config names no model.backbone; pass --model")
+    kwargs = {**model_config.get("backbone_kwargs", {}), **(model_kwargs or {})}
+    model = models.build_backbone(name, **kwargs)
+    backbone_state = _backbone_state(state, "backbone.", Path(checkpoint))
+    try:
+        model.load_state_dict(backbone_state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{checkpoint}: {which} weights do not fit {name} {kwargs}: {error}") from error
+    data_config = config.get("data") or {} if isinstance(config, dict) else {}
+    return LoadedBackbone(model.eval(), name, kwargs, str(checkpoint), which, step,
+                          data_config if isinstance(data_config, dict) else {})
