@@ -109,6 +109,12 @@ class Trainer:
         method.to(dist_info.device)
         self.engine, self.group_infos, self.freezer = build_engine(method.student, cfg, dist_info.world_size)
         self.bf16 = t.precision == "bf16"
+        if self.bf16:
+            # DeepSpeed casts parameters to bf16 but leaves floating buffers (BatchNorm running stats
+            # in the MoCo / BYOL / SimSiam heads) in fp32, which batch_norm rejects
+            for buffer in self.engine.module.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(torch.bfloat16)
         self.teacher = (EMATeacher(method.teacher, self.engine.module, zero_stage=t.zero_stage, bf16=self.bf16)
                         if method.teacher is not None else None)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", rank=dist_info.rank,
@@ -237,8 +243,11 @@ class Trainer:
             batch = next(self._data)
             data_wait += time.perf_counter() - wait_start
             student_views, teacher_views = self.method.split_views(batch, self.dist.device, self.bf16)
-            with torch.no_grad(), torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                teacher_out = self.method.teacher(teacher_views) if self.method.teacher is not None else None
+            with torch.no_grad():
+                # the teacher keeps fp32 weights (EMA precision) and runs in fp32: autocast would
+                # leave BatchNorm (MoCo / BYOL heads) with bf16 inputs and fp32 weights
+                teacher_out = (self.method.teacher([v.float() for v in teacher_views])
+                               if self.method.teacher is not None else None)
             student_out = self.engine(student_views)
             # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy to undo
             objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
