@@ -7,7 +7,7 @@ DALI/baseline and DALI/decode-only (videos/s). Writes JSON (``--out``) and a PNG
 
 Without ``--shards`` it builds a benchmark shard set once (``runs/bench/data_shards``): bikes.mp4
 re-encoded like the shard tools' defaults (VP9, short side 256, keyframe every 16 frames) and written
-``--num-videos`` times under distinct keys.
+``--num-videos`` times under distinct keys (enough that the timed batches stay in one epoch).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=("svt", "lstcl"), default="svt")
     p.add_argument("--shards", type=Path, help="shard folder with manifest.json (default: build one)")
-    p.add_argument("--num-videos", type=int, default=32, help="videos in the generated shard set")
+    p.add_argument("--num-videos", type=int, default=48, help="videos in the generated shard set")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=4, help="timed batches per mode (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=2, help="DALI threads / baseline DataLoader workers")
@@ -136,7 +136,10 @@ class _ResourceMeter:
             return [self.proc]
 
     def cpu_seconds(self) -> float:
-        total = 0.0
+        import resource
+        # Live processes from psutil; exited (reaped) DataLoader workers from RUSAGE_CHILDREN.
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total = reaped.ru_utime + reaped.ru_stime
         for p in self._tree():
             try:
                 t = p.cpu_times()

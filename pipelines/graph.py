@@ -70,7 +70,11 @@ def augment_view(frames_fhwc, params, view: ViewSpec, aug: AugmentConfig, mean: 
     if view.crop == "random":
         video = fn.color_twist(video, brightness=params[BRIGHTNESS], contrast=params[CONTRAST],
                                saturation=params[SATURATION], hue=params[HUE_DEG])
-        if aug.blur_probability(view.group) > 0:
+        blur_p = aug.blur_probability(view.group)
+        if blur_p >= 1:
+            # Always blurred (DINO global_0): no conditional split/merge of the batch.
+            video = fn.gaussian_blur(video, sigma=params[SIGMA])
+        elif blur_p > 0:
             if params[BLUR] > 0.5:
                 video = fn.gaussian_blur(video, sigma=params[SIGMA])
         if aug.solarize_probability(view.group) > 0:

@@ -187,6 +187,8 @@ class DALILoader:
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` on the next iteration (new shuffle order, new plans, rotated shard)."""
         self.epoch = epoch
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            return  # a restored position inside this epoch: keep it (trainers call set_epoch each epoch)
         self._resume = None
         self._position = {"epoch": epoch, "step": 0, "reader_checkpoint": None}
 
@@ -247,8 +249,6 @@ class DALILoader:
             except StopIteration:
                 break
             except RuntimeError as err:
-                if "StopIteration" in str(err) and feeder.exhausted:
-                    break
                 feeder.recover(err)
                 del pipe
                 pipe = self._build_views(feeder)
@@ -295,7 +295,6 @@ class _Feeder:
         self.reader = loader._build_reader(epoch, checkpoint) if start_step < self.steps else None
         self.in_flight: collections.deque[_Batch] = collections.deque()
         self.replay: collections.deque[_Batch] = collections.deque()
-        self.exhausted = False
 
     def __call__(self):
         while True:
@@ -308,7 +307,6 @@ class _Feeder:
 
     def _read(self) -> _Batch:
         if self.next_step >= self.steps:
-            self.exhausted = True
             raise StopIteration
         encoded, meta, source_info = self.reader.run()
         checkpoint = self.reader.checkpoint()
@@ -361,21 +359,27 @@ class _Feeder:
                     self.loader.stats["skipped_keys"].append({"key": key, "shard": shard})
                     log.warning("skipping sample %s of %s: the video decoder cannot read it", key, shard)
         if not bad:
-            raise RuntimeError("the views pipeline failed, but every pending sample decodes on its "
-                               "own; not a corrupt-sample error") from err
+            err.add_note("pipelines: every pending sample decodes on its own, so this is not a "
+                         "corrupt-sample error; not retrying")
+            raise err
         self.loader.bad_keys |= bad
         self.loader.stats["pipeline_rebuilds"] += 1
         self.replay.extendleft(reversed([b.drop(bad) for b in pending]))
 
 
 def _parse_meta(raw: bytes, shard: str) -> dict[str, Any]:
+    """The sample's .json, checked for what the frame plan needs; errors name the shard and key."""
     try:
         record = json.loads(raw)
-        for name in ("key", "num_frames", "width", "height"):
-            record[name]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{shard}: a sample's .json is not the shard contract's metadata "
-                         f"(needs key, num_frames, width, height): {err!r}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{shard}: a sample's .json is not valid JSON ({err})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        raise ValueError(f"{shard}: a sample's .json has no string 'key' (shard contract metadata)")
+    for name in ("num_frames", "width", "height"):
+        value = record.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{shard}: sample {record['key']}: .json field {name!r} must be a positive "
+                             f"integer, got {value!r}")
     return record
 
 

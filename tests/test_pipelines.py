@@ -182,6 +182,7 @@ def test_resume_gives_the_same_next_batches(index_shards):
     it.close()
     resumed = build_loader(cfg, batch_size=2, seed=0)
     resumed.load_state_dict(state)
+    resumed.set_epoch(1)          # what a trainer does at the top of each epoch: keeps the position
     got = list(resumed)
     assert len(got) == len(loader) - 1
     for e, g in zip(expected, got):
@@ -282,3 +283,11 @@ def test_drop_last_gives_every_rank_the_same_full_steps(index_shards):
         assert set(sizes) == {2} and len(sizes) == len(loader)
         steps.append(len(sizes))
     assert steps[0] == steps[1] == (len(LENGTHS) // 2) // 2
+
+
+def test_bad_metadata_names_the_shard(tmp_path, index_shards):
+    videos = index_videos(tmp_path / "media", [20, 20])
+    shards = write_shards(tmp_path / "shards", videos, per_shard=2,
+                          meta_override={videos[1].key: {"num_frames": None}})
+    with pytest.raises(ValueError, match=r"test-train-000000\.tar.*idx001.*num_frames"):
+        list(build_loader(config(shards, recipe="lstcl"), batch_size=2))
