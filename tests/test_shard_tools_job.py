@@ -59,7 +59,9 @@ def test_kinetics_run_quarantines_every_bad_kind_and_keeps_the_invariant(kinetic
         assert key in manifest
     assert manifest["codec"] == "vp9" and manifest["container"] == "webm" and manifest["seed"] == 3
     assert manifest["label_map"] == {"abseiling": 0, "air drumming": 1, "playing cards": 2}
-    assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
+    # Count-sized shards are fixed groups of 4 inputs; quarantined inputs leave holes in them.
+    assert all(1 <= s["num_samples"] <= 4 for s in manifest["shards"])
+    assert sum(s["num_samples"] for s in manifest["shards"]) == len(sample_ids)
     assert all(set(s) >= {"path", "idx_path", "num_samples", "keys"} for s in manifest["shards"])
     assert not (out / ".work").exists() and not list(out.glob("*.tmp"))
     report = verify_shards(out)
@@ -234,6 +236,10 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc.wait()
     done_at_kill = len(list(done_dir.glob("*.json")))
     assert not (out / "manifest.json").exists() and done_at_kill < 11
+    # Shards are written as their inputs finish (inputs are processed in shard order): the first
+    # shard was complete, and its encoded videos already left .work, before the kill.
+    assert (out / "folder-train-000000.tar").exists()
+    assert len(list(done_dir.glob("*.webm"))) < done_at_kill
 
     assert main(common + ["--out", str(out), "--workers", "1"]) == 0
     assert _files(out) == _files(reference)
