@@ -272,7 +272,8 @@ class DALILoader:
             dense = tensor_list.as_tensor()  # (B, C, T, H, W): every sample of a view has one shape
             dali_dtype = torch.float32 if self.cfg.dtype == "float32" else torch.float16
             target = torch.empty(dense.shape(), dtype=dali_dtype, device=torch_device)
-            feed_ndarray(dense, target)
+            stream = torch.cuda.current_stream() if torch_device is not None else None
+            feed_ndarray(dense, target, cuda_stream=stream)
             out[view.name] = target.to(TORCH_DTYPE[self.cfg.dtype])
         out["label"] = torch.tensor(batch.labels, dtype=torch.long)
         out["key"] = list(batch.keys)
