@@ -141,8 +141,8 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> dict:
     if job.shard_max_bytes:
         # Sizes are known only once every video is encoded: encode all, then plan and write.
         writer.encode(listing.inputs)
-        sizes = {k: estimate_sample_bytes(k, job.settings.extension, writer.payload_path(k).stat().st_size,
-                                          r["record"]) for k, r in writer.records.items() if r["ok"]}
+        sizes = {k: estimate_sample_bytes(k, job.settings.extension, r["payload_bytes"], r["record"])
+                 for k, r in writer.records.items() if r["ok"]}
         plan = plan_shards(sizes, seed=job.seed, max_samples=job.shard_max_samples,
                            max_bytes=job.shard_max_bytes)
         writer.set_plan(plan)
@@ -201,7 +201,9 @@ class _ShardWriter:
                 atomic_write_bytes(self.payload_path(outcome.key), outcome.payload)
             else:
                 quarantined += 1
-            entry = {"ok": outcome.ok, "record": outcome.record}
+            # payload_bytes: byte-size shard plans need it after the payload itself has left .work.
+            entry = {"ok": outcome.ok, "record": outcome.record,
+                     "payload_bytes": len(outcome.payload) if outcome.ok else 0}
             # The record is renamed into place after the payload: it marks the video complete.
             atomic_write_bytes(self.done_dir / f"{outcome.key}.json", json.dumps(entry, sort_keys=True).encode())
             self.records[outcome.key] = entry

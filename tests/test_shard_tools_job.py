@@ -246,24 +246,32 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert verify_shards(out, decoder="none")["ok"]
 
 
-def test_resume_after_a_kill_while_writing_shards(tmp_path):
+@pytest.mark.parametrize("shard_size", ["2", "1KB"])
+def test_resume_after_a_kill_while_writing_shards(tmp_path, shard_size):
     """States a kill can leave between the shard-writing steps: a half tar (.tmp), an index whose
-    tar was not renamed yet, a tar from before; the rerun repairs them and matches the reference."""
+    tar was not renamed yet, a tar from before, a written shard whose videos already left .work;
+    the rerun repairs them and matches the reference. Sample-count and byte-size shard plans."""
     videos = _folder_dataset(tmp_path, 6)
-    argv = ["--videos", str(videos), "--shard-size", "2", "--workers", "0", "--no-progress", "--keep-work"]
+    argv = ["--videos", str(videos), "--shard-size", shard_size, "--workers", "0", "--no-progress"]
     out = tmp_path / "out"
-    assert main(argv + ["--out", str(out)]) == 0
+    assert main(argv + ["--out", str(out), "--keep-work"]) == 0
     reference = _files(out)
+    manifest = json.loads((out / "manifest.json").read_text())
     tars = sorted(out.glob("*.tar"))
+    assert len(tars) >= 3
     (out / "manifest.json").unlink()
     (out / "quarantine.jsonl").unlink()
+    for key in manifest["shards"][3 if len(tars) > 3 else 2]["keys"]:     # written, videos removed
+        (out / ".work" / "done" / f"{key}.webm").unlink()
     half = tars[0].read_bytes()[:1000]
     tars[0].unlink()                                             # killed before the rename ...
     (out / (tars[0].name + ".tmp")).write_bytes(half)            # ... with half a tar written
     tars[1].with_suffix(".idx").unlink()                         # a tar without its index
-    tars[2].write_bytes(tars[1].read_bytes())                    # a tar holding other keys
+    if len(tars) > 3:
+        tars[2].write_bytes(tars[1].read_bytes())                # a tar holding other keys
     assert main(argv + ["--out", str(out)]) == 0
     assert _files(out) == reference
+    assert not (out / ".work").exists()
 
 
 def test_ray_executor_writes_the_same_shards_as_the_process_pool(tmp_path):
