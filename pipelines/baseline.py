@@ -104,7 +104,12 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
             rng = random.Random(ld.seed * 1000 + self.epoch * 10 + worker_id)
             mine = _shuffled(mine, ld.cfg.shuffle_buffer, rng)
         for sample in mine:
-            yield self._views(sample, mean, std)
+            try:
+                yield self._views(sample, mean, std)
+            except (av.error.FFmpegError, ValueError) as err:
+                # Same policy as the DALI loader: skip and report (counted per worker, in the log).
+                log.warning("baseline: skipping sample %s of %s: %s", sample.get("__key__"),
+                            sample.get("__url__"), err)
 
     def _views(self, sample: dict[str, Any], mean: torch.Tensor, std: torch.Tensor) -> dict[str, Any]:
         ld = self.loader
