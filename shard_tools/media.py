@@ -126,9 +126,9 @@ def write_synthetic_video(path: str | os.PathLike, *, num_frames: int, width: in
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose from {sorted(CODECS)}")
     encoder, _, pix_fmt = CODECS[codec]
-    if codec in ("vp9", "h264") and (width % 2 or height % 2):
-        # yuv420p in libx264 / libvpx needs even sizes; FFmpeg's own error names neither file nor size.
-        raise ValueError(f"{path}: {codec} with yuv420p needs even width and height, got {width}x{height}")
+    if codec == "h264" and (width % 2 or height % 2):
+        # libx264 with yuv420p needs even sizes; FFmpeg's own error names neither file nor size.
+        raise ValueError(f"{path}: h264 with yuv420p needs even width and height, got {width}x{height}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
