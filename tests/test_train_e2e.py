@@ -132,3 +132,17 @@ def test_lstcl_objectives_train(demo_shards, tmp_path, objective, extra):
     trainer_state = torch.load(ckpt / "trainer.pt", weights_only=False)
     assert (trainer_state["teacher"] is None) == (objective == "simsiam")
     assert trainer_state["config"]["objective"]["name"] == objective
+
+
+def test_bench_e2e_compares_loaders(demo_shards, tmp_path):
+    """``python bench.py e2e`` trains the same model with the DALI and the baseline loader and reports both."""
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, str(ROOT / "bench.py"), "e2e", "--shards", str(demo_shards), "--steps", "2", "--warmup", "1",
+           "--out", str(out), *TINY_MODEL, *TINY_TRAINER, *SVT_TINY]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert [row["loader"] for row in report["rows"]] == ["dali", "baseline"]
+    for row in report["rows"]:
+        assert row["steps"] == 2 and row["videos_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1
+    assert "steps/s" in result.stdout and "baseline" in result.stdout
