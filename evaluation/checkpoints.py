@@ -118,6 +118,13 @@ def _backbone_state(state: dict[str, torch.Tensor], prefix: str, source: Path) -
     return backbone
 
 
+def _build(models, name: str, kwargs: dict[str, Any], source: str) -> nn.Module:
+    try:
+        return models.build_backbone(name, **kwargs)
+    except TypeError as error:  # a misspelt backbone kwarg
+        raise ValueError(f"{source}: cannot build {name} with {kwargs}: {error}") from error
+
+
 def load_backbone(checkpoint: str, *, which: str = "teacher", model_name: str | None = None,
                   model_kwargs: dict[str, Any] | None = None, seed: int = 0) -> LoadedBackbone:
     """Build the pretraining run's backbone and load its weights (strictly), in eval mode.
@@ -136,7 +143,7 @@ def load_backbone(checkpoint: str, *, which: str = "teacher", model_name: str | 
             raise ValueError("--checkpoint random needs --model (a models.build_backbone name)")
         kwargs = dict(model_kwargs or {})
         torch.manual_seed(seed)
-        model = models.build_backbone(model_name, **kwargs)
+        model = _build(models, model_name, kwargs, "random")
         return LoadedBackbone(model.eval(), model_name, kwargs, "random", "random")
 
     state, config, step = read_checkpoint_weights(checkpoint, which)
@@ -145,7 +152,7 @@ def load_backbone(checkpoint: str, *, which: str = "teacher", model_name: str | 
     if not name:
         raise ValueError(f"{checkpoint}: the run config names no model.backbone; pass --model")
     kwargs = {**model_config.get("backbone_kwargs", {}), **(model_kwargs or {})}
-    model = models.build_backbone(name, **kwargs)
+    model = _build(models, name, kwargs, checkpoint)
     backbone_state = _backbone_state(state, "backbone.", Path(checkpoint))
     try:
         model.load_state_dict(backbone_state, strict=True)

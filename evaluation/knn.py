@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from evaluation.results import topk_accuracy
 
-__all__ = ["KNNConfig", "knn_predict_scores", "knn_classify"]
+__all__ = ["KNNConfig", "knn_predict_scores", "knn_classify", "knn_shuffled_label_control"]
 
 
 @dataclass
@@ -75,3 +75,26 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                                     chunk_size=cfg.chunk_size)
         results[f"k{k}"] = {**topk_accuracy(scores, test_labels), "k_used": min(k, train_features.shape[0])}
     return results
+
+
+def knn_shuffled_label_control(train_features: torch.Tensor, train_labels: torch.Tensor,
+                               test_features: torch.Tensor, test_labels: torch.Tensor, cfg: KNNConfig,
+                               repeats: int, seed: int = 1, num_classes: int | None = None) -> dict[str, dict] | None:
+    """kNN with randomly permuted training labels, ``repeats`` times; mean top-1 / top-5 per ``k``.
+
+    The neighbours are unchanged but their votes carry no information, so this sits at chance
+    unless the protocol leaks labels. ``None`` when ``repeats`` is 0.
+    """
+    if repeats < 0:
+        raise ValueError(f"control repeats must be >= 0, got {repeats}")
+    if repeats == 0:
+        return None
+    runs = []
+    for r in range(repeats):
+        permutation = torch.randperm(train_labels.shape[0], generator=torch.Generator().manual_seed(seed + r))
+        runs.append(knn_classify(train_features, train_labels[permutation], test_features, test_labels, cfg,
+                                 num_classes))
+    return {name: {"top1": sum(run[name]["top1"] for run in runs) / repeats,
+                   "top5": sum(run[name]["top5"] for run in runs) / repeats,
+                   "top1_runs": [run[name]["top1"] for run in runs], "repeats": repeats}
+            for name in runs[0]}

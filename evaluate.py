@@ -1,0 +1,376 @@
+"""Evaluate a pretrained video backbone: frozen-feature kNN and linear probe, fine-tuning, attention maps.
+
+    python evaluate.py extract  --checkpoint RUN/checkpoints --shards SHARDS/train --out feats/train.pt
+    python evaluate.py extract  --checkpoint RUN/checkpoints --shards SHARDS/val   --out feats/val.pt
+    python evaluate.py knn      --train feats/train.pt --val feats/val.pt --results runs/eval/results.json
+    python evaluate.py linear   --train feats/train.pt --val feats/val.pt --results runs/eval/results.json
+    python evaluate.py attention --checkpoint RUN/checkpoints --shards SHARDS/val --out runs/eval/attention
+    python evaluate.py finetune --checkpoint RUN/checkpoints --train-shards .. --val-shards .. --out runs/ft
+    python evaluate.py report   --results runs/eval/results.json --out runs/eval/results.md
+
+``--config FILE.yaml`` gives a protocol's settings as a section (``extract:``, ``knn:``, ``linear:``,
+``finetune:``) whose keys are the dataclass fields (unknown keys are an error); flags given on the
+command line override the file. Protocols: docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+S = argparse.SUPPRESS  # config flags stay absent unless given, so the YAML / dataclass default applies
+
+
+def _parse_kwargs(text: str) -> dict[str, Any]:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{depth: 2, img_size: 64}}', got {text!r}")
+    return value
+
+
+def _section(args: argparse.Namespace, section: str, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The YAML section overlaid with the flags given on the command line."""
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        path = Path(args.config)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise SystemExit(f"error: {path}: cannot read config ({error})")
+        unknown = sorted(set(raw) - {"extract", "knn", "linear", "finetune"})
+        if unknown:
+            raise SystemExit(f"error: {path}: unknown section(s) {unknown}; known: extract, knn, linear, finetune")
+        values.update(raw.get(section) or {})
+    values.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
+    return values
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="train.py --export file, a checkpoint folder (step_N or its checkpoints/ root), or 'random'")
+    p.add_argument("--backbone", default="teacher", choices=("teacher", "student"),
+                   help="which pretrained network to evaluate (DINO / SVT evaluate the teacher)")
+    p.add_argument("--model", default=None, help="models.build_backbone name (default: from the run config)")
+    p.add_argument("--model-kwargs", type=_parse_kwargs, default=None,
+                   help="backbone kwargs as YAML/JSON, overriding the run's (e.g. '{depth: 2, img_size: 64}')")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --checkpoint random")
+
+
+EXTRACT_FIELDS = ("shards", "batch_size", "clips", "crops", "slow_frames", "slow_size", "fast_frames", "fast_size",
+                  "views_per_forward", "device", "data_device", "num_threads", "loader", "precision", "limit")
+
+
+def _add_view_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", default=S, help="labelled shard folder (holds manifest.json)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="videos per step (8)")
+    p.add_argument("--clips", type=int, default=S, help="temporal clips per video (1)")
+    p.add_argument("--crops", type=int, default=S, choices=(1, 3), help="spatial crops per clip (3)")
+    p.add_argument("--slow-frames", dest="slow_frames", type=int, default=S, help="slow clip length (8)")
+    p.add_argument("--slow-size", dest="slow_size", type=int, default=S, help="slow clip side (224)")
+    p.add_argument("--fast-frames", dest="fast_frames", type=int, default=S, help="fast clip length (64)")
+    p.add_argument("--fast-size", dest="fast_size", type=int, default=S, help="fast clip side (96)")
+    p.add_argument("--views-per-forward", dest="views_per_forward", type=int, default=S,
+                   help="clips per backbone call, 0 = a whole batch of views (0)")
+    p.add_argument("--device", default=S, help="backbone device: cpu | cuda (cpu)")
+    p.add_argument("--data-device", dest="data_device", default=S, help="DALI decoder: cpu | mixed | auto (cpu)")
+    p.add_argument("--num-threads", dest="num_threads", type=int, default=S, help="DALI threads (2)")
+    p.add_argument("--loader", default=S, choices=("dali", "baseline"), help="dali | baseline (dali)")
+    p.add_argument("--precision", default=S, choices=("fp32", "bf16"), help="bf16 autocast on CUDA (fp32)")
+    p.add_argument("--limit", type=int, default=S, help="stop after N videos, 0 = all (0)")
+
+
+def _eval_loader(cfg, mean: tuple[float, ...], std: tuple[float, ...]):
+    from pipelines import DataConfig, build_loader
+    from pipelines.config import EvalConfig
+
+    data_cfg = DataConfig(shards=cfg.shards, recipe="eval", device=cfg.data_device, num_threads=cfg.num_threads,
+                          shuffle=False, mean=tuple(mean), std=tuple(std),
+                          eval=EvalConfig(slow_frames=cfg.slow_frames, slow_size=cfg.slow_size,
+                                          fast_frames=cfg.fast_frames, fast_size=cfg.fast_size,
+                                          clips=cfg.clips, crops=cfg.crops))
+    return build_loader(data_cfg, batch_size=cfg.batch_size, loader=cfg.loader)
+
+
+def _normalization(loaded) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The pretraining run's mean / std (features depend on them), else ImageNet's."""
+    from pipelines.config import IMAGENET_MEAN, IMAGENET_STD
+
+    return (tuple(loaded.data_config.get("mean", IMAGENET_MEAN)), tuple(loaded.data_config.get("std", IMAGENET_STD)))
+
+
+def _label_map(shards: str) -> dict[str, int]:
+    manifest = Path(shards) / "manifest.json"
+    try:
+        return dict(json.loads(manifest.read_text()).get("label_map", {}))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"error: {manifest}: cannot read the shard manifest ({error})")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    import torch
+
+    from evaluation.checkpoints import load_backbone
+    from evaluation.config import config_from_dict
+    from evaluation.features import ExtractConfig, extract_features
+
+    cfg = config_from_dict(ExtractConfig, _section(args, "extract", EXTRACT_FIELDS), "extract")
+    loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
+                           model_kwargs=args.model_kwargs, seed=args.seed)
+    mean, std = _normalization(loaded)
+    loader = _eval_loader(cfg, mean, std)
+    meta = {"checkpoint": loaded.source, "backbone": loaded.which, "model": loaded.model_name,
+            "model_kwargs": loaded.model_kwargs, "step": loaded.step, "shards": str(cfg.shards),
+            "label_map": _label_map(cfg.shards), "extract": vars(cfg), "mean": list(mean), "std": list(std)}
+    features = extract_features(loaded.model, loader, loader.view_names, device=cfg.device, precision=cfg.precision,
+                                views_per_forward=cfg.views_per_forward, limit=cfg.limit, meta=meta)
+    features.meta["decode_failures"] = int(loader.stats.get("decode_failures", 0))
+    features.save(args.out)
+    counts = torch.bincount(features.labels[features.labels >= 0]).tolist() if len(features) else []
+    print(f"extracted {len(features)} videos x {features.slow.shape[1]}-d (slow, fast) from {cfg.shards} "
+          f"[{loaded.which} of {loaded.source}] -> {args.out}; per-label counts {counts}, "
+          f"views {features.meta['views']}")
+    return 0
+
+
+def _load_pair(train_path: str, val_path: str):
+    from evaluation.features import FeatureSet
+
+    train, val = FeatureSet.load(train_path), FeatureSet.load(val_path)
+    if train.slow.shape[1] != val.slow.shape[1]:
+        raise SystemExit(f"error: {train_path} has {train.slow.shape[1]}-d features, {val_path} "
+                         f"{val.slow.shape[1]}-d: extracted with different backbones")
+    train_map, val_map = train.meta.get("label_map"), val.meta.get("label_map")
+    if train_map and val_map and train_map != val_map:
+        raise SystemExit(f"error: label maps differ between {train_path} and {val_path}: shard both splits "
+                         f"with the same --label-map")
+    for path, split in ((train_path, train), (val_path, val)):
+        if len(split) and int(split.labels.min()) < 0:
+            raise SystemExit(f"error: {path}: holds unlabelled samples (label -1); evaluation needs labels")
+    num_classes = len(train_map) if train_map else int(max(train.labels.max(), val.labels.max())) + 1
+    return train, val, num_classes
+
+
+def _record_base(train, val, train_path: str, val_path: str) -> dict[str, Any]:
+    return {"checkpoint": str(train.meta.get("checkpoint", "?")), "backbone": str(train.meta.get("backbone", "?")),
+            "train_data": str(train.meta.get("shards", train_path)), "val_data": str(val.meta.get("shards", val_path))}
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    import torch
+
+    from evaluation.config import config_from_dict
+    from evaluation.knn import KNNConfig, knn_classify, knn_shuffled_label_control
+    from evaluation.results import ResultRecord, append_result
+
+    values = _section(args, "knn", ("ks", "temperature", "chunk_size"))
+    cfg = config_from_dict(KNNConfig, values, "knn")
+    train, val, num_classes = _load_pair(args.train, args.val)
+    for kind in args.feature:
+        result = knn_classify(train.feature(kind), train.labels, val.feature(kind), val.labels, cfg, num_classes)
+        control = knn_shuffled_label_control(train.feature(kind), train.labels, val.feature(kind), val.labels, cfg,
+                                             args.control_repeats, args.control_seed, num_classes)
+        for k in cfg.ks:
+            metrics = {**result[f"k{k}"], "num_train": len(train), "num_val": len(val), "num_classes": num_classes}
+            record = ResultRecord(protocol="knn", variant=f"k={k}", feature=kind, metrics=metrics,
+                                  control=control[f"k{k}"] if control else None,
+                                  settings={"temperature": cfg.temperature, "k": k},
+                                  **_record_base(train, val, args.train, args.val))
+            print(f"knn {kind:8s} k={k:3d}: top-1 {metrics['top1']:.1f}  top-5 {metrics['top5']:.1f}"
+                  + (f"  (shuffled-label control top-1 {record.control['top1']:.1f} over {args.control_repeats} runs)"
+                     if control else ""))
+            if args.results:
+                append_result(args.results, record)
+    return 0
+
+
+LINEAR_FIELDS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "standardize", "seed")
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    import torch
+
+    from evaluation.config import config_from_dict
+    from evaluation.linear_probe import LinearProbeConfig, shuffled_label_control, train_linear_probe
+    from evaluation.results import ResultRecord, append_result
+
+    cfg = config_from_dict(LinearProbeConfig, _section(args, "linear", LINEAR_FIELDS), "linear")
+    train, val, num_classes = _load_pair(args.train, args.val)
+    for kind in args.feature:
+        result = train_linear_probe(train.feature(kind), train.labels, val.feature(kind), val.labels, cfg, num_classes)
+        head = result.pop("head")
+        control = (shuffled_label_control(train.feature(kind), train.labels, val.feature(kind), val.labels, cfg,
+                                          args.control_repeats, num_classes) if args.control_repeats else None)
+        record = ResultRecord(protocol="linear", variant=f"{cfg.epochs} epochs", feature=kind,
+                              metrics={**result, "num_classes": num_classes}, control=control,
+                              settings=dict(vars(cfg)), **_record_base(train, val, args.train, args.val))
+        print(f"linear {kind:8s}: top-1 {result['top1']:.1f}  top-5 {result['top5']:.1f}  "
+              f"(train top-1 {result['train_top1']:.1f}, loss {result['final_loss']:.3f})"
+              + (f"  shuffled-label control top-1 {control['top1']:.1f} over {control['repeats']} runs"
+                 if control else ""))
+        if args.results:
+            append_result(args.results, record)
+        if args.save_head:
+            path = Path(args.save_head).with_suffix(f".{kind}.pt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": head.state_dict(), "feature": kind, "settings": vars(cfg)}, path)
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from evaluation.attention import denormalize, last_block_cls_attention, save_attention_grid
+    from evaluation.checkpoints import load_backbone
+    from evaluation.config import config_from_dict
+    from evaluation.features import ExtractConfig, group_eval_views
+
+    values = {**_section(args, "extract", EXTRACT_FIELDS), "clips": 1}
+    cfg = config_from_dict(ExtractConfig, values, "extract")
+    loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
+                           model_kwargs=args.model_kwargs, seed=args.seed)
+    mean, std = _normalization(loaded)
+    loader = _eval_loader(cfg, mean, std)
+    slow_views = group_eval_views(loader.view_names)["slow"]
+    # The centre crop of the first clip (crops are numbered left/top, centre, right/bottom).
+    view = args.view or slow_views[len(slow_views) // 2]
+    if view not in loader.view_names:
+        raise SystemExit(f"error: --view {view!r} is not an eval view; choose from {loader.view_names}")
+    wanted = set(args.keys or [])
+    written = []
+    model = loaded.model.to(cfg.device)
+    for batch in loader:
+        for row, key in enumerate(batch["key"]):
+            if (wanted and key not in wanted) or (not wanted and len(written) >= args.num_keys):
+                continue
+            clip = batch[view][row: row + 1].to(cfg.device)
+            attention = last_block_cls_attention(model, clip)[0]
+            path = save_attention_grid(Path(args.out) / f"{key}.png", denormalize(clip[0], mean, std), attention,
+                                       title=f"{key} (label {int(batch['label'][row])}) - last-block CLS attention, "
+                                             f"{loaded.which} of {loaded.source}, view {view}")
+            written.append(str(path))
+            wanted.discard(key)
+        if (args.keys and not wanted) or (not args.keys and len(written) >= args.num_keys):
+            break
+    if args.keys and wanted:
+        raise SystemExit(f"error: keys not found in {cfg.shards}: {sorted(wanted)}")
+    print("\n".join(f"wrote {p}" for p in written))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.results import write_report
+
+    try:
+        text = write_report(args.results, args.out)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    print(text, end="")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from evaluation.finetune import run_finetune_cli
+
+    return run_finetune_cli(args, _section(args, "finetune", FINETUNE_FIELDS))
+
+
+FINETUNE_FIELDS = ("epochs", "lr", "milestones", "gamma", "momentum", "weight_decay", "batch_size", "zero_stage",
+                   "precision", "test_clips", "test_crops", "clip_frames", "clip_size", "num_threads", "loader",
+                   "max_steps", "ckpt_every_epochs", "torch_threads", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="slow / fast CLS features of labelled shards from a checkpoint")
+    _add_backbone_args(p)
+    _add_view_args(p)
+    p.add_argument("--out", required=True, help="feature file (.pt or .npz)")
+    p.set_defaults(func=cmd_extract)
+
+    for name, func, help_text in (("knn", cmd_knn, "weighted kNN (cosine, T=0.07) on saved features"),
+                                  ("linear", cmd_linear, "linear probe (SGD, cosine lr) on saved features")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--train", required=True, help="training feature file from 'extract'")
+        p.add_argument("--val", required=True, help="validation feature file from 'extract'")
+        p.add_argument("--feature", nargs="+", default=["slowfast", "slow"], choices=("slowfast", "slow", "fast"),
+                       help="features evaluated: slowfast = slow + fast (SVT Fig. 3); slow for the ablation")
+        p.add_argument("--results", default=None, help="append the numbers to this results JSON")
+        p.set_defaults(func=func)
+        if name == "knn":
+            p.add_argument("--k", dest="ks", type=int, nargs="+", default=S, help="neighbour counts (20 5)")
+            p.add_argument("--temperature", type=float, default=S, help="vote temperature (0.07)")
+            p.add_argument("--chunk-size", dest="chunk_size", type=int, default=S, help="test rows per matmul")
+            p.add_argument("--control-repeats", type=int, default=3,
+                           help="runs with shuffled training labels (mean reported), 0 = none (3)")
+            p.add_argument("--control-seed", type=int, default=1)
+        else:
+            p.add_argument("--epochs", type=int, default=S, help="(20)")
+            p.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="(256)")
+            p.add_argument("--lr", type=float, default=S, help="at batch 256, scaled linearly (0.1)")
+            p.add_argument("--momentum", type=float, default=S, help="(0.9)")
+            p.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="(0)")
+            p.add_argument("--no-standardize", dest="standardize", action="store_false", default=S,
+                           help="train on the raw features instead of standardised ones")
+            p.add_argument("--seed", type=int, default=S, help="(0)")
+            p.add_argument("--control-repeats", type=int, default=3,
+                           help="shuffled-label control runs, 0 = none (3)")
+            p.add_argument("--save-head", default=None, help="save the trained linear head(s) here")
+        p.add_argument("--config", default=None, help="YAML with knn: / linear: sections")
+
+    p = sub.add_parser("attention", help="last-block CLS attention maps as PNG grids over frames")
+    _add_backbone_args(p)
+    _add_view_args(p)
+    p.add_argument("--keys", nargs="*", default=None, help="sample keys to draw (default: the first --num-keys)")
+    p.add_argument("--num-keys", type=int, default=4)
+    p.add_argument("--view", default=None, help="eval view to draw (default: centre crop of the slow clip)")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("finetune", help="end-to-end fine-tuning with a linear head through DeepSpeed")
+    _add_backbone_args(p)
+    p.add_argument("--train-shards", required=True)
+    p.add_argument("--val-shards", required=True)
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, results)")
+    p.add_argument("--resume", default="auto", help="'auto' (newest checkpoint in --out), a folder, or 'none'")
+    p.add_argument("--results", default=None, help="append the test numbers to this results JSON")
+    for flag, kind in (("epochs", int), ("lr", float), ("gamma", float), ("momentum", float),
+                       ("weight_decay", float), ("batch_size", int), ("zero_stage", int), ("precision", str),
+                       ("test_clips", int), ("test_crops", int), ("clip_frames", int), ("clip_size", int),
+                       ("num_threads", int), ("loader", str), ("max_steps", int), ("ckpt_every_epochs", int),
+                       ("torch_threads", int)):
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=S)
+    p.add_argument("--milestones", type=int, nargs="+", default=S, help="lr decay epochs (11 14)")
+    p.set_defaults(func=cmd_finetune)
+
+    for p in (sub.choices["extract"], sub.choices["attention"], sub.choices["finetune"]):
+        p.add_argument("--config", default=None, help="YAML with extract: / finetune: sections")
+
+    p = sub.add_parser("report", help="render the results JSON as a markdown table")
+    p.add_argument("--results", required=True)
+    p.add_argument("--out", required=True, help="markdown file")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input (file, key, setting): one clear line instead of a traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
