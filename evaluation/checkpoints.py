@@ -11,8 +11,8 @@ Three sources, named on the command line:
   teacher comes from the trainer state (it lives outside the engine and is never partitioned);
 * ``random``: a freshly initialised backbone (``--model``), the chance-level reference row.
 
-The backbone is taken out of the student / teacher module by its key prefix (``backbone.``) and
-loaded strictly: a key that does not fit is an error, never silently skipped.
+The backbone is taken out of the student / teacher module by its key prefix (``backbone.`` or
+``runner.backbone.``) and loaded strictly: a key that does not fit is an error, never silently skipped.
 """
 from __future__ import annotations
 
@@ -108,14 +108,21 @@ def read_checkpoint_weights(path: str | os.PathLike, which: str) -> tuple[dict[s
     return state, config, step
 
 
-def _backbone_state(state: dict[str, torch.Tensor], prefix: str, source: Path) -> dict[str, torch.Tensor]:
-    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not backbone:
-        # A bare backbone state dict (no wrapper module) is accepted as is.
+def _backbone_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The backbone's entries of a student / teacher state dict, prefix removed.
+
+    The prefix is whatever precedes the first ``backbone.`` (``backbone.`` for SVT's student,
+    ``runner.backbone.`` for the LSTCL methods); a bare backbone state dict is taken as is.
+    """
+    marker = "backbone."
+    prefixed = [k for k in state if marker in k]
+    if not prefixed:
         if any(k.startswith(("head.", "projector.", "predictor.")) for k in state):
-            raise ValueError(f"{source}: no '{prefix}*' keys among {sorted(state)[:5]}...")
+            raise ValueError(f"{source}: no '*{marker}' keys among {sorted(state)[:5]}...")
         return dict(state)
-    return backbone
+    first = prefixed[0]
+    prefix = first[: first.index(marker) + len(marker)]
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _build(models, name: str, kwargs: dict[str, Any], source: str) -> nn.Module:
@@ -153,7 +160,7 @@ def load_backbone(checkpoint: str, *, which: str = "teacher", model_name: str | 
         raise ValueError(f"{checkpoint}: the run config names no model.backbone; pass --model")
     kwargs = {**model_config.get("backbone_kwargs", {}), **(model_kwargs or {})}
     model = _build(models, name, kwargs, checkpoint)
-    backbone_state = _backbone_state(state, "backbone.", Path(checkpoint))
+    backbone_state = _backbone_state(state, checkpoint)
     try:
         model.load_state_dict(backbone_state, strict=True)
     except RuntimeError as error:
