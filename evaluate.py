@@ -45,10 +45,10 @@ def _section(args: argparse.Namespace, section: str, fields: tuple[str, ...]) ->
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise SystemExit(f"error: {path}: cannot read config ({error})")
+            raise ValueError(f"{path}: cannot read config ({error})")
         unknown = sorted(set(raw) - {"extract", "knn", "linear", "finetune"})
         if unknown:
-            raise SystemExit(f"error: {path}: unknown section(s) {unknown}; known: extract, knn, linear, finetune")
+            raise ValueError(f"{path}: unknown section(s) {unknown}; known: extract, knn, linear, finetune")
         values.update(raw.get(section) or {})
     values.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
     return values
@@ -112,7 +112,7 @@ def _label_map(shards: str) -> dict[str, int]:
     try:
         return dict(json.loads(manifest.read_text()).get("label_map", {}))
     except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"error: {manifest}: cannot read the shard manifest ({error})")
+        raise ValueError(f"{manifest}: cannot read the shard manifest ({error})")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -146,15 +146,15 @@ def _load_pair(train_path: str, val_path: str):
 
     train, val = FeatureSet.load(train_path), FeatureSet.load(val_path)
     if train.slow.shape[1] != val.slow.shape[1]:
-        raise SystemExit(f"error: {train_path} has {train.slow.shape[1]}-d features, {val_path} "
+        raise ValueError(f"{train_path} has {train.slow.shape[1]}-d features, {val_path} "
                          f"{val.slow.shape[1]}-d: extracted with different backbones")
     train_map, val_map = train.meta.get("label_map"), val.meta.get("label_map")
     if train_map and val_map and train_map != val_map:
-        raise SystemExit(f"error: label maps differ between {train_path} and {val_path}: shard both splits "
+        raise ValueError(f"label maps differ between {train_path} and {val_path}: shard both splits "
                          f"with the same --label-map")
     for path, split in ((train_path, train), (val_path, val)):
         if len(split) and int(split.labels.min()) < 0:
-            raise SystemExit(f"error: {path}: holds unlabelled samples (label -1); evaluation needs labels")
+            raise ValueError(f"{path}: holds unlabelled samples (label -1); evaluation needs labels")
     num_classes = len(train_map) if train_map else int(max(train.labels.max(), val.labels.max())) + 1
     return train, val, num_classes
 
@@ -241,7 +241,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     # The centre crop of the first clip (crops are numbered left/top, centre, right/bottom).
     view = args.view or slow_views[len(slow_views) // 2]
     if view not in loader.view_names:
-        raise SystemExit(f"error: --view {view!r} is not an eval view; choose from {loader.view_names}")
+        raise ValueError(f"--view {view!r} is not an eval view; choose from {loader.view_names}")
     wanted = set(args.keys or [])
     written = []
     model = loaded.model.to(cfg.device)
@@ -259,7 +259,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
         if (args.keys and not wanted) or (not args.keys and len(written) >= args.num_keys):
             break
     if args.keys and wanted:
-        raise SystemExit(f"error: keys not found in {cfg.shards}: {sorted(wanted)}")
+        raise ValueError(f"keys not found in {cfg.shards}: {sorted(wanted)}")
     print("\n".join(f"wrote {p}" for p in written))
     return 0
 
@@ -267,10 +267,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from evaluation.results import write_report
 
-    try:
-        text = write_report(args.results, args.out)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
+    text = write_report(args.results, args.out)
     print(text, end="")
     print(f"wrote {args.out}")
     return 0
