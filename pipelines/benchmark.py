@@ -1,7 +1,8 @@
 """``python bench.py data``: DALI views graph vs baseline loader vs decode-only, in one run.
 
 Each mode runs in its own child process (so peak RSS and CPU time are its own): a warm-up batch, then
-``--batches`` timed batches. Reported per mode: videos/s, views/s, decoded frames/s, CPU-seconds per
+``--batches`` timed batches; modes take turns for ``--rounds`` rounds and the rounds are summed.
+Reported per mode: videos/s, views/s, decoded frames/s (frames the views need), CPU-seconds per
 video (process + its children: the steady figure on a shared machine) and peak RSS; plus the ratios
 DALI/baseline and DALI/decode-only (videos/s). Writes JSON (``--out``) and a PNG bar chart beside it.
 
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, help="shard folder with manifest.json (default: build one)")
     p.add_argument("--num-videos", type=int, default=48, help="videos in the generated shard set")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=4, help="timed batches per mode (after 1 warm-up)")
+    p.add_argument("--batches", type=int, default=2, help="timed batches per mode and round (after 1 warm-up)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds; modes take turns within each round")
     p.add_argument("--threads", type=int, default=2, help="DALI threads / baseline DataLoader workers")
     p.add_argument("--device", choices=("cpu", "mixed", "auto"), default="cpu")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -49,17 +51,23 @@ def main(argv: list[str]) -> int:
         return 0
     if args.shards is None:
         args.shards = ensure_bench_shards(Path("runs/bench/data_shards"), args.num_videos)
-    results = {}
-    for mode in args.modes:
-        cmd = [sys.executable, "-m", "pipelines.benchmark", *argv, "--child", mode, "--shards", str(args.shards)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"mode {mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            return 1
-        results[mode] = json.loads(lines[-1][len("RESULT "):])
+    # Modes take turns, round after round, so that load from other users of a shared machine falls
+    # on all of them alike; each round is a fresh child process per mode.
+    runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    for _ in range(args.rounds):
+        for mode in args.modes:
+            cmd = [sys.executable, "-m", "pipelines.benchmark", *argv, "--child", mode,
+                   "--shards", str(args.shards)]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(f"mode {mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            runs[mode].append(json.loads(lines[-1][len("RESULT "):]))
+    results = {mode: combine(mode_runs) for mode, mode_runs in runs.items()}
     report = {"recipe": args.recipe, "batch_size": args.batch_size, "threads": args.threads,
-              "device": args.device, "shards": str(args.shards), "batches": args.batches,
+              "device": args.device, "shards": str(args.shards), "batches": args.batches, "rounds": args.rounds,
               "blur_solarize": not args.no_blur_solarize, "cpu_count": os.cpu_count(),
               "load_average": os.getloadavg(), "results": results, "ratios": ratios(results)}
     print_table(report)
@@ -68,6 +76,17 @@ def main(argv: list[str]) -> int:
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
+
+
+def combine(runs: list[dict]) -> dict:
+    """Totals over rounds: rates from summed counts and seconds, peak RSS as the maximum."""
+    videos = sum(r["videos"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    return {"videos": videos, "seconds": seconds, "videos_per_s": videos / seconds,
+            "views_per_s": sum(r["views"] for r in runs) / seconds,
+            "decoded_frames_per_s": sum(r["decoded_frames"] for r in runs) / seconds,
+            "cpu_s_per_video": sum(r["cpu_s"] for r in runs) / videos,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "rounds": runs}
 
 
 def ratios(results: dict) -> dict:
@@ -203,9 +222,8 @@ def run_mode(mode: str, args) -> dict:
         frames += decoded_frames(keys)
     elapsed, cpu = time.perf_counter() - t0, meter.cpu_seconds() - cpu0
     meter.stop()
-    return {"videos": videos, "seconds": elapsed, "videos_per_s": videos / elapsed,
-            "views_per_s": videos * num_views / elapsed, "decoded_frames_per_s": frames / elapsed,
-            "cpu_s_per_video": cpu / videos, "peak_rss_mb": meter.peak_rss / 2**20}
+    return {"videos": videos, "views": videos * num_views, "decoded_frames": frames, "seconds": elapsed,
+            "cpu_s": cpu, "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20}
 
 
 def _epochs(loader):
