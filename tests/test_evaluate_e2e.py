@@ -178,3 +178,35 @@ def test_zero3_checkpoint_gives_the_features_of_the_zero0_checkpoint(eval_shards
     # The step moved the student: its features differ from the teacher's (EMA, momentum < 1).
     student, teacher = FeatureSet.load(tmp_path / "zero3_student.pt"), FeatureSet.load(tmp_path / "zero3_teacher.pt")
     assert (student.slow - teacher.slow).abs().max() > 1e-3
+
+
+def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path):
+    """Fine-tuning through DeepSpeed: an uninterrupted 2-epoch run and a run stopped after 3 steps then
+    resumed end with identical weights; the 2-clip test classifies the held-out videos."""
+    common = [sys.executable, str(ROOT / "evaluate.py"), "finetune", "--checkpoint", "random", *MODEL,
+              "--train-shards", str(eval_shards["train"]), "--val-shards", str(eval_shards["val"]), "--epochs", "2",
+              "--milestones", "1", "--lr", "0.05", "--batch-size", "4", "--clip-frames", "4", "--clip-size", "32",
+              "--test-clips", "2", "--test-crops", "1", "--num-threads", "1", "--torch-threads", "1"]
+
+    def finetune(out: Path, *extra: str) -> str:
+        result = subprocess.run([*common, "--out", str(out), *extra], cwd=ROOT, env=_env(), capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
+    results = tmp_path / "results.json"
+    finetune(tmp_path / "whole", "--results", str(results))
+    finetune(tmp_path / "split", "--max-steps", "3")
+    assert "continuing at epoch 0, step 3" in finetune(tmp_path / "split")
+
+    def final_weights(run: Path) -> dict:
+        return torch.load(run / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)["module"]
+
+    whole, split = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split")
+    assert whole.keys() == split.keys() and "head.weight" in whole
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=0, atol=0)
+    record = json.loads(results.read_text())[0]
+    assert record["protocol"] == "finetune" and record["variant"] == "2-clip x 1-crop test"
+    assert record["metrics"]["num_val"] == 8 and record["metrics"]["top1"] >= 87.5
