@@ -107,6 +107,12 @@ def test_svt_two_ranks_resume_and_export(demo_shards, tmp_path):
 
     backbone = models.build_backbone("timesformer_tiny_patch16", depth=1, img_size=32, num_frames=4)
     backbone.load_state_dict(weights["backbone"], strict=True)
+    from evaluation.checkpoints import load_backbone
+
+    for source in (export, run_dir / "checkpoints"):  # export file and checkpoint folder, as evaluate.py reads them
+        loaded = load_backbone(str(source), which="teacher")
+        for name, value in loaded.model.state_dict().items():
+            assert torch.equal(value, weights["backbone"][name]), name
     assert set(weights["student"]) >= {k for k in weights["teacher"]}
     assert weights["step"] == 4
 
@@ -132,6 +138,14 @@ def test_lstcl_objectives_train(demo_shards, tmp_path, objective, extra):
     trainer_state = torch.load(ckpt / "trainer.pt", weights_only=False)
     assert (trainer_state["teacher"] is None) == (objective == "simsiam")
     assert trainer_state["config"]["objective"]["name"] == objective
+    # the export loads into the evaluation code's backbone loader (strict, weights_only)
+    from training.checkpoint import export_weights
+
+    export = export_weights(ckpt, tmp_path / "weights.pt")
+    from evaluation.checkpoints import load_backbone
+
+    loaded = load_backbone(str(export), which="student" if objective == "simsiam" else "teacher")
+    assert loaded.model.embed_dim == 192
 
 
 def test_bench_e2e_compares_loaders(demo_shards, tmp_path):

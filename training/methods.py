@@ -123,26 +123,33 @@ class SVTMethod(SSLMethod):
 class ContrastiveEncoder(nn.Module):
     """Backbone + projector (+ predictor) on a list of clips; returns (predictions, projections).
 
-    The momentum encoder is the same class with ``predictor=None`` (an ``nn.Identity``), so its
-    parameter names are a subset of the query encoder's and the EMA pairs them by name.
+    Parameter names are ``backbone.*``, ``head.*`` (the projector) and ``predictor.*``, so exports
+    and evaluation find the backbone under the same prefix as SVT's. The momentum encoder is the same
+    class with ``predictor=None`` (an ``nn.Identity``): its names are a subset of the query encoder's
+    and the EMA pairs them by name.
     """
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None = None) -> None:
         super().__init__()
-        from models.multiview import MultiViewRunner
-
-        self.runner = MultiViewRunner(backbone, projector)
+        self.backbone = backbone
+        self.head = projector
         self.predictor = predictor if predictor is not None else nn.Identity()
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.runner.backbone
-
     def forward(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        projections = self.runner(views)
+        from models.multiview import group_views_by_shape
+
+        # one backbone pass per group of equal-shape clips (short and long clips usually share one)
+        features: list[torch.Tensor | None] = [None] * len(views)
+        for group in group_views_by_shape(views):
+            sizes = [views[i].shape[0] for i in group]
+            group_features = self.backbone.forward_features(torch.cat([views[i] for i in group], dim=0))
+            for index, feature in zip(group, torch.split(group_features, sizes, dim=0)):
+                features[index] = feature
+        sizes = [f.shape[0] for f in features]
+        projections = self.head(torch.cat(features, dim=0))
         # one predictor pass on all clips (BatchNorm sees the same batch as the projector)
-        predictions = self.predictor(torch.cat(projections, dim=0))
-        return list(torch.split(predictions, [p.shape[0] for p in projections], dim=0)), projections
+        predictions = self.predictor(projections)
+        return list(torch.split(predictions, sizes, dim=0)), list(torch.split(projections, sizes, dim=0))
 
 
 class TwoViewMethod(SSLMethod):
@@ -156,7 +163,7 @@ class TwoViewMethod(SSLMethod):
         self.student, self.teacher, self.objective = student, teacher, objective
         self.student_views = list(view_names)
         self.teacher_views = list(view_names) if teacher is not None else []
-        self.backbone_prefix = "runner.backbone."
+        self.backbone_prefix = "backbone."
         self._counts: tuple[float, float, float] | None = None
 
     def loss(self, student_out, teacher_out, *, teacher_temp: float):
@@ -167,7 +174,10 @@ class TwoViewMethod(SSLMethod):
         return _split_terms(self.objective(p1, p2, k1.float(), k2.float()))
 
     def _flops_module(self) -> nn.Module:
-        return (self.teacher or self.student).runner
+        from models.multiview import MultiViewRunner
+
+        source = self.teacher or self.student  # backbone + projector, as a runner for models.flops
+        return MultiViewRunner(source.backbone, source.head)
 
     def throughput_counts(self, batch: dict) -> tuple[float, float, float]:
         if self._counts is None:
