@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,14 +131,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
     meta = {"checkpoint": loaded.source, "backbone": loaded.which, "model": loaded.model_name,
             "model_kwargs": loaded.model_kwargs, "step": loaded.step, "shards": str(cfg.shards),
             "label_map": _label_map(cfg.shards), "extract": vars(cfg), "mean": list(mean), "std": list(std)}
+    started = time.perf_counter()
     features = extract_features(loaded.model, loader, loader.view_names, device=cfg.device, precision=cfg.precision,
                                 views_per_forward=cfg.views_per_forward, limit=cfg.limit, meta=meta)
+    seconds = time.perf_counter() - started
     features.meta["decode_failures"] = int(loader.stats.get("decode_failures", 0))
+    features.meta["seconds"] = seconds
     features.save(args.out)
     counts = torch.bincount(features.labels[features.labels >= 0]).tolist() if len(features) else []
     print(f"extracted {len(features)} videos x {features.slow.shape[1]}-d (slow, fast) from {cfg.shards} "
           f"[{loaded.which} of {loaded.source}] -> {args.out}; per-label counts {counts}, "
-          f"views {features.meta['views']}")
+          f"views {features.meta['views']}; {seconds:.1f} s, {len(features) / seconds:.2f} videos/s")
     return 0
 
 
@@ -155,7 +159,8 @@ def _load_pair(train_path: str, val_path: str):
     for path, split in ((train_path, train), (val_path, val)):
         if len(split) and int(split.labels.min()) < 0:
             raise ValueError(f"{path}: holds unlabelled samples (label -1); evaluation needs labels")
-    num_classes = len(train_map) if train_map else int(max(train.labels.max(), val.labels.max())) + 1
+    num_classes = (max(train_map.values()) + 1 if train_map
+                   else int(max(train.labels.max(), val.labels.max())) + 1)
     return train, val, num_classes
 
 
@@ -165,8 +170,6 @@ def _record_base(train, val, train_path: str, val_path: str) -> dict[str, Any]:
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    import torch
-
     from evaluation.config import config_from_dict
     from evaluation.knn import KNNConfig, knn_classify, knn_shuffled_label_control
     from evaluation.results import ResultRecord, append_result
