@@ -101,6 +101,12 @@ class Trainer:
         micro_per_epoch = len(loader)
         if micro_per_epoch < 1:
             raise ValueError(f"{t.output_dir}: the data loader yields no batches (check data.shards and batch size)")
+        if dist_info.world_size > 1:
+            lengths = torch.tensor([micro_per_epoch, -micro_per_epoch], dtype=torch.float64, device=dist_info.device)
+            dist.all_reduce(lengths, op=dist.ReduceOp.MAX)
+            if lengths[0] != -lengths[1]:
+                raise ValueError(f"ranks have different numbers of batches per epoch ({int(-lengths[1])} to "
+                                 f"{int(lengths[0])}); set data.drop_last=true so every rank takes the same steps")
         self.steps_per_epoch = micro_per_epoch / t.grad_accum_steps
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, int(math.ceil(t.epochs * self.steps_per_epoch)))
         if t.max_steps > 0 and t.epochs > 0:
