@@ -35,7 +35,11 @@ class EMATeacher:
             if name not in student_params:
                 raise ValueError(f"EMATeacher: teacher parameter {name!r} has no student counterpart")
             param.requires_grad_(False)
-            self.pairs.append((param, student_params[name]))
+            # A frozen student parameter (DINO's weight_g with norm_last_layer) never changes and the
+            # teacher starts as a copy, so the EMA would leave it as it is; skipping it also avoids
+            # reading a parameter that has no fp32 master in bf16.
+            if student_params[name].requires_grad:
+                self.pairs.append((param, student_params[name]))
         self.teacher = teacher
         self.zero_stage = zero_stage
         self.bf16 = bf16
@@ -47,10 +51,8 @@ class EMATeacher:
             from deepspeed.utils import safe_get_full_fp32_param
 
             for t, s in self.pairs:
-                # frozen student params (requires_grad False) have no fp32 master: take the module value
-                full = safe_get_full_fp32_param(s) if s.requires_grad else None
-                source = full if full is not None else s.detach()
-                t.mul_(momentum).add_(source.to(t.dtype).view_as(t), alpha=1.0 - momentum)
+                full = safe_get_full_fp32_param(s)  # collective; None only without ZeRO (not allowed in bf16)
+                t.mul_(momentum).add_(full.to(t.dtype).view_as(t), alpha=1.0 - momentum)
             return
         gather = contextlib.nullcontext()
         if self.zero_stage == 3:
