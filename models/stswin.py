@@ -295,8 +295,7 @@ class SpaceTimeSwin(nn.Module):
                 size = [size[0], -(-size[1] // 2), -(-size[2] // 2)]
                 total += 2 * size[0] * size[1] * size[2] * 4 * dim * 2 * dim                  # merging
                 dim *= 2
-        head = 2 * self.num_features * self.num_classes if self.num_classes > 0 else 0
-        return int(total + head)
+        return int(total)  # classifier head excluded, as in forward_features
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -369,8 +369,7 @@ class TimeSformer(nn.Module):
             + 2 * 2 * num_frames * (1 + n) * (1 + n) * d                       # spatial QK^T + AV
             + 2 * 2 * tokens * d * hidden                                      # MLP fc1 + fc2
         )
-        head = 2 * d * self.num_classes if self.num_classes > 0 else 0
-        return int(patch + self.depth * per_block + head)
+        return int(patch + self.depth * per_block)  # classifier head excluded, as in forward_features
 
 
 def _init_vit_weights(module: nn.Module) -> None:
