@@ -21,10 +21,9 @@ def head_flops(head: nn.Module) -> int:
     """FLOPs of an MLP head for one feature vector: every Linear applied once."""
     total = 0
     for module in head.modules():
-        if isinstance(module, nn.Linear):
+        # Sizes from the module attributes, not parameter numel (ZeRO-3 empties partitioned tensors).
+        if isinstance(module, (nn.Linear, WeightNormLinear)):
             total += 2 * module.in_features * module.out_features
-        elif isinstance(module, WeightNormLinear):
-            total += 2 * module.weight_v.numel()
     return total
 
 

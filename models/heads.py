@@ -32,6 +32,7 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
         trunc_normal_(self.weight_v, std=0.02)
