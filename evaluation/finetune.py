@@ -126,7 +126,8 @@ def _data_configs(cfg: FinetuneConfig, shards: str, mean, std, *, train: bool):
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
+def evaluate_classifier(model: nn.Module, loader, device: torch.device,
+                        dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Top-1 / top-5 (percent) with softmax scores averaged over every slow view of a video; summed
     over ranks (each rank reads its own part of the shards)."""
     import torch.distributed as dist
@@ -138,7 +139,7 @@ def evaluate_classifier(model: nn.Module, loader, device: torch.device) -> dict[
     counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, videos
     for batch in loader:
         labels = torch.as_tensor(batch["label"]).view(-1).long()
-        scores = sum(F.softmax(model(batch[v].to(device)).float(), dim=1).cpu() for v in slow_views) / len(slow_views)
+        scores = sum(F.softmax(model(batch[v].to(device, dtype)).float(), dim=1).cpu() for v in slow_views) / len(slow_views)
         ranked = scores.argsort(dim=1, descending=True, stable=True)
         hits = ranked.eq(labels.view(-1, 1))
         counts += torch.tensor([hits[:, :1].any(1).sum().item(), hits[:, : min(5, scores.shape[1])].any(1).sum().item(),
@@ -214,6 +215,8 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any]) -> int:
     metrics_path = out / "finetune_metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    # bf16 engines hold bf16 module weights: the clips must match them.
+    input_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     done = False
     for epoch in range(start_epoch, cfg.epochs):
         lr = multistep_lr(cfg, epoch)
@@ -222,10 +225,8 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any]) -> int:
         train_loader.set_epoch(epoch)
         started, losses = time.time(), []
         for batch in train_loader:
-            clip = batch["global_0"].to(dist_info.device)
+            clip = batch["global_0"].to(dist_info.device, input_dtype)
             labels = torch.as_tensor(batch["label"]).view(-1).long().to(dist_info.device)
-            if cfg.precision == "bf16":
-                clip = clip.to(torch.bfloat16)
             loss = F.cross_entropy(engine(clip).float(), labels)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch}, step {step}")
@@ -257,7 +258,7 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any]) -> int:
 
     test_loader = build_loader(_data_configs(cfg, args.val_shards, mean, std, train=False), batch_size=cfg.batch_size,
                                shard_id=rank, num_shards=world, seed=cfg.seed, loader=cfg.loader)
-    metrics = evaluate_classifier(engine, test_loader, dist_info.device)
+    metrics = evaluate_classifier(engine, test_loader, dist_info.device, input_dtype)
     if rank == 0:
         variant = f"{cfg.test_clips}-clip x {cfg.test_crops}-crop test"
         print(f"finetune test ({variant}): top-1 {metrics['top1']:.1f}  top-5 {metrics['top5']:.1f} "
