@@ -142,7 +142,7 @@ def reference_run(total_micro: int | None = None) -> dict:
     total = int(np.ceil(t.epochs * steps_per_epoch))
     sched = Schedules.build(cfg, total, steps_per_epoch, t.batch_size_per_gpu * t.grad_accum_steps * world)
     last_layer = [p for g, i in zip(groups, infos) if i.last_layer for p in g["params"]]
-    losses, epoch = {}, 0
+    losses, grad_norms, epoch = {}, [], 0
     batches = iter(loader)
     for step in range(total):
         frozen = step < sched.freeze_last_layer_steps
@@ -168,7 +168,7 @@ def reference_run(total_micro: int | None = None) -> dict:
         if frozen:
             for p in last_layer:
                 p.grad.zero_()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)))
         optimizer.step()
         with torch.no_grad():
             m = float(sched.momentum[step])
@@ -178,7 +178,7 @@ def reference_run(total_micro: int | None = None) -> dict:
         losses[step + 1] = total_loss
     return {"losses": losses, "teacher": teacher.state_dict(),
             "student": {n: p.detach().clone() for n, p in student.named_parameters()},
-            "center": method.objective.center.clone(), "total_steps": total}
+            "center": method.objective.center.clone(), "total_steps": total, "grad_norms": grad_norms}
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +204,11 @@ def test_zero_stage_matches_plain_pytorch(stage_runs, reference, stage):
     assert _max_diff(reference["teacher"], final["teacher"]) <= WEIGHT_TOL
     assert _max_diff(reference["student"], final["student"]) <= WEIGHT_TOL
     assert torch.allclose(final["center"], reference["center"], atol=WEIGHT_TOL)
+    from training.metrics import read_jsonl
+
+    grad_norms = [r["grad_norm"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert all(np.isfinite(g) and g > 0 for g in grad_norms), grad_norms
+    assert grad_norms == pytest.approx(reference["grad_norms"], rel=1e-4)
     # the run really trained: the teacher moved away from the initial weights
     init = build_tiny_method(seed=0).teacher.state_dict()
     assert _max_diff(init, final["teacher"]) > 1e-3

@@ -246,6 +246,7 @@ class Trainer:
         data_wait = 0.0
         term_sums: dict[str, float] = {}
         micro_done = 0
+        stage0_grad_norm = float("nan")
         views_per_sample = tokens_per_sample = flops_per_sample = 0.0
         while micro_done < t.grad_accum_steps:
             wait_start = time.perf_counter()
@@ -281,6 +282,10 @@ class Trainer:
                 term_sums[name] = term_sums.get(name, 0.0) + value
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()  # read before step()
+            if boundary and t.zero_stage == 0:
+                # DeepSpeed reports no global norm without ZeRO; gradients are all-reduced by now
+                grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+                stage0_grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
             self.engine.step()
             micro_done += 1
             if micro_done == t.grad_accum_steps and not boundary:
@@ -291,7 +296,7 @@ class Trainer:
             self.teacher.update(float(self.schedules.momentum[s]))
         self.step += 1
         step_time = time.perf_counter() - step_start
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = stage0_grad_norm if t.zero_stage == 0 else self.engine.get_global_grad_norm()
         videos_per_s = self.global_batch / step_time
         record = {
             "step": self.step,
