@@ -245,12 +245,17 @@ def cmd_attention(args: argparse.Namespace) -> int:
     view = args.view or slow_views[len(slow_views) // 2]
     if view not in loader.view_names:
         raise ValueError(f"--view {view!r} is not an eval view; choose from {loader.view_names}")
-    wanted = set(args.keys or [])
+    requested = set(args.keys or [])
+    remaining = set(requested)
     written = []
     model = loaded.model.to(cfg.device)
+
+    def done() -> bool:
+        return not remaining if requested else len(written) >= args.num_keys
+
     for batch in loader:
         for row, key in enumerate(batch["key"]):
-            if (wanted and key not in wanted) or (not wanted and len(written) >= args.num_keys):
+            if done() or (requested and key not in remaining):
                 continue
             clip = batch[view][row: row + 1].to(cfg.device)
             attention = last_block_cls_attention(model, clip)[0]
@@ -258,11 +263,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
                                        title=f"{key} (label {int(batch['label'][row])}) - last-block CLS attention, "
                                              f"{loaded.which} of {loaded.source}, view {view}")
             written.append(str(path))
-            wanted.discard(key)
-        if (args.keys and not wanted) or (not args.keys and len(written) >= args.num_keys):
+            remaining.discard(key)
+        if done():
             break
-    if args.keys and wanted:
-        raise ValueError(f"keys not found in {cfg.shards}: {sorted(wanted)}")
+    if remaining:
+        raise ValueError(f"keys not found in {cfg.shards}: {sorted(remaining)}")
     print("\n".join(f"wrote {p}" for p in written))
     return 0
 

@@ -108,9 +108,10 @@ def test_frozen_protocols_separate_the_classes_and_shuffled_labels_stay_at_chanc
         assert record["metrics"]["num_val"] == 8 and record["checkpoint"] == "random"
 
     # Attention maps of two chosen keys, and the markdown report through the real script.
-    keys = train.keys[:2]
+    keys = train.keys[:2]  # two keys, fewer than --num-keys (4): exactly these are drawn
     out = _run(["attention", "--checkpoint", "random", *MODEL, "--shards", str(eval_shards["train"]),
                 "--keys", *keys, "--out", str(tmp_path / "attention"), *VIEWS], capsys)
+    assert sorted(p.stem for p in (tmp_path / "attention").iterdir()) == sorted(keys)
     for key in keys:
         assert (tmp_path / "attention" / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
     assert evaluate.main(["attention", "--checkpoint", "random", *MODEL, "--shards", str(eval_shards["train"]),
