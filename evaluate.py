@@ -63,7 +63,8 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="models.build_backbone name (default: from the run config)")
     p.add_argument("--model-kwargs", type=_parse_kwargs, default=None,
                    help="backbone kwargs as YAML/JSON, overriding the run's (e.g. '{depth: 2, img_size: 64}')")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --checkpoint random")
+    p.add_argument("--seed", type=int, default=S, help="initialisation seed for --checkpoint random (0); "
+                   "finetune: also the head init and data order")
 
 
 EXTRACT_FIELDS = ("shards", "batch_size", "clips", "crops", "slow_frames", "slow_size", "fast_frames", "fast_size",
@@ -125,7 +126,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = config_from_dict(ExtractConfig, _section(args, "extract", EXTRACT_FIELDS), "extract")
     loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
-                           model_kwargs=args.model_kwargs, seed=args.seed)
+                           model_kwargs=args.model_kwargs, seed=getattr(args, "seed", 0))
     mean, std = _normalization(loaded)
     loader = _eval_loader(cfg, mean, std)
     meta = {"checkpoint": loaded.source, "backbone": loaded.which, "model": loaded.model_name,
@@ -237,7 +238,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     values = {**_section(args, "extract", EXTRACT_FIELDS), "clips": 1}
     cfg = config_from_dict(ExtractConfig, values, "extract")
     loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
-                           model_kwargs=args.model_kwargs, seed=args.seed)
+                           model_kwargs=args.model_kwargs, seed=getattr(args, "seed", 0))
     mean, std = _normalization(loaded)
     loader = _eval_loader(cfg, mean, std)
     slow_views = group_eval_views(loader.view_names)["slow"]

@@ -173,7 +173,7 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any]) -> int:
     ckpt_root = out / "checkpoints"
 
     loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
-                           model_kwargs=args.model_kwargs, seed=args.seed)
+                           model_kwargs=args.model_kwargs, seed=cfg.seed)
     mean = tuple(loaded.data_config.get("mean", IMAGENET_MEAN))
     std = tuple(loaded.data_config.get("std", IMAGENET_STD))
     label_map = json.loads((Path(args.train_shards) / "manifest.json").read_text()).get("label_map", {})
