@@ -128,9 +128,8 @@ class _Batch:
 
     def drop(self, bad: set[str]) -> "_Batch":
         keep = [i for i, k in enumerate(self.keys) if k not in bad]
-        pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
-        return _Batch(self.step, pick(self.keys), pick(self.shards), pick(self.labels),
-                      pick(self.encoded), pick(self.plans), self.reader_checkpoint)
+        columns = (self.keys, self.shards, self.labels, self.encoded, self.plans)
+        return _Batch(self.step, *([column[i] for i in keep] for column in columns), self.reader_checkpoint)
 
 
 class DALILoader:
