@@ -8,6 +8,7 @@ than a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,9 @@ class AugmentConfig:
             _check_probability(name, getattr(self, name))
         for table in ("blur_p", "solarize_p"):
             for group, p in getattr(self, table).items():
+                if not re.fullmatch(r"global_\d+|local|short|long", group):
+                    raise ValueError(f"augment.{table}: unknown view group {group!r} "
+                                     f"(global_N, local, short, long)")
                 _check_probability(f"{table}[{group}]", p)
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"augment.blur_sigma must be 0 < low <= high, got {self.blur_sigma}")

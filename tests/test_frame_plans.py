@@ -142,5 +142,7 @@ def test_config_rejects_unknown_keys_naming_the_field():
         DataConfig.from_dict({"bogus": 1})
     cfg = DataConfig.from_dict({"recipe": "lstcl", "lstcl": {"placement": "disjoint", "scale": [0.2, 1.0]}})
     assert cfg.lstcl.placement == "disjoint" and cfg.lstcl.scale == (0.2, 1.0)
+    with pytest.raises(ValueError, match="unknown view group 'globl_0'"):
+        DataConfig.from_dict({"augment": {"blur_p": {"globl_0": 1.0}}})
     with pytest.raises(ValueError, match="placement"):
         DataConfig.from_dict({"lstcl": {"placement": "overlapping"}})
