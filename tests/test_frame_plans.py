@@ -15,7 +15,7 @@ from pipelines.views import (ROI_X0, ROI_X1, ROI_Y0, ROI_Y1, plan_sample, random
 
 num_frames = st.integers(min_value=1, max_value=1500)
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
-FAST = settings(max_examples=150, deadline=None)
+FAST = settings(max_examples=150, deadline=None, derandomize=True)  # same examples every run (CI)
 
 
 def assert_in_video(plan: dict[str, np.ndarray], n: int) -> None:
@@ -119,7 +119,8 @@ def test_random_resized_crop_box_in_frame_and_scale(seed, width, height, lo, spa
     y0, x0, y1, x1 = box[ROI_Y0], box[ROI_X0], box[ROI_Y1], box[ROI_X1]
     assert 0 <= y0 < y1 <= 1 + 1e-6 and 0 <= x0 < x1 <= 1 + 1e-6
     h, w = (y1 - y0) * height, (x1 - x0) * width
-    in_ratio_range = ratio[0] * 0.9 <= w / h <= ratio[1] * 1.1
+    # Box sides are whole pixels: allow half a pixel of rounding on each side (matters when tiny).
+    in_ratio_range = (w + 0.5) / max(h - 0.5, 1e-6) >= ratio[0] * 0.999 and (w - 0.5) / (h + 0.5) <= ratio[1] * 1.001
     fallback = abs((y1 - y0) - 1) < 1e-6 or abs((x1 - x0) - 1) < 1e-6
     assert in_ratio_range or fallback
 
