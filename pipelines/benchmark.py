@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 MODES = ("dali", "baseline", "decode_only")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +58,8 @@ def main(argv: list[str]) -> int:
     for _ in range(args.rounds):
         for mode in args.modes:
             cmd = [sys.executable, "-m", "pipelines.benchmark", *argv, "--child", mode,
-                   "--shards", str(args.shards)]
-            proc = subprocess.run(cmd, capture_output=True, text=True,
+                   "--shards", str(Path(args.shards).resolve())]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
