@@ -10,7 +10,6 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
-	.venv/bin/pip install -q --upgrade pip
 	# torch/torchvision pinned first so no other package can pull a different torch build.
 	.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	.venv/bin/pip install -q -r requirements.txt
