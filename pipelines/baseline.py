@@ -99,10 +99,12 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         samples = wds.DataPipeline(wds.SimpleShardList(ld.shards.paths), wds.tarfile_to_samples())
         mean = torch.tensor(ld.cfg.mean).view(1, 3, 1, 1)
         std = torch.tensor(ld.cfg.std).view(1, 3, 1, 1)
-        mine = (s for i, s in enumerate(samples) if lo <= i < hi and (i - lo) % num_workers == worker_id)
+        ordered = (s for i, s in enumerate(samples) if lo <= i < hi)
         if ld.cfg.shuffle:
-            rng = random.Random(ld.seed * 1000 + self.epoch * 10 + worker_id)
-            mine = _shuffled(mine, ld.cfg.shuffle_buffer, rng)
+            # Same order in every worker (seed without the worker id); workers then take whole batches
+            # in turn, so the DataLoader's round-robin yields full batches in one global order.
+            ordered = _shuffled(ordered, ld.cfg.shuffle_buffer, random.Random(ld.seed * 1000 + self.epoch))
+        mine = (s for j, s in enumerate(ordered) if (j // ld.batch_size) % num_workers == worker_id)
         for sample in mine:
             try:
                 yield self._views(sample, mean, std)
@@ -174,7 +176,10 @@ class BaselineLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = torch.utils.data.DataLoader(
             _BaselineDataset(self, self.epoch), batch_size=self.batch_size,
-            num_workers=self.cfg.num_threads, worker_init_fn=_worker_init, drop_last=self.cfg.drop_last)
+            num_workers=self.cfg.num_threads, worker_init_fn=_worker_init, drop_last=self.cfg.drop_last,
+            # forkserver: workers must not inherit a parent's running threads (a DALI pipeline's,
+            # torch's): fork() with them alive deadlocked a worker in the tests.
+            multiprocessing_context="forkserver" if self.cfg.num_threads > 0 else None)
         for step, batch in enumerate(loader):
             if step < self._skip:
                 continue

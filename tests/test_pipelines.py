@@ -294,3 +294,21 @@ def test_bad_metadata_names_the_shard(tmp_path, index_shards):
                           meta_override={videos[1].key: {"num_frames": None}})
     with pytest.raises(ValueError, match=r"test-train-000000\.tar.*idx001.*num_frames"):
         list(build_loader(config(shards, recipe="lstcl"), batch_size=2))
+
+
+def test_shards_written_by_shard_tools_load(tmp_path):
+    """The contract between the areas: `python -m shard_tools` output feeds both loaders."""
+    import subprocess
+    from shard_tools.media import write_synthetic_video
+    for label in ("a", "b"):
+        write_synthetic_video(tmp_path / "videos" / label / f"{label}0.mp4", num_frames=24, width=64,
+                              height=48, codec="h264", pattern="index")
+    subprocess.run([sys.executable, "-m", "shard_tools", "shard", "--videos", str(tmp_path / "videos"),
+                    "--out", str(tmp_path / "shards"), "--workers", "1", "--no-progress"],
+                   check=True, capture_output=True, cwd=Path(__file__).parents[1])
+    cfg = config(tmp_path / "shards", recipe="lstcl", shuffle=False)
+    for kind in ("dali", "baseline"):
+        batches = list(build_loader(cfg, batch_size=2, loader=kind))
+        assert len(batches) == 1 and sorted(batches[0]["key"]) == ["a_a0", "b_b0"], kind
+        labels = dict(zip(batches[0]["key"], batches[0]["label"].tolist()))
+        assert labels == {"a_a0": 0, "b_b0": 1}
