@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from typed_config import dataclass_from_dict
 
 RECIPES = ("svt", "lstcl", "eval")
 DEVICES = ("cpu", "mixed", "auto")
@@ -188,30 +189,10 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
         """Build from nested dicts (YAML), rejecting unknown keys with the field's dotted name."""
-        return _from_dict(cls, values, prefix="data")
+        return dataclass_from_dict(cls, values, "data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise TypeError(f"{prefix} must be a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
-                         f"known: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            value = _from_dict(hint, value, f"{prefix}.{name}")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
 def _check_probability(name: str, p: float) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from typed_config import ConfigError, dataclass_from_dict
 
 __all__ = [
     "ConfigError",
@@ -32,8 +32,6 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the field (``section.key``)."""
 
 
 @dataclass
@@ -147,77 +145,6 @@ def _data_config_class() -> type:
     return DataConfig
 
 
-def _check_type(value: Any, annotation: Any, name: str) -> Any:
-    """Coerces ints to floats where a float is declared; rejects everything else that does not fit."""
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            if option is type(None) and value is None:
-                return None
-            try:
-                return _check_type(value, option, name)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}: expected {annotation}, got {value!r}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(annotation):
-            raise ConfigError(f"{name}: expected one of {typing.get_args(annotation)}, got {value!r}")
-        return value
-    base = origin or annotation
-    if base is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true/false, got {value!r}")
-        return value
-    if base is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    if base in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return base(value)
-    if base is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(base):
-        return _dataclass_from_dict(base, value, name)
-    return value
-
-
-def _dataclass_from_dict(cls: type, values: Any, prefix: str) -> Any:
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of {cls.__name__} fields, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"{prefix}.{key}: unknown key (valid keys of {prefix}: {', '.join(sorted(fields))})")
-        kwargs[key] = _check_type(value, hints.get(key, Any), f"{prefix}.{key}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:  # a dataclass's own __post_init__ check
-        raise ConfigError(f"{prefix}: {exc}") from exc
-
-
 def config_from_dict(raw: dict) -> Config:
     """Builds and validates a ``Config`` from nested plain data (as read from YAML)."""
     if not isinstance(raw, dict):
@@ -225,12 +152,12 @@ def config_from_dict(raw: dict) -> Config:
     for key in raw:
         if key not in _SECTIONS and key != "data":
             raise ConfigError(f"{key}: unknown section (valid: data, {', '.join(_SECTIONS)})")
-    sections = {name: _dataclass_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    sections = {name: dataclass_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
     data = raw.get("data")
     if data is not None:
         data_cls = _data_config_class()
         try:  # the data area's own loader rejects unknown keys and names them (data.svt.xyz)
-            data = data_cls.from_dict(data) if hasattr(data_cls, "from_dict") else _dataclass_from_dict(data_cls, data, "data")
+            data = data_cls.from_dict(data) if hasattr(data_cls, "from_dict") else dataclass_from_dict(data_cls, data, "data")
         except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc) if "data" in str(exc) else f"data: {exc}") from exc
     cfg = Config(data=data, **sections)
