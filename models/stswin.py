@@ -27,6 +27,8 @@ from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from models.timesformer import init_vit_weights
+
 __all__ = [
     "SpaceTimeSwin",
     "stswin_tiny_test",
@@ -236,7 +238,7 @@ class SpaceTimeSwin(nn.Module):
         ])
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)
         self.set_grad_checkpointing(grad_checkpointing)
 
     @torch.jit.ignore
@@ -296,16 +298,6 @@ class SpaceTimeSwin(nn.Module):
                 total += 2 * size[0] * size[1] * size[2] * 4 * dim * 2 * dim                  # merging
                 dim *= 2
         return int(total)  # classifier head excluded, as in forward_features
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def stswin_tiny_test(**kwargs) -> SpaceTimeSwin:

@@ -278,7 +278,7 @@ class TimeSformer(nn.Module):
         """timm ViT init; ``time_embed`` starts at zero and every ``temporal_fc`` at zero (TimeSformer)."""
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_vit_weights)
+        self.apply(init_vit_weights)
         for block in self.blocks:
             # The official code zeroes blocks 1.. only; zeroing all makes a fresh model an exact
             # ViT at init, which the image-weight loading relies on.
@@ -372,7 +372,8 @@ class TimeSformer(nn.Module):
         return int(patch + self.depth * per_block)  # classifier head excluded, as in forward_features
 
 
-def _init_vit_weights(module: nn.Module) -> None:
+def init_vit_weights(module: nn.Module) -> None:
+    """timm's ViT init for Linear and LayerNorm layers (shared with the Space-Time Swin)."""
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

@@ -23,18 +23,13 @@ from evaluation.checkpoints import load_backbone
 from evaluation.config import config_from_dict
 from evaluation.features import ExtractConfig, FeatureSet, group_eval_views, mean_view_features
 
+from tests.train_fixtures import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("moving_left", "index")
 MODEL = ["--model", "timesformer_tiny_patch16", "--model-kwargs", '{"depth": 2, "img_size": 32, "num_frames": 8}']
 VIEWS = ["--slow-frames", "4", "--slow-size", "32", "--fast-frames", "8", "--fast-size", "32", "--batch-size", "4",
          "--num-threads", "1"]
-
-
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +112,7 @@ def test_frozen_protocols_separate_the_classes_and_shuffled_labels_stay_at_chanc
     assert evaluate.main(["attention", "--checkpoint", "random", *MODEL, "--shards", str(eval_shards["train"]),
                           "--keys", "no_such_key", "--out", str(tmp_path / "a2"), *VIEWS]) != 0
     report = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "report", "--results", str(results),
-                             "--out", str(tmp_path / "results.md")], cwd=ROOT, env=_env(), capture_output=True,
+                             "--out", str(tmp_path / "results.md")], cwd=ROOT, env=subprocess_env(), capture_output=True,
                             text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
     table = (tmp_path / "results.md").read_text()
@@ -157,7 +152,7 @@ def test_zero3_checkpoint_gives_the_features_of_the_zero0_checkpoint(eval_shards
         cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo_cpu.yaml"),
                f"data.shards={eval_shards['train']}", f"trainer.output_dir={runs[stage]}",
                f"trainer.zero_stage={stage}", *TRAIN_TINY, *extra]
-        result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+        result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-4000:]
     assert any(p.name.startswith("zero_pp_rank_0") for p in (runs[3] / "checkpoints").glob("step_*/*"))
 
@@ -190,7 +185,7 @@ def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path)
               "--test-clips", "2", "--test-crops", "1", "--num-threads", "1", "--torch-threads", "1"]
 
     def finetune(out: Path, *extra: str) -> str:
-        result = subprocess.run([*common, "--out", str(out), *extra], cwd=ROOT, env=_env(), capture_output=True,
+        result = subprocess.run([*common, "--out", str(out), *extra], cwd=ROOT, env=subprocess_env(), capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
         return result.stdout

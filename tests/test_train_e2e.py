@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.train_fixtures import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = ["model.backbone=timesformer_tiny_patch16", "model.backbone_kwargs={depth: 1, img_size: 32, num_frames: 4}",
@@ -30,18 +32,11 @@ LSTCL_TINY = ["data.lstcl.size=32", "data.lstcl.short_frames=4", "data.lstcl.sho
               "model.proj_hidden_dim=32", "model.pred_hidden_dim=32"]
 
 
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _train(config: str, args: list[str], nproc: int = 1, timeout: int = 400) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     cmd = [*launcher, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / config), *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         pytest.fail(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -64,7 +59,7 @@ def demo_shards(tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "shard_tools", "shard", "--source", "folder", "--videos", str(videos), "--out", str(out),
            "--name", "e2e", "--shard-size", "4", "--short-side", "48", "--max-fps", "25", "--workers", "0",
            "--no-progress"]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["totals"]["samples"] == 9
     return out
@@ -101,7 +96,7 @@ def test_svt_two_ranks_resume_and_export(demo_shards, tmp_path):
     export = tmp_path / "weights.pt"
     subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo_cpu.yaml"),
                     f"trainer.output_dir={run_dir}", f"data.shards={demo_shards}", "--export", str(export)],
-                   cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=120)
+                   cwd=ROOT, env=subprocess_env(), check=True, capture_output=True, timeout=120)
     weights = torch.load(export, weights_only=False)
     import models
 
@@ -153,7 +148,7 @@ def test_bench_e2e_compares_loaders(demo_shards, tmp_path):
     out = tmp_path / "e2e.json"
     cmd = [sys.executable, str(ROOT / "bench.py"), "e2e", "--shards", str(demo_shards), "--steps", "2", "--warmup", "1",
            "--out", str(out), *TINY_MODEL, *TINY_TRAINER, *SVT_TINY]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
     assert [row["loader"] for row in report["rows"]] == ["dali", "baseline"]

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.train_fixtures import NUM_SAMPLES, SyntheticLoader, build_tiny_method, tiny_config
+from tests.train_fixtures import subprocess_env, NUM_SAMPLES, SyntheticLoader, build_tiny_method, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "train_fixtures.py"
@@ -32,13 +32,6 @@ STAGES = (0, 1, 2, 3)
 # results agree to float noise (DESIGN.md section 8 measured <= 1.5e-6 on losses).
 LOSS_TOL = 2e-5
 WEIGHT_TOL = 2e-5
-
-
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def _launch(spec: dict, workdir: Path, nproc: int, name: str) -> subprocess.Popen:
@@ -50,7 +43,7 @@ def _launch(spec: dict, workdir: Path, nproc: int, name: str) -> subprocess.Pope
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(WORKER), str(spec_path)]
     log = open(workdir / f"{name}.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _wait(proc: subprocess.Popen, workdir: Path, name: str, timeout: float = 400) -> None:

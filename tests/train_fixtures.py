@@ -96,6 +96,14 @@ class TinyDINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1 - self.center_momentum)
 
 
+def subprocess_env() -> dict:
+    """Environment for a train.py / evaluate.py / torchrun child: CPU DeepSpeed, no inherited rank variables."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
 def build_tiny_method(seed: int = 0):
     from models.multiview import MultiViewRunner
     from training.methods import SVTMethod

@@ -37,6 +37,7 @@ class SSLMethod:
     student_views: list[str]
     teacher_views: list[str]
     backbone_prefix: str = "backbone."
+    _counts: tuple[float, float, float] | None = None
 
     def to(self, device: torch.device) -> "SSLMethod":
         self.student.to(device)
@@ -63,9 +64,17 @@ def _split_terms(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, 
     terms = {_TERM_NAMES.get(k, k): v.detach() for k, v in out.items() if k != "loss"}
     return out["loss"], terms
 
+    def _flops_module(self) -> nn.Module:
+        """The module whose forward FLOPs ``models.flops`` counts (backbone + head, as a runner)."""
+        raise NotImplementedError
+
     def throughput_counts(self, batch: dict) -> tuple[float, float, float]:
-        """(views, backbone tokens, training FLOPs) per sample, for the throughput metrics."""
-        return float(len(self.student_views)), 0.0, 0.0
+        """(views, backbone tokens, training FLOPs) per sample, for the throughput metrics; computed once."""
+        if self._counts is None:
+            shapes = [tuple(batch[n].shape[1:]) for n in self.student_views]
+            teacher_shapes = [tuple(batch[n].shape[1:]) for n in self.teacher_views]
+            self._counts = _throughput_counts(self._flops_module(), self.student.backbone, shapes, teacher_shapes)
+        return self._counts
 
 
 def _throughput_counts(runner: nn.Module, backbone: nn.Module, shapes: list[tuple[int, ...]],
@@ -103,7 +112,6 @@ class SVTMethod(SSLMethod):
         self.student_views = list(view_names)
         self.teacher_views = list(global_views)
         self.backbone_prefix = "backbone."
-        self._counts: tuple[float, float, float] | None = None
 
     def loss(self, student_out, teacher_out, *, teacher_temp: float):
         # SVTLoss reports the collapse monitors itself: teacher entropy and KL(teacher || student)
@@ -111,13 +119,6 @@ class SVTMethod(SSLMethod):
 
     def _flops_module(self) -> nn.Module:
         return self.teacher
-
-    def throughput_counts(self, batch: dict) -> tuple[float, float, float]:
-        if self._counts is None:
-            shapes = [tuple(batch[n].shape[1:]) for n in self.student_views]
-            teacher_shapes = [tuple(batch[n].shape[1:]) for n in self.teacher_views]
-            self._counts = _throughput_counts(self._flops_module(), self.student.backbone, shapes, teacher_shapes)
-        return self._counts
 
 
 class ContrastiveEncoder(nn.Module):
@@ -164,7 +165,6 @@ class TwoViewMethod(SSLMethod):
         self.student_views = list(view_names)
         self.teacher_views = list(view_names) if teacher is not None else []
         self.backbone_prefix = "backbone."
-        self._counts: tuple[float, float, float] | None = None
 
     def loss(self, student_out, teacher_out, *, teacher_temp: float):
         (p1, p2), (z1, z2) = student_out
@@ -178,13 +178,6 @@ class TwoViewMethod(SSLMethod):
 
         source = self.teacher or self.student  # backbone + projector, as a runner for models.flops
         return MultiViewRunner(source.backbone, source.head)
-
-    def throughput_counts(self, batch: dict) -> tuple[float, float, float]:
-        if self._counts is None:
-            shapes = [tuple(batch[n].shape[1:]) for n in self.student_views]
-            teacher_shapes = [tuple(batch[n].shape[1:]) for n in self.teacher_views]
-            self._counts = _throughput_counts(self._flops_module(), self.student.backbone, shapes, teacher_shapes)
-        return self._counts
 
 
 def _teacher_from_student(teacher: nn.Module, student: nn.Module) -> nn.Module:
