@@ -10,7 +10,7 @@
 
 ``--config FILE.yaml`` gives a protocol's settings as a section (``extract:``, ``knn:``, ``linear:``,
 ``finetune:``) whose keys are the dataclass fields (unknown keys are an error); flags given on the
-command line override the file. Protocols: docs/evaluation.md.
+command line override the file. Protocols: README.md, section Evaluation.
 """
 from __future__ import annotations
 

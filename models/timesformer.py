@@ -389,7 +389,7 @@ def slow_fast_features(model: nn.Module, slow: torch.Tensor, fast: torch.Tensor)
 
 
 # Keys of the model a timm / DINO *image* checkpoint cannot hold; the filter fills them (copied from
-# the spatial weights or identity/zero) so the load is strict. Documented in docs/models.md.
+# the spatial weights or identity/zero) so the load is strict. Documented in README.md (Models and objectives).
 _TEMPORAL_PREFIXES = ("temporal_norm1.", "temporal_attn.", "temporal_fc.")
 # Keys of image / TimeSformer checkpoints that this model has no counterpart for; dropped.
 _IGNORED_SOURCE_KEYS = ("fc_norm.weight", "fc_norm.bias", "norm_pre.weight", "norm_pre.bias",
