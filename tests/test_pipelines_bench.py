@@ -16,13 +16,14 @@ def test_bench_data_writes_json_and_chart(tmp_path, capsys):
     shards = write_shards(tmp_path / "shards", index_videos(tmp_path / "media", [40, 50, 60, 70, 80, 90]),
                           per_shard=3)
     out = tmp_path / "bench" / "data.json"
-    rc = benchmark.main(["--recipe", "lstcl", "--shards", str(shards), "--batch-size", "2", "--batches", "1",
-                         "--rounds", "1", "--threads", "1", "--out", str(out)])
+    rc = benchmark.main(["--recipe", "lstcl", "--shards", str(shards), "--batch-size", "2", "--warmup", "1",
+                         "--batches", "1", "--rounds", "1", "--threads", "1", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"dali", "baseline", "decode_only"}
     for mode, r in report["results"].items():
-        assert r["videos"] == 2 and r["videos_per_s"] > 0 and r["cpu_s_per_video"] > 0, mode
+        # CPU time ticks in 10 ms: decoding 2 tiny videos may not register one, so >= 0 here.
+        assert r["videos"] == 2 and r["videos_per_s"] > 0 and r["cpu_s_per_video"] >= 0, mode
         assert r["peak_rss_mb"] > 50
     assert report["results"]["dali"]["views_per_s"] == 2 * report["results"]["dali"]["videos_per_s"]
     assert {"dali_over_baseline_videos_per_s", "dali_over_decode_only_videos_per_s"} <= set(report["ratios"])
