@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=("svt", "lstcl"), default="svt")
     p.add_argument("--shards", type=Path, help="shard folder with manifest.json (default: build one)")
-    p.add_argument("--num-videos", type=int, default=48, help="videos in the generated shard set")
+    p.add_argument("--num-videos", type=int, default=128,
+                   help="videos in the generated shard set; keep (warmup + batches) x batch-size below it so "
+                        "the timed window stays in one epoch (the baseline restarts its workers per epoch)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed batches first: pipeline build, then enough batches that every worker and "
