@@ -55,15 +55,6 @@ class SSLMethod:
     def loss(self, student_out, teacher_out, *, teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-
-# objectives return {"loss": ..., <monitors>}; metric names in the JSONL / TensorBoard
-_TERM_NAMES = {"kl": "student_teacher_kl"}
-
-
-def _split_terms(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    terms = {_TERM_NAMES.get(k, k): v.detach() for k, v in out.items() if k != "loss"}
-    return out["loss"], terms
-
     def _flops_module(self) -> nn.Module:
         """The module whose forward FLOPs ``models.flops`` counts (backbone + head, as a runner)."""
         raise NotImplementedError
@@ -75,6 +66,15 @@ def _split_terms(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, 
             teacher_shapes = [tuple(batch[n].shape[1:]) for n in self.teacher_views]
             self._counts = _throughput_counts(self._flops_module(), self.student.backbone, shapes, teacher_shapes)
         return self._counts
+
+
+# objectives return {"loss": ..., <monitors>}; metric names in the JSONL / TensorBoard
+_TERM_NAMES = {"kl": "student_teacher_kl"}
+
+
+def _split_terms(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    terms = {_TERM_NAMES.get(k, k): v.detach() for k, v in out.items() if k != "loss"}
+    return out["loss"], terms
 
 
 def _throughput_counts(runner: nn.Module, backbone: nn.Module, shapes: list[tuple[int, ...]],
