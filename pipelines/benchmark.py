@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 MODES = ("dali", "baseline", "decode_only")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +155,6 @@ class _ResourceMeter:
     """CPU seconds and peak RSS of this process and its children (DataLoader workers)."""
 
     def __init__(self):
-        import psutil
         self.proc = psutil.Process()
         self.peak_rss = 0
         self._stop = threading.Event()
@@ -163,7 +164,7 @@ class _ResourceMeter:
     def _tree(self):
         try:
             return [self.proc, *self.proc.children(recursive=True)]
-        except Exception:
+        except psutil.Error:  # a worker exited while listing
             return [self.proc]
 
     def cpu_seconds(self) -> float:
@@ -175,7 +176,7 @@ class _ResourceMeter:
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
-            except Exception:
+            except psutil.Error:  # exited since listing: counted by RUSAGE_CHILDREN once reaped
                 pass
         return total
 
@@ -185,7 +186,7 @@ class _ResourceMeter:
             for p in self._tree():
                 try:
                     rss += p.memory_info().rss
-                except Exception:
+                except psutil.Error:  # exited since listing
                     pass
             self.peak_rss = max(self.peak_rss, rss)
             self._stop.wait(0.1)
