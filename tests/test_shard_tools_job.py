@@ -187,12 +187,18 @@ def test_h264_shards_and_unlabelled_folder(tmp_path):
     assert report["decoded_with"].startswith("pyav")
 
 
-def test_verify_catches_a_broken_shard(tmp_path):
+def _shard_two_videos(tmp_path):
+    """Two 16-frame VP9 videos of one class, sharded in-process; returns the output folder."""
     videos = tmp_path / "videos" / "cls"
     for i in range(2):
         write_synthetic_video(videos / f"{i}.webm", num_frames=16, width=64, height=48)
     out = tmp_path / "out"
     assert main(["--videos", str(tmp_path / "videos"), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    return out
+
+
+def test_verify_catches_a_broken_shard(tmp_path):
+    out = _shard_two_videos(tmp_path)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["totals"]["samples"] += 1
@@ -290,11 +296,7 @@ def test_ray_executor_writes_the_same_shards_as_the_process_pool(tmp_path):
 
 
 def test_verify_decodes_with_dali_and_reports_wrong_frame_counts_and_corrupt_videos(tmp_path):
-    videos = tmp_path / "videos" / "cls"
-    for i in range(2):
-        write_synthetic_video(videos / f"{i}.webm", num_frames=16, width=64, height=48)
-    out = tmp_path / "out"
-    assert main(["--videos", str(tmp_path / "videos"), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    out = _shard_two_videos(tmp_path)
     tar = out / "folder-train-000000.tar"
     pristine = tar.read_bytes()
     # Same length edit inside the tar: one json now claims 17 frames (the index stays valid).
