@@ -152,11 +152,19 @@ def plot(report: dict, path: Path) -> None:
 
 # ------------------------------------------------------------------ one mode, in a child process
 class _ResourceMeter:
-    """CPU seconds and peak RSS of this process and its children (DataLoader workers)."""
+    """CPU seconds and peak RSS of this process and all its descendants (DataLoader workers).
+
+    Every process's last CPU reading is kept by (pid, create time) and summed, so a worker that has
+    exited still counts. Neither psutil (the process is gone) nor RUSAGE_CHILDREN (forkserver workers
+    are the forkserver's children, reaped by it, not by us) would count it, and the total would drop
+    when workers end at an epoch boundary. A worker's CPU after its last reading (<= 0.1 s) is lost.
+    """
 
     def __init__(self):
         self.proc = psutil.Process()
         self.peak_rss = 0
+        self._cpu: dict[tuple[int, float], float] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -167,28 +175,29 @@ class _ResourceMeter:
         except psutil.Error:  # a worker exited while listing
             return [self.proc]
 
-    def cpu_seconds(self) -> float:
-        import resource
-        # Live processes from psutil; exited (reaped) DataLoader workers from RUSAGE_CHILDREN.
-        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-        total = reaped.ru_utime + reaped.ru_stime
+    def _read(self) -> int:
+        """Update every live process's CPU reading; returns their summed RSS."""
+        rss = 0
         for p in self._tree():
             try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:  # exited since listing: counted by RUSAGE_CHILDREN once reaped
-                pass
-        return total
+                with p.oneshot():
+                    t, mem = p.cpu_times(), p.memory_info().rss
+                    key = (p.pid, p.create_time())
+            except psutil.Error:  # exited since listing: its last reading stands
+                continue
+            rss += mem
+            with self._lock:
+                self._cpu[key] = max(self._cpu.get(key, 0.0), t.user + t.system)
+        return rss
+
+    def cpu_seconds(self) -> float:
+        self._read()
+        with self._lock:
+            return sum(self._cpu.values())
 
     def _sample(self):
         while not self._stop.is_set():
-            rss = 0
-            for p in self._tree():
-                try:
-                    rss += p.memory_info().rss
-                except psutil.Error:  # exited since listing
-                    pass
-            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_rss = max(self.peak_rss, self._read())
             self._stop.wait(0.1)
 
     def stop(self):

@@ -29,3 +29,27 @@ def test_bench_data_writes_json_and_chart(tmp_path, capsys):
     assert {"dali_over_baseline_videos_per_s", "dali_over_decode_only_videos_per_s"} <= set(report["ratios"])
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "dali_over_baseline" in capsys.readouterr().out
+
+
+def test_resource_meter_keeps_cpu_of_exited_grandchildren():
+    """DataLoader workers under a forkserver are grandchildren reaped by the forkserver: once they end,
+    neither psutil nor RUSAGE_CHILDREN sees their CPU time, yet it must stay in the total."""
+    import subprocess
+    import time
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    parent = f"import subprocess, sys, time; subprocess.run([sys.executable, '-c', {busy!r}]); time.sleep(30)"
+    meter = benchmark._ResourceMeter()
+    before = meter.cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        readings = []
+        for _ in range(40):  # the grandchild runs ~0.6 s CPU, then ends while its parent sleeps on
+            time.sleep(0.1)
+            readings.append(meter.cpu_seconds())
+        assert readings == sorted(readings), "the total must never fall"
+        assert readings[-1] - before >= 0.5
+    finally:
+        child.kill()
+        child.wait()
+        meter.stop()
