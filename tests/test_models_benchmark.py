@@ -20,6 +20,7 @@ def test_model_benchmark_writes_table_and_json(tmp_path, capsys):
     assert all(v > 0 for v in row["views_per_s"].values())
     assert set(row["speedup_over_loop"]) == {"grouped", "packed"}
     assert all(len(t) == 1 for t in row["step_seconds"].values())
+    assert report["gemm_peak_gflops_per_s"] > 0 and all(v > 0 for v in row["achieved_gflops_per_s"].values())
     assert "x loop" in capsys.readouterr().out
 
 
