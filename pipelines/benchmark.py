@@ -20,8 +20,10 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 MODES = ("dali", "baseline", "decode_only")
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--no-blur-solarize", action="store_true",
                    help="turn blur and solarize off (the official SVT code's setting)")
+    p.add_argument("--op-costs", action="store_true",
+                   help="instead of the three modes: CPU time of each step of the views graph (gather, resize, "
+                        "colour, blur, solarize, normalize) and of the decode, on one batch decoded beforehand")
     p.add_argument("--out", type=Path, default=Path("runs/bench/data.json"))
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     return p
@@ -60,6 +65,8 @@ def main(argv: list[str]) -> int:
         return 0
     if args.shards is None:
         args.shards = ensure_bench_shards(Path("runs/bench/data_shards"), args.num_videos)
+    if args.op_costs:
+        return op_costs(args)
     # Modes take turns, round after round, so that load from other users of a shared machine falls
     # on all of them alike; each round is a fresh child process per mode.
     runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
@@ -208,12 +215,9 @@ class _ResourceMeter:
 def run_mode(mode: str, args) -> dict:
     import torch
     torch.set_num_threads(1)
-    from .config import AugmentConfig, DataConfig
     from .views import plan_sample
 
-    augment = AugmentConfig(blur=not args.no_blur_solarize, solarize=not args.no_blur_solarize)
-    cfg = DataConfig(shards=str(args.shards), recipe=args.recipe, device=args.device,
-                     num_threads=args.threads, augment=augment)
+    cfg = _bench_config(args)
     meter = _ResourceMeter()
     if mode == "decode_only":
         batches = _decode_only_batches(cfg, args.batch_size)
@@ -247,6 +251,81 @@ def run_mode(mode: str, args) -> dict:
     meter.stop()
     return {"videos": videos, "views": videos * num_views, "decoded_frames": frames, "seconds": elapsed,
             "cpu_s": cpu, "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20}
+
+
+def _bench_config(args):
+    from .config import AugmentConfig, DataConfig
+    augment = AugmentConfig(blur=not args.no_blur_solarize, solarize=not args.no_blur_solarize)
+    return DataConfig(shards=str(args.shards), recipe=args.recipe, device=args.device,
+                      num_threads=args.threads, augment=augment)
+
+
+def op_costs(args) -> int:
+    """``--op-costs``: CPU-ms per video of the decode and of the views graph cut after each step.
+
+    One batch is read and decoded once; each cut of the graph (``graph.VIEW_STAGES``) then runs on
+    those decoded frames (``views_pipeline(predecoded=True, until=...)``), ``--batches`` times after
+    two warm-up runs. Process CPU time covers DALI's worker threads. The decode row runs the loader's
+    decode step on the same batch. Rows are cumulative; "step" is the difference to the row above.
+    """
+    import torch
+    torch.set_num_threads(1)
+    from .graph import VIEW_STAGES, decode_only_pipeline, views_pipeline
+    from .loader import DALI_OUTPUT_DTYPE, DALILoader, _Feeder
+
+    cfg = _bench_config(args)
+    loader = DALILoader(cfg, batch_size=args.batch_size)
+    batch = _Feeder(loader, 0, 0, None)._read()
+    videos = len(batch.keys)
+    kwargs = dict(batch_size=videos, num_threads=cfg.num_threads, device_id=loader._device_id(),
+                  prefetch_queue_depth=1, exec_dynamic=True)
+
+    def timed(pipe) -> tuple[float, float, list]:
+        pipe.build()
+        for _ in range(2):
+            outputs = pipe.run()
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(args.batches):
+            pipe.run()
+        return ((time.process_time() - cpu) * 1e3 / (args.batches * videos),
+                (time.perf_counter() - wall) * 1e3 / (args.batches * videos), outputs)
+
+    decode_cpu, decode_wall, (decoded,) = timed(decode_only_pipeline(
+        lambda: (batch.encoded, [p.frames for p in batch.plans]), loader.device, **kwargs))
+    frames = [np.array(decoded[i]) for i in range(videos)]
+    positions = [[p.positions[slot] for p in batch.plans] for slot in loader.slots]
+    params = [[p.params[v.name] for p in batch.plans] for v in loader.views]
+    rows = [{"stage": "decode", "cpu_ms_per_video": decode_cpu, "wall_ms_per_video": decode_wall}]
+    for stage in VIEW_STAGES:
+        with warnings.catch_warnings():  # early cuts leave the later steps' parameters unused: expected
+            warnings.filterwarnings("ignore", message=".*are not used.*")
+            cpu, wall, _ = timed(views_pipeline(
+                lambda: (frames, *positions, *params), loader.views, loader.slots, loader.device, cfg.augment,
+                tuple(cfg.mean), tuple(cfg.std), DALI_OUTPUT_DTYPE[cfg.dtype], predecoded=True, until=stage,
+                **kwargs))
+        rows.append({"stage": stage, "cpu_ms_per_video": cpu, "wall_ms_per_video": wall})
+    views_cpu = rows[-1]["cpu_ms_per_video"]
+    report = {"recipe": args.recipe, "batch_size": videos, "threads": args.threads, "device": args.device,
+              "shards": str(args.shards), "batches": args.batches, "blur_solarize": not args.no_blur_solarize,
+              "load_average": os.getloadavg(), "rows": rows,
+              "views_over_decode_cpu": views_cpu / decode_cpu,
+              "dali_over_decode_only_cpu_bound": (decode_cpu + views_cpu) / decode_cpu}
+    print(f"views graph steps, recipe {args.recipe}, batch {videos}, {args.threads} threads, device {args.device}, "
+          f"load average {report['load_average'][0]:.1f} (cumulative cuts of the graph on decoded frames)")
+    header = f"{'stage':<11}{'CPU-ms/video':>14}{'step':>9}{'wall-ms/video':>15}"
+    print(header)
+    print("-" * len(header))
+    previous = 0.0
+    for row in rows:
+        step = row["cpu_ms_per_video"] - (previous if row["stage"] != "decode" else 0.0)
+        print(f"{row['stage']:<11}{row['cpu_ms_per_video']:>14.1f}{step:>9.1f}{row['wall_ms_per_video']:>15.1f}")
+        previous = row["cpu_ms_per_video"] if row["stage"] != "decode" else 0.0
+    print(f"views / decode (CPU): {report['views_over_decode_cpu']:.2f}; decode + views over decode: "
+          f"{report['dali_over_decode_only_cpu_bound']:.2f} (the issue's goal: <= 1.25)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _epochs(loader):

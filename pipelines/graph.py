@@ -59,27 +59,37 @@ def solarize(video, threshold: int):
     return fn.cast(inverted, dtype=types.UINT8)
 
 
+# The steps of augment_view in order; ``until`` stops after one (``bench.py data --op-costs``).
+VIEW_STAGES = ("gather", "resize", "color", "blur", "solarize", "normalize")
+
+
 def augment_view(frames_fhwc, params, view: ViewSpec, aug: AugmentConfig, mean: tuple[float, ...],
-                 std: tuple[float, ...], dtype: types.DALIDataType):
+                 std: tuple[float, ...], dtype: types.DALIDataType, until: str = "normalize"):
     """Crop/resize, colour, blur, solarize, flip and normalize one view; FHWC uint8 -> CFHW ``dtype``.
 
-    ``params`` is the view's per-sample vector from ``views.view_params``.
+    ``params`` is the view's per-sample vector from ``views.view_params``. ``until`` (one of
+    ``VIEW_STAGES``) returns the uint8 FHWC video after that step instead, to cost the steps.
     """
+    last = VIEW_STAGES.index(until)
+    if last == 0:
+        return frames_fhwc
     video = fn.resize(frames_fhwc, size=[view.size, view.size], roi_relative=True,
                       roi_start=params[ROI_Y0:ROI_X0 + 1], roi_end=params[ROI_Y1:ROI_X1 + 1])
-    if view.crop == "random":
+    if view.crop == "random" and last >= 2:
         video = fn.color_twist(video, brightness=params[BRIGHTNESS], contrast=params[CONTRAST],
                                saturation=params[SATURATION], hue=params[HUE_DEG])
-        blur_p = aug.blur_probability(view.group)
+        blur_p = aug.blur_probability(view.group) if last >= 3 else 0.0
         if blur_p >= 1:
             # Always blurred (DINO global_0): no conditional split/merge of the batch.
             video = fn.gaussian_blur(video, sigma=params[SIGMA])
         elif blur_p > 0:
             if params[BLUR] > 0.5:
                 video = fn.gaussian_blur(video, sigma=params[SIGMA])
-        if aug.solarize_probability(view.group) > 0:
+        if last >= 4 and aug.solarize_probability(view.group) > 0:
             if params[SOLARIZE] > 0.5:
                 video = solarize(video, aug.solarize_threshold)
+    if last < 5:
+        return video
     return fn.crop_mirror_normalize(
         video, mirror=fn.cast(params[FLIP], dtype=types.INT32), output_layout="CFHW", dtype=dtype,
         mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
@@ -88,16 +98,22 @@ def augment_view(frames_fhwc, params, view: ViewSpec, aug: AugmentConfig, mean: 
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], device: str,
                    aug: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...],
-                   dtype: types.DALIDataType):
+                   dtype: types.DALIDataType, predecoded: bool = False, until: str = "normalize"):
     """Decode once, then every view of the recipe. ``source`` returns one batch per call:
-    (encoded, frames, positions per slot..., params per view...)."""
-    encoded, frames, *rest = fn.external_source(source=source, num_outputs=2 + len(slots) + len(views),
-                                                batch=True)
+    (encoded, frames, positions per slot..., params per view...).
+
+    ``predecoded`` (benchmarks of the view steps alone): ``source`` gives the decoded FHWC uint8
+    frames in place of (encoded, frames). ``until``: see ``augment_view``.
+    """
+    num_inputs = 1 if predecoded else 2
+    inputs = fn.external_source(source=source, num_outputs=num_inputs + len(slots) + len(views), batch=True,
+                                layout=(["FHWC"] if predecoded else [None] * 2) + [None] * (len(slots) + len(views)))
+    rest = inputs[num_inputs:]
     positions = dict(zip(slots, rest[:len(slots)]))
     params = rest[len(slots):]
-    video = decode_union(encoded, frames, device)
+    video = inputs[0] if predecoded else decode_union(inputs[0], inputs[1], device)
     slot_frames = {slot: fn.sequence_rearrange(video, new_order=positions[slot]) for slot in slots}
-    return tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype)
+    return tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype, until)
                  for v, p in zip(views, params))
 
 

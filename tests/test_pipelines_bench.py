@@ -53,3 +53,16 @@ def test_resource_meter_keeps_cpu_of_exited_grandchildren():
         child.kill()
         child.wait()
         meter.stop()
+
+
+def test_bench_data_op_costs(tmp_path, capsys):
+    shards = write_shards(tmp_path / "shards", index_videos(tmp_path / "media", [40, 50, 60]), per_shard=3)
+    out = tmp_path / "ops.json"
+    assert benchmark.main(["--op-costs", "--recipe", "svt", "--shards", str(shards), "--batch-size", "2",
+                           "--batches", "1", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["stage"] for r in report["rows"]] == ["decode", "gather", "resize", "color", "blur", "solarize",
+                                                    "normalize"]
+    assert all(r["cpu_ms_per_video"] >= 0 and r["wall_ms_per_video"] > 0 for r in report["rows"])
+    assert report["dali_over_decode_only_cpu_bound"] >= 1.0
+    assert "normalize" in capsys.readouterr().out
