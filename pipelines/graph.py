@@ -111,7 +111,10 @@ def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], de
     rest = inputs[num_inputs:]
     positions = dict(zip(slots, rest[:len(slots)]))
     params = rest[len(slots):]
-    video = inputs[0] if predecoded else decode_union(inputs[0], inputs[1], device)
+    if predecoded:  # on a GPU the frames go to the device, as the mixed decoder's output would be
+        video = inputs[0].gpu() if device == "mixed" else inputs[0]
+    else:
+        video = decode_union(inputs[0], inputs[1], device)
     slot_frames = {slot: fn.sequence_rearrange(video, new_order=positions[slot]) for slot in slots}
     return tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype, until)
                  for v, p in zip(views, params))
