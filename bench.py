@@ -25,7 +25,9 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in MODES:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     mode, rest = argv[0], argv[1:]
     module = importlib.import_module(MODES[mode])
     return int(module.main(rest) or 0)

@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+
+if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 S = argparse.SUPPRESS  # config flags stay absent unless given, so the YAML / dataclass default applies
 

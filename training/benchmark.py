@@ -53,8 +53,9 @@ def _ensure_demo_shards(shards: Path) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
+    if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from pipelines import build_loader
     from training.config import load_config
