@@ -43,6 +43,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes")
     parser.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the step runs on the GPU (synchronized around each timed step)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: autocast around the forward, as the trainer's bf16 precision")
     parser.add_argument("--modes", default="grouped,packed,loop",
                         help="grouped: one pass per equal-shape group; packed: one packed pass for all views "
                              "(shared matmuls); loop: one pass per view. Must include loop.")
@@ -64,23 +68,31 @@ def _views(args: argparse.Namespace) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(args.seed)
     shapes = [(int(t), args.global_size) for t in args.global_frames.split(",")]
     shapes += [(int(t), args.local_size) for t in args.local_frames.split(",")]
-    return [torch.randn(args.batch, 3, t, s, s, generator=gen) for t, s in shapes]
+    return [torch.randn(args.batch, 3, t, s, s, generator=gen).to(args.device) for t, s in shapes]
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 MODES = ("grouped", "packed", "loop")
 
 
 def _step(runner: MultiViewRunner, loss_fn: SVTLoss, views: list[torch.Tensor], teacher: list[torch.Tensor],
-          mode: str) -> tuple[float, float]:
+          mode: str, args: argparse.Namespace) -> tuple[float, float]:
     """One step; returns (wall seconds, CPU seconds of this process)."""
     runner.zero_grad(set_to_none=True)
+    _synchronize(args.device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    if mode == "loop":
-        student = [runner.head(runner.backbone.forward_features(v)) for v in views]
-    else:
-        runner.packed = mode == "packed"
-        student = runner(views)
-    loss_fn(student, teacher, teacher_temp=0.04)["loss"].backward()
+    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        if mode == "loop":
+            student = [runner.head(runner.backbone.forward_features(v)) for v in views]
+        else:
+            runner.packed = mode == "packed"
+            student = runner(views)
+    loss_fn([s.float() for s in student], teacher, teacher_temp=0.04)["loss"].backward()
+    _synchronize(args.device)
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
@@ -91,22 +103,22 @@ def _bench_size(size: str, args: argparse.Namespace) -> dict:
         kwargs["depth"] = args.depth
     backbone = build_backbone(SIZES[size], **kwargs)
     head = DINOHead(backbone.embed_dim, out_dim=args.out_dim)
-    runner = MultiViewRunner(backbone, head, packed=False).train()
+    runner = MultiViewRunner(backbone, head, packed=False).to(args.device).train()
     views = _views(args)
     num_global = len(args.global_frames.split(","))
-    loss_fn = SVTLoss(args.out_dim, num_global=num_global, num_local=len(views) - num_global)
-    teacher = [torch.randn(args.batch, args.out_dim) for _ in range(num_global)]
+    loss_fn = SVTLoss(args.out_dim, num_global=num_global, num_local=len(views) - num_global).to(args.device)
+    teacher = [torch.randn(args.batch, args.out_dim, device=args.device) for _ in range(num_global)]
     modes = args.modes.split(",")
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.warmup):
         for mode in modes:
-            _step(runner, loss_fn, views, teacher, mode)
+            _step(runner, loss_fn, views, teacher, mode, args)
     for repeat in range(args.repeats):
         # Interleaved, rotating which mode goes first, so load changes on the machine hit all modes.
         order = modes[repeat % len(modes):] + modes[:repeat % len(modes)]
         for mode in order:
-            wall, cpu = _step(runner, loss_fn, views, teacher, mode)
+            wall, cpu = _step(runner, loss_fn, views, teacher, mode, args)
             times[mode].append(wall)
             cpu_times[mode].append(cpu)
     num_views = args.batch * len(views)
@@ -127,15 +139,19 @@ def _bench_size(size: str, args: argparse.Namespace) -> dict:
     }
 
 
-def gemm_peak_gflops(dim: int = 384, tokens: int = 3136, repeats: int = 20) -> float:
-    """fp32 matmul rate of this machine at the current thread count: an MLP fc1 of a 16x224 ViT-S clip,
-    the largest, most efficient matmul of the step; the ceiling for any way of running the views."""
-    a, b = torch.randn(tokens, dim), torch.randn(dim, 4 * dim)
+def gemm_peak_gflops(device: str = "cpu", dtype: str = "float32", dim: int = 384, tokens: int = 3136,
+                     repeats: int = 20) -> float:
+    """Matmul rate of this machine (at the current thread count on a CPU): an MLP fc1 of a 16x224 ViT-S
+    clip, the largest, most efficient matmul of the step; the ceiling for any way of running the views."""
+    a = torch.randn(tokens, dim, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(dim, 4 * dim, device=device, dtype=getattr(torch, dtype))
     for _ in range(3):
         a @ b
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _synchronize(device)
     return 2 * tokens * dim * 4 * dim * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -144,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = []
     modes = args.modes.split(",")
-    peak = gemm_peak_gflops()
-    print(f"fp32 GEMM peak here ({args.threads} thread(s)): {peak:.0f} GFLOP/s")
+    peak = gemm_peak_gflops(args.device, args.dtype)
+    print(f"{args.dtype} GEMM peak here ({args.device}, {args.threads} thread(s)): {peak:.0f} GFLOP/s")
     header = (f"{'size':<6} {'depth':>5} {'batch':>5} {'mode':>8} {'views/s':>9} {'s/step':>8} "
               f"{'x loop':>7} {'views/cpu-s':>12} {'x loop(cpu)':>12} {'fwd GFLOP/step':>15} {'GFLOP/s':>8} "
               f"{'of peak':>8}")
@@ -163,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['forward_gflops_per_step']:>15.1f} {row['achieved_gflops_per_s'][mode]:>8.1f} "
                   f"{row['achieved_gflops_per_s'][mode] / peak:>8.0%}", flush=True)
     report = {
-        "mode": "model", "argv": list(argv or []), "threads": args.threads, "torch": torch.__version__,
+        "mode": "model", "argv": list(argv or []), "threads": args.threads, "device": args.device,
+        "dtype": args.dtype, "torch": torch.__version__,
         "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "global_size": args.global_size, "local_size": args.local_size,
         "global_frames": args.global_frames, "local_frames": args.local_frames, "out_dim": args.out_dim,

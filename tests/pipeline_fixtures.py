@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import torch
 import webdataset as wds
 
-from shard_tools.media import write_synthetic_video
+from shard_tools.media import decode_index_color, write_synthetic_video
 
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
 
@@ -100,3 +101,24 @@ def reencode_vp9(src: Path, dst: Path, *, max_frames: int | None = None, short_s
         for packet in stream.encode():
             out.mux(packet)
     return dst
+
+
+def frame_indices(view: torch.Tensor, cfg) -> list[list[int]]:
+    """Decode the index colour of every frame of a (B, C, T, H, W) normalized view (any device)."""
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1, 1)
+    rgb = ((view.float().cpu() * std + mean) * 255).mean((3, 4))   # (B, C, T)
+    return [[decode_index_color(rgb[b, :, t].numpy()) for t in range(rgb.shape[2])]
+            for b in range(rgb.shape[0])]
+
+
+def meta_of(shards: Path) -> dict[str, dict]:
+    """Every sample's json in a shard folder, by key."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    metas = {}
+    for entry in manifest["shards"]:
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(shards / entry["path"])]),
+                                       wds.tarfile_to_samples()):
+            meta = json.loads(sample["json"])
+            metas[meta["key"]] = meta
+    return metas

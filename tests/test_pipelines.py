@@ -14,13 +14,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_fixtures import FixtureVideo, index_videos, reencode_vp9, write_shards  # noqa: E402
+from pipeline_fixtures import (FixtureVideo, frame_indices, index_videos, meta_of, reencode_vp9,  # noqa: E402
+                              write_shards)
 
 from pipelines import DataConfig, build_loader  # noqa: E402
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig  # noqa: E402
 from pipelines.loader import resolve_device  # noqa: E402
 from pipelines.views import plan_sample  # noqa: E402
-from shard_tools.media import decode_index_color  # noqa: E402
 
 torch.set_num_threads(1)
 # Index videos: lengths cover long, short (< T of the largest view) and 1-frame clips.
@@ -65,27 +65,6 @@ def config(shards: Path, **kw) -> DataConfig:
     kw.setdefault("lstcl", SMALL_LSTCL)
     kw.setdefault("augment", NO_AUG)
     return DataConfig(shards=str(shards), num_threads=2, shuffle_buffer=4, **kw)
-
-
-def frame_indices(view: torch.Tensor, cfg: DataConfig) -> list[list[int]]:
-    """Decode the index colour of every frame of a (B, C, T, H, W) normalized view."""
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1, 1)
-    rgb = ((view.float() * std + mean) * 255).mean((3, 4))   # (B, C, T)
-    return [[decode_index_color(rgb[b, :, t].numpy()) for t in range(rgb.shape[2])]
-            for b in range(rgb.shape[0])]
-
-
-def meta_of(shards: Path) -> dict[str, dict]:
-    import webdataset as wds
-    manifest = json.loads((shards / "manifest.json").read_text())
-    metas = {}
-    for entry in manifest["shards"]:
-        for sample in wds.DataPipeline(wds.SimpleShardList([str(shards / entry["path"])]),
-                                       wds.tarfile_to_samples()):
-            meta = json.loads(sample["json"])
-            metas[meta["key"]] = meta
-    return metas
 
 
 @pytest.mark.parametrize("recipe", ["svt", "lstcl"])
