@@ -27,7 +27,7 @@ from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from models.timesformer import init_vit_weights
+from models.timesformer import attention, init_vit_weights
 
 __all__ = [
     "SpaceTimeSwin",
@@ -105,8 +105,7 @@ class WindowAttention3D(nn.Module):
         index = _relative_position_index(window, self.window_size).to(windows.device)
         bias = rearrange(self.relative_position_bias_table[index.reshape(-1)], "(n m) h -> h n m", n=index.shape[0])
         attn_bias = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.to(bias).unsqueeze(1)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype),
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(rearrange(x, "b w h n d -> b w n (h d)")))
 
 

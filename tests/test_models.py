@@ -236,3 +236,22 @@ def test_packed_runner_gradients_equal_the_per_view_loop(checkpointing):
 def test_packed_runner_needs_a_packing_backbone():
     with pytest.raises(ValueError, match="forward_features_multi"):
         MultiViewRunner(nn.Linear(2, 2), packed=True)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_bf16_cpu_attention_matches_fp32_values_and_gradients(with_mask):
+    """``attention`` takes the math backend for bf16 on a CPU (the fused kernel's backward is slow there);
+    it must still be the same attention: compare with fp32 SDPA, forward and input gradients."""
+    from models.timesformer import attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 3, 17, 16, requires_grad=True) for _ in range(3))
+    mask = torch.randn(1, 3, 17, 17) if with_mask else None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    got = attention(q16, k16, v16, attn_mask=None if mask is None else mask.bfloat16())
+    got_grads = torch.autograd.grad(got.float().square().sum(), (q16, k16, v16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.float(), w, rtol=0.1, atol=0.1)
