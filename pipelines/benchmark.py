@@ -270,12 +270,10 @@ def op_costs(args) -> int:
     """
     import torch
     torch.set_num_threads(1)
-    from .graph import VIEW_STAGES, decode_only_pipeline, views_pipeline
-    from .loader import DALI_OUTPUT_DTYPE, DALILoader, _Feeder
+    from .graph import VIEW_STAGES, decode_only_pipeline
 
     cfg = _bench_config(args)
-    loader = DALILoader(cfg, batch_size=args.batch_size)
-    batch = _Feeder(loader, 0, 0, None)._read()
+    loader, batch = first_batch(cfg, args.batch_size)
     videos = len(batch.keys)
     kwargs = dict(batch_size=videos, num_threads=cfg.num_threads, device_id=loader._device_id(),
                   prefetch_queue_depth=1, exec_dynamic=True)
@@ -292,17 +290,10 @@ def op_costs(args) -> int:
 
     decode_cpu, decode_wall, (decoded,) = timed(decode_only_pipeline(
         lambda: (batch.encoded, [p.frames for p in batch.plans]), loader.device, **kwargs))
-    frames = [np.array(decoded[i]) for i in range(videos)]
-    positions = [[p.positions[slot] for p in batch.plans] for slot in loader.slots]
-    params = [[p.params[v.name] for p in batch.plans] for v in loader.views]
+    frames = [np.array(decoded.as_cpu()[i]) for i in range(videos)]
     rows = [{"stage": "decode", "cpu_ms_per_video": decode_cpu, "wall_ms_per_video": decode_wall}]
     for stage in VIEW_STAGES:
-        with warnings.catch_warnings():  # early cuts leave the later steps' parameters unused: expected
-            warnings.filterwarnings("ignore", message=".*are not used.*")
-            cpu, wall, _ = timed(views_pipeline(
-                lambda: (frames, *positions, *params), loader.views, loader.slots, loader.device, cfg.augment,
-                tuple(cfg.mean), tuple(cfg.std), DALI_OUTPUT_DTYPE[cfg.dtype], predecoded=True, until=stage,
-                **kwargs))
+        cpu, wall, _ = timed(predecoded_views_pipeline(loader, batch, frames, stage, **kwargs))
         rows.append({"stage": stage, "cpu_ms_per_video": cpu, "wall_ms_per_video": wall})
     views_cpu = rows[-1]["cpu_ms_per_video"]
     report = {"recipe": args.recipe, "batch_size": videos, "threads": args.threads, "device": args.device,
@@ -326,6 +317,29 @@ def op_costs(args) -> int:
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
     return 0
+
+
+def first_batch(cfg, batch_size: int):
+    """A DALI loader and its first reader batch, planned (keys, encoded videos, sample plans)."""
+    from .loader import DALILoader, _Feeder
+    loader = DALILoader(cfg, batch_size=batch_size)
+    return loader, _Feeder(loader, 0, 0, None)._read()
+
+
+def predecoded_views_pipeline(loader, batch, frames: list, until: str = "normalize", **pipeline_kwargs):
+    """The loader's views graph fed ``batch``'s decoded frames, cut after step ``until`` (built)."""
+    from .graph import views_pipeline
+    from .loader import DALI_OUTPUT_DTYPE
+    positions = [[p.positions[slot] for p in batch.plans] for slot in loader.slots]
+    params = [[p.params[v.name] for p in batch.plans] for v in loader.views]
+    cfg = loader.cfg
+    with warnings.catch_warnings():  # early cuts leave the later steps' parameters unused: expected
+        warnings.filterwarnings("ignore", message=".*are not used.*")
+        pipe = views_pipeline(lambda: (frames, *positions, *params), loader.views, loader.slots, loader.device,
+                              cfg.augment, tuple(cfg.mean), tuple(cfg.std), DALI_OUTPUT_DTYPE[cfg.dtype],
+                              predecoded=True, until=until, **pipeline_kwargs)
+        pipe.build()
+    return pipe
 
 
 def _epochs(loader):

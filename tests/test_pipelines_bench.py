@@ -66,3 +66,29 @@ def test_bench_data_op_costs(tmp_path, capsys):
     assert all(r["cpu_ms_per_video"] >= 0 and r["wall_ms_per_video"] > 0 for r in report["rows"])
     assert report["dali_over_decode_only_cpu_bound"] >= 1.0
     assert "normalize" in capsys.readouterr().out
+
+
+def test_predecoded_views_graph_is_the_loaders_graph(tmp_path):
+    """--op-costs times the production graph: fed the decoded frames of the loader's first batch, its
+    full cut gives exactly the loader's views (augmentation on, so every step is in play)."""
+    import numpy as np
+    import torch
+
+    from pipelines.config import AugmentConfig, DataConfig, SVTConfig
+    from pipelines.graph import decode_only_pipeline
+
+    shards = write_shards(tmp_path / "shards", index_videos(tmp_path / "media", [40, 50, 60]), per_shard=3)
+    cfg = DataConfig(shards=str(shards), recipe="svt", num_threads=1, shuffle=False, augment=AugmentConfig(),
+                     svt=SVTConfig(global_size=32, local_size=16))
+    loader, batch = benchmark.first_batch(cfg, 3)
+    want = next(iter(loader))
+    decode = decode_only_pipeline(lambda: (batch.encoded, [p.frames for p in batch.plans]), "cpu",
+                                  batch_size=3, num_threads=1, device_id=None)
+    decode.build()
+    (decoded,) = decode.run()
+    frames = [np.array(decoded[i]) for i in range(3)]
+    outputs = benchmark.predecoded_views_pipeline(loader, batch, frames, batch_size=3, num_threads=1,
+                                                  device_id=None).run()
+    assert want["key"] == batch.keys
+    for view, got in zip(loader.views, outputs):
+        assert torch.equal(torch.from_numpy(np.array(got.as_tensor())), want[view.name]), view.name
