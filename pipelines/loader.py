@@ -126,6 +126,15 @@ class _Batch:
     plans: list[SamplePlan]
     reader_checkpoint: str
 
+    def decode_inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The decoder's external-source inputs: encoded videos and the frames each must give."""
+        return self.encoded, [p.frames for p in self.plans]
+
+    def view_inputs(self, slots: list[str], views: list) -> list[list[np.ndarray]]:
+        """The views' external-source inputs: frame positions per slot, then parameters per view."""
+        positions = [[p.positions[slot] for p in self.plans] for slot in slots]
+        return positions + [[p.params[v.name] for p in self.plans] for v in views]
+
     def drop(self, bad: set[str]) -> "_Batch":
         keep = [i for i, k in enumerate(self.keys) if k not in bad]
         columns = (self.keys, self.shards, self.labels, self.encoded, self.plans)
@@ -341,9 +350,7 @@ class _Feeder:
         return batch
 
     def _feed(self, batch: _Batch):
-        positions = [[p.positions[slot] for p in batch.plans] for slot in self.loader.slots]
-        params = [[p.params[v.name] for p in batch.plans] for v in self.loader.views]
-        return (batch.encoded, [p.frames for p in batch.plans], *positions, *params)
+        return (*batch.decode_inputs(), *batch.view_inputs(self.loader.slots, self.loader.views))
 
     def delivered(self) -> _Batch:
         """The batch whose views the pipeline just returned (skipping all-bad batches before it)."""

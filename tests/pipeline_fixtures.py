@@ -16,6 +16,7 @@ import av
 import torch
 import webdataset as wds
 
+from pipelines.views import plan_sample
 from shard_tools.media import decode_index_color, write_synthetic_video
 
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
@@ -122,3 +123,23 @@ def meta_of(shards: Path) -> dict[str, dict]:
             meta = json.loads(sample["json"])
             metas[meta["key"]] = meta
     return metas
+
+
+def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> None:
+    """One epoch of ``loader`` over index videos: every view of every sample holds exactly the frames
+    its plan names, in order, with the sample's label, and every sample of ``shards`` comes once."""
+    metas = meta_of(shards)
+    seen = []
+    # All steps are collected first: the zero-copy outputs of early steps must survive later steps.
+    for batch in list(loader):
+        assert set(batch) == set(loader.view_names) | {"label", "key"}
+        for b, key in enumerate(batch["key"]):
+            m = metas[key]
+            plan = plan_sample(cfg, loader.views, seed=seed, epoch=0, key=key, num_frames=m["num_frames"],
+                               fps=m["fps"], width=m["width"], height=m["height"])
+            for view in loader.views:
+                got = frame_indices(batch[view.name][b:b + 1], cfg)[0]
+                assert got == plan.view_frames(view).tolist(), (key, view.name)
+            assert batch["label"][b].item() == m["label"]
+        seen += batch["key"]
+    assert sorted(seen) == sorted(metas)                     # one epoch, every sample once

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_fixtures import FixtureVideo, frame_indices, index_videos, meta_of, write_shards  # noqa: E402
+from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, frame_indices,  # noqa: E402
+                              index_videos, write_shards)
 
 from pipelines import DataConfig, build_loader  # noqa: E402
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig  # noqa: E402
-from pipelines.views import plan_sample  # noqa: E402
 from shard_tools.media import write_synthetic_video  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device='mixed', NVDEC)")
@@ -45,18 +45,8 @@ def config(shards: Path, device: str, **kw) -> DataConfig:
 def test_mixed_views_hold_exactly_their_planned_frames(gpu_shards, recipe):
     cfg = config(gpu_shards, "mixed", recipe=recipe)
     loader = build_loader(cfg, batch_size=3, seed=3)
-    metas = meta_of(gpu_shards)
-    seen = []
-    for batch in list(loader):
-        for b, key in enumerate(batch["key"]):
-            m = metas[key]
-            plan = plan_sample(cfg, loader.views, seed=3, epoch=0, key=key, num_frames=m["num_frames"],
-                               fps=m["fps"], width=m["width"], height=m["height"])
-            for view in loader.views:
-                assert batch[view.name].is_cuda
-                assert frame_indices(batch[view.name][b:b + 1], cfg)[0] == plan.view_frames(view).tolist()
-        seen += batch["key"]
-    assert sorted(seen) == sorted(metas)
+    assert all(tensor.is_cuda for name, tensor in next(iter(loader)).items() if name not in ("key", "label"))
+    assert_views_hold_planned_frames(loader, cfg, gpu_shards, seed=3)
 
 
 def test_mixed_matches_cpu(gpu_shards):

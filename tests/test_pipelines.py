@@ -14,13 +14,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_fixtures import (FixtureVideo, frame_indices, index_videos, meta_of, reencode_vp9,  # noqa: E402
-                              write_shards)
+from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, frame_indices,  # noqa: E402
+                              index_videos, meta_of, reencode_vp9, write_shards)
 
 from pipelines import DataConfig, build_loader  # noqa: E402
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig  # noqa: E402
 from pipelines.loader import resolve_device  # noqa: E402
-from pipelines.views import plan_sample  # noqa: E402
 
 torch.set_num_threads(1)
 # Index videos: lengths cover long, short (< T of the largest view) and 1-frame clips.
@@ -71,21 +70,7 @@ def config(shards: Path, **kw) -> DataConfig:
 def test_every_view_holds_exactly_its_planned_frames(index_shards, recipe):
     cfg = config(index_shards, recipe=recipe)
     loader = build_loader(cfg, batch_size=4, seed=3)
-    metas = meta_of(index_shards)
-    seen = []
-    # All steps are collected first: the zero-copy outputs of early steps must survive later steps.
-    for batch in list(loader):
-        assert set(batch) == set(loader.view_names) | {"label", "key"}
-        for b, key in enumerate(batch["key"]):
-            m = metas[key]
-            plan = plan_sample(cfg, loader.views, seed=3, epoch=0, key=key, num_frames=m["num_frames"],
-                               fps=m["fps"], width=m["width"], height=m["height"])
-            for view in loader.views:
-                got = frame_indices(batch[view.name][b:b + 1], cfg)[0]
-                assert got == plan.view_frames(view).tolist(), (key, view.name)
-            assert batch["label"][b].item() == m["label"]
-        seen += batch["key"]
-    assert sorted(seen) == sorted(metas)                     # one epoch, every sample once
+    assert_views_hold_planned_frames(loader, cfg, index_shards, seed=3)
     assert len(loader) == -(-len(LENGTHS) // 4)
 
 

@@ -82,7 +82,7 @@ def test_predecoded_views_graph_is_the_loaders_graph(tmp_path):
                      svt=SVTConfig(global_size=32, local_size=16))
     loader, batch = benchmark.first_batch(cfg, 3)
     want = next(iter(loader))
-    decode = decode_only_pipeline(lambda: (batch.encoded, [p.frames for p in batch.plans]), "cpu",
+    decode = decode_only_pipeline(batch.decode_inputs, "cpu",
                                   batch_size=3, num_threads=1, device_id=None)
     decode.build()
     (decoded,) = decode.run()
