@@ -316,7 +316,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from evaluation.finetune import PROBE_PROTOCOLS, run_finetune_cli
 
     return run_finetune_cli(args, _section(args, "probe", FINETUNE_FIELDS), default_protocol="svt-linear",
-                            allowed=PROBE_PROTOCOLS)
+                            allowed=PROBE_PROTOCOLS, section="probe")
 
 
 FINETUNE_FIELDS = ("protocol", "epochs", "lr", "schedule", "milestones", "gamma", "momentum", "weight_decay",

@@ -190,15 +190,17 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def resolve_protocol(values: dict[str, Any], default: str, allowed: tuple[str, ...] | None = None) -> FinetuneConfig:
-    """The named protocol's settings (``values["protocol"]``, else ``default``) overlaid with ``values``."""
+def resolve_protocol(values: dict[str, Any], default: str, allowed: tuple[str, ...] | None = None,
+                     section: str = "finetune") -> FinetuneConfig:
+    """The named protocol's settings (``values["protocol"]``, else ``default``) overlaid with ``values``;
+    a bad key is an error naming ``section.key``."""
     from evaluation.config import config_from_dict
 
     name = values.get("protocol", default)
     allowed = allowed or tuple(PROTOCOLS)
     if name not in allowed:
         raise ValueError(f"protocol {name!r} is not one of {', '.join(allowed)}")
-    return config_from_dict(FinetuneConfig, {**PROTOCOLS[name], **values, "protocol": name}, "finetune")
+    return config_from_dict(FinetuneConfig, {**PROTOCOLS[name], **values, "protocol": name}, section)
 
 
 def epoch_lr(cfg: FinetuneConfig, epoch: int) -> float:
@@ -261,7 +263,8 @@ def _train_data_config(cfg: FinetuneConfig, shards: str, mean, std):
     if cfg.train_stride:
         return DataConfig(recipe="lstcl", **common,
                           lstcl=LSTCLConfig(short_frames=cfg.clip_frames, short_stride=cfg.train_stride, long_frames=1,
-                                            long_stride=1, size=cfg.clip_size, scale=tuple(cfg.train_scale)))
+                                            long_stride=cfg.train_stride, size=cfg.clip_size,
+                                            scale=tuple(cfg.train_scale)))
     fast = (cfg.fast_frames,) if cfg.inputs == "slowfast" else ()
     return DataConfig(recipe="svt", **common,
                       svt=SVTConfig(global_frames=(cfg.clip_frames,), global_size=cfg.clip_size,
@@ -337,7 +340,7 @@ def _latest_epoch_tag(ckpt_root: Path) -> str | None:
 
 
 def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, default_protocol: str = "svt-finetune",
-                     allowed: tuple[str, ...] = FINETUNE_PROTOCOLS) -> int:
+                     allowed: tuple[str, ...] = FINETUNE_PROTOCOLS, section: str = "finetune") -> int:
     """``evaluate.py finetune`` / ``probe``: train, checkpoint every epoch, test, append to the results table."""
     from evaluation.checkpoints import load_backbone
     from evaluation.results import ResultRecord, append_result
@@ -346,7 +349,7 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
     from training.config import Config
     from training.engine import build_param_groups, deepspeed_config, init_distributed
 
-    cfg = resolve_protocol(values, default_protocol, allowed)
+    cfg = resolve_protocol(values, default_protocol, allowed, section)
     dist_info = init_distributed("auto", torch_threads=cfg.torch_threads)
     rank, world = dist_info.rank, dist_info.world_size
     if cfg.batch_size % world:

@@ -175,3 +175,16 @@ def test_lstcl_test_views_decode_the_planned_frames_from_the_centre_crop(tmp_pat
             if n >= 57:
                 start = k * ((n - 57) // 4)
                 assert expected.tolist() == list(range(start, start + 57, 8))
+
+
+def test_a_protocol_of_the_wrong_command_is_one_clear_error(tmp_path, capsys):
+    import evaluate
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("probe:\n  protocol: svt-finetune\n")
+    argv = ["probe", "--checkpoint", "random", *MODEL, "--train-shards", "t", "--val-shards", "v", "--out", "o"]
+    assert evaluate.main([*argv, "--config", str(config)]) == 2
+    assert "protocol 'svt-finetune' is not one of svt-linear" in capsys.readouterr().err
+    config.write_text("probe:\n  lr: 0.1\n  shedule: cosine\n")
+    assert evaluate.main([*argv, "--config", str(config)]) == 2
+    assert "probe.shedule" in capsys.readouterr().err
