@@ -5,11 +5,18 @@
     python evaluate.py knn      --train feats/train.pt --val feats/val.pt --results runs/eval/results.json
     python evaluate.py linear   --train feats/train.pt --val feats/val.pt --results runs/eval/results.json
     python evaluate.py attention --checkpoint RUN/checkpoints --shards SHARDS/val --out runs/eval/attention
-    python evaluate.py finetune --checkpoint RUN/checkpoints --train-shards .. --val-shards .. --out runs/ft
+    python evaluate.py probe    --checkpoint RUN/checkpoints --train-shards .. --val-shards .. --out runs/probe
+    python evaluate.py finetune --checkpoint RUN/checkpoints --train-shards .. --val-shards .. --out runs/ft \
+                                [--protocol svt-finetune | lstcl-finetune]
     python evaluate.py report   --results runs/eval/results.json --out runs/eval/results.md
 
+``linear`` is the fast probe on saved frozen features (protocol ``linear-frozen``); ``probe`` is SVT's
+linear probe as the paper trains it, on augmented slow-fast clips through the frozen backbone
+(``svt-linear``); ``finetune`` runs SVT's or LSTCL's fine-tuning protocol. Every result names its
+protocol and the settings changed from it.
+
 ``--config FILE.yaml`` gives a protocol's settings as a section (``extract:``, ``knn:``, ``linear:``,
-``finetune:``) whose keys are the dataclass fields (unknown keys are an error); flags given on the
+``probe:``, ``finetune:``) whose keys are the dataclass fields (unknown keys are an error); flags given on the
 command line override the file. Protocols: README.md, section Evaluation.
 """
 from __future__ import annotations
@@ -50,9 +57,9 @@ def _section(args: argparse.Namespace, section: str, fields: tuple[str, ...]) ->
             raw = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise ValueError(f"{path}: cannot read config ({error})")
-        unknown = sorted(set(raw) - {"extract", "knn", "linear", "finetune"})
+        unknown = sorted(set(raw) - {"extract", "knn", "linear", "probe", "finetune"})
         if unknown:
-            raise ValueError(f"{path}: unknown section(s) {unknown}; known: extract, knn, linear, finetune")
+            raise ValueError(f"{path}: unknown section(s) {unknown}; known: extract, knn, linear, probe, finetune")
         values.update(raw.get(section) or {})
     values.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
     return values
@@ -173,6 +180,17 @@ def _record_base(train, val, train_path: str, val_path: str) -> dict[str, Any]:
             "train_data": str(train.meta.get("shards", train_path)), "val_data": str(val.meta.get("shards", val_path))}
 
 
+def _changes(cfg, cls, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Settings of ``cfg`` that differ from the protocol's defaults (the dataclass ``cls``'s); the seed is
+    not part of a protocol."""
+    import dataclasses
+
+    reference = cls()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)
+            if (names is None or f.name in names) and f.name != "seed"
+            and getattr(cfg, f.name) != getattr(reference, f.name)}
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
     from evaluation.config import config_from_dict
     from evaluation.knn import KNNConfig, knn_classify, knn_shuffled_label_control
@@ -190,6 +208,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
             record = ResultRecord(protocol="knn", variant=f"k={k}", feature=kind, metrics=metrics,
                                   control=control[f"k{k}"] if control else None,
                                   settings={"temperature": cfg.temperature, "k": k},
+                                  changes=_changes(cfg, KNNConfig, ("temperature",)),
                                   **_record_base(train, val, args.train, args.val))
             print(f"knn {kind:8s} k={k:3d}: top-1 {metrics['top1']:.1f}  top-5 {metrics['top5']:.1f}"
                   + (f"  (shuffled-label control top-1 {record.control['top1']:.1f} over {args.control_repeats} runs)"
@@ -216,10 +235,11 @@ def cmd_linear(args: argparse.Namespace) -> int:
         head = result.pop("head")
         control = (shuffled_label_control(train.feature(kind), train.labels, val.feature(kind), val.labels, cfg,
                                           args.control_repeats, num_classes) if args.control_repeats else None)
-        record = ResultRecord(protocol="linear", variant=f"{cfg.epochs} epochs", feature=kind,
+        record = ResultRecord(protocol="linear-frozen", variant=f"{cfg.epochs} epochs", feature=kind,
                               metrics={**result, "num_classes": num_classes}, control=control,
-                              settings=dict(vars(cfg)), **_record_base(train, val, args.train, args.val))
-        print(f"linear {kind:8s}: top-1 {result['top1']:.1f}  top-5 {result['top5']:.1f}  "
+                              settings=dict(vars(cfg)), changes=_changes(cfg, LinearProbeConfig),
+                              **_record_base(train, val, args.train, args.val))
+        print(f"linear-frozen {kind:8s}: top-1 {result['top1']:.1f}  top-5 {result['top5']:.1f}  "
               f"(train top-1 {result['train_top1']:.1f}, loss {result['final_loss']:.3f})"
               + (f"  shuffled-label control top-1 {control['top1']:.1f} over {control['repeats']} runs"
                  if control else ""))
@@ -286,14 +306,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from evaluation.finetune import run_finetune_cli
+    from evaluation.finetune import FINETUNE_PROTOCOLS, run_finetune_cli
 
-    return run_finetune_cli(args, _section(args, "finetune", FINETUNE_FIELDS))
+    return run_finetune_cli(args, _section(args, "finetune", FINETUNE_FIELDS), default_protocol="svt-finetune",
+                            allowed=FINETUNE_PROTOCOLS)
 
 
-FINETUNE_FIELDS = ("epochs", "lr", "milestones", "gamma", "momentum", "weight_decay", "batch_size", "zero_stage",
-                   "precision", "test_clips", "test_crops", "clip_frames", "clip_size", "num_threads", "loader",
-                   "max_steps", "ckpt_every_epochs", "torch_threads", "seed")
+def cmd_probe(args: argparse.Namespace) -> int:
+    from evaluation.finetune import PROBE_PROTOCOLS, run_finetune_cli
+
+    return run_finetune_cli(args, _section(args, "probe", FINETUNE_FIELDS), default_protocol="svt-linear",
+                            allowed=PROBE_PROTOCOLS, section="probe")
+
+
+FINETUNE_FIELDS = ("protocol", "epochs", "lr", "schedule", "milestones", "gamma", "momentum", "weight_decay",
+                   "batch_size", "head_init_std", "inputs", "clip_frames", "clip_size", "fast_frames", "fast_size",
+                   "train_span", "train_stride", "test_clips", "test_crops", "test_stride", "zero_stage", "precision",
+                   "num_threads", "loader", "max_steps", "ckpt_every_epochs", "torch_threads", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     for name, func, help_text in (("knn", cmd_knn, "weighted kNN (cosine, T=0.07) on saved features"),
-                                  ("linear", cmd_linear, "linear probe (SGD, cosine lr) on saved features")):
+                                  ("linear", cmd_linear, "fast linear probe (SGD, cosine lr) on saved frozen features "
+                                                          "(protocol linear-frozen)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--train", required=True, help="training feature file from 'extract'")
         p.add_argument("--val", required=True, help="validation feature file from 'extract'")
@@ -345,24 +375,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.set_defaults(func=cmd_attention)
 
-    p = sub.add_parser("finetune", help="end-to-end fine-tuning with a linear head through DeepSpeed")
-    _add_backbone_args(p)
-    p.add_argument("--train-shards", required=True)
-    p.add_argument("--val-shards", required=True)
-    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, results)")
-    p.add_argument("--resume", default="auto", help="'auto' (newest checkpoint in --out), a folder, or 'none'")
-    p.add_argument("--results", default=None, help="append the test numbers to this results JSON")
-    for flag, kind in (("epochs", int), ("lr", float), ("gamma", float), ("momentum", float),
-                       ("weight_decay", float), ("batch_size", int), ("zero_stage", int), ("precision", str),
-                       ("test_clips", int), ("test_crops", int), ("clip_frames", int), ("clip_size", int),
-                       ("num_threads", int), ("loader", str), ("max_steps", int), ("ckpt_every_epochs", int),
-                       ("torch_threads", int)):
-        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=S)
-    p.add_argument("--milestones", type=int, nargs="+", default=S, help="lr decay epochs (11 14)")
-    p.set_defaults(func=cmd_finetune)
+    from evaluation.finetune import FINETUNE_PROTOCOLS, PROBE_PROTOCOLS
 
-    for p in (sub.choices["extract"], sub.choices["attention"], sub.choices["finetune"]):
-        p.add_argument("--config", default=None, help="YAML with extract: / finetune: sections")
+    for name, func, protocols, help_text in (
+            ("probe", cmd_probe, PROBE_PROTOCOLS, "SVT's linear probe: a linear head trained on augmented slow-fast "
+                                                  "clips through the frozen backbone (DeepSpeed)"),
+            ("finetune", cmd_finetune, FINETUNE_PROTOCOLS, "end-to-end fine-tuning with a linear head through "
+                                                           "DeepSpeed (SVT or LSTCL protocol)")):
+        p = sub.add_parser(name, help=help_text)
+        _add_backbone_args(p)
+        p.add_argument("--protocol", default=S, choices=protocols,
+                       help=f"the paper protocol the settings start from ({protocols[0]}); flags override it")
+        p.add_argument("--train-shards", required=True)
+        p.add_argument("--val-shards", required=True)
+        p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, results)")
+        p.add_argument("--resume", default="auto", help="'auto' (newest checkpoint in --out), a folder, or 'none'")
+        p.add_argument("--results", default=None, help="append the test numbers to this results JSON")
+        for flag, kind in (("epochs", int), ("lr", float), ("schedule", str), ("gamma", float), ("momentum", float),
+                           ("weight_decay", float), ("batch_size", int), ("head_init_std", float), ("inputs", str),
+                           ("clip_frames", int), ("clip_size", int), ("fast_frames", int), ("fast_size", int),
+                           ("train_span", float), ("train_stride", int), ("test_clips", int), ("test_crops", int),
+                           ("test_stride", int), ("zero_stage", int), ("precision", str), ("num_threads", int),
+                           ("loader", str), ("max_steps", int), ("ckpt_every_epochs", int), ("torch_threads", int)):
+            p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=S)
+        p.add_argument("--milestones", type=int, nargs="*", default=S, help="lr decay epochs (svt-finetune: 11 14)")
+        p.set_defaults(func=func)
+
+    for p in (sub.choices["extract"], sub.choices["attention"], sub.choices["probe"], sub.choices["finetune"]):
+        p.add_argument("--config", default=None, help="YAML with extract: / probe: / finetune: sections")
 
     p = sub.add_parser("report", help="render the results JSON as a markdown table")
     p.add_argument("--results", required=True)

@@ -29,7 +29,8 @@ class ResultRecord:
     """One evaluated number set.
 
     Args:
-        protocol: ``knn`` | ``linear`` | ``finetune``.
+        protocol: the protocol's name: ``knn``, ``linear-frozen`` (probe on saved features), or a clip
+            protocol of ``evaluation.finetune.PROTOCOLS`` (``svt-linear``, ``svt-finetune``, ``lstcl-finetune``).
         variant: what inside the protocol (``k=20``, ``k=5``, ``seed 0``, ``5-clip centre crop``).
         feature: ``slowfast`` (slow + fast CLS summed, SVT Fig. 3) | ``slow`` | ``fast`` | ``end-to-end``.
         checkpoint: the weights evaluated, and which backbone of them (``teacher`` / ``student``).
@@ -37,6 +38,7 @@ class ResultRecord:
         metrics: ``top1`` / ``top5`` in percent, and sample counts.
         control: the same protocol with shuffled training labels (should sit at chance).
         settings: every hyper-parameter of the run.
+        changes: the settings that differ from the named protocol's (empty: the protocol as specified).
     """
 
     protocol: str
@@ -49,6 +51,13 @@ class ResultRecord:
     metrics: dict[str, Any]
     control: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, Any] = field(default_factory=dict)
+
+    def protocol_label(self) -> str:
+        """The protocol's name, with the settings changed from it (a modified run is not the protocol)."""
+        if not self.changes:
+            return self.protocol
+        return f"{self.protocol} (changed: {', '.join(f'{k}={v}' for k, v in sorted(self.changes.items()))})"
 
 
 def load_results(path: str | os.PathLike) -> list[ResultRecord]:
@@ -83,7 +92,7 @@ def render_markdown(records: list[ResultRecord]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         control = r.control.get("top1") if r.control else None
-        lines.append(f"| {r.protocol} | {r.variant} | {r.feature} | {r.checkpoint} | {r.backbone} | {r.train_data} "
+        lines.append(f"| {r.protocol_label()} | {r.variant} | {r.feature} | {r.checkpoint} | {r.backbone} | {r.train_data} "
                      f"| {r.val_data} | {_fmt(r.metrics.get('top1'))} | {_fmt(r.metrics.get('top5'))} "
                      f"| {_fmt(control)} |")
     return "\n".join(lines) + "\n"

@@ -128,7 +128,12 @@ class LSTCLConfig:
 
 @dataclass
 class EvalConfig:
-    """Slow-fast evaluation views: ``clips`` temporal positions x ``crops`` spatial crops each."""
+    """Slow-fast evaluation views: ``clips`` temporal positions x ``crops`` spatial crops each.
+
+    ``stride`` 0: each clip spreads its frames over its own 1/``clips`` of the video (SVT).
+    ``stride`` > 0: clips of ``slow_frames`` frames every ``stride`` frames, starts spread uniformly
+    over the video (LSTCL: 5 clips, stride 8, centre crop; ``frame_plans.strided_eval_frame_plan``).
+    """
 
     slow_frames: int = 8
     slow_size: int = 224
@@ -136,10 +141,13 @@ class EvalConfig:
     fast_size: int = 96
     clips: int = 1
     crops: int = 3
+    stride: int = 0
 
     def __post_init__(self) -> None:
         if self.clips < 1 or self.crops not in (1, 3):
             raise ValueError(f"eval.clips must be >= 1 and eval.crops 1 or 3, got {self.clips}, {self.crops}")
+        if self.stride < 0:
+            raise ValueError(f"eval.stride must be >= 0 (0 = spread over the segment), got {self.stride}")
 
 
 @dataclass

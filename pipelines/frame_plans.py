@@ -150,6 +150,39 @@ def eval_frame_plan(num_frames: int, fps: float, rng: np.random.Generator | None
     return plan
 
 
+def uniform_clip_starts(num_frames: int, extent: int, clips: int) -> np.ndarray:
+    """Start frames of ``clips`` clips of ``extent`` frames spread uniformly over the video.
+
+    PySlowFast's test placement with ``use_offset`` (``decoder.get_start_end_idx``): one clip sits in
+    the centre; several start at ``k * floor(delta / (clips - 1))`` with ``delta = num_frames - extent``,
+    so the first clip starts at frame 0 and the last ends at (or just before) the last frame.
+    """
+    delta = max(num_frames - extent, 0)
+    if clips == 1:
+        return np.array([delta // 2], np.int64)
+    return np.arange(clips, dtype=np.int64) * (delta // (clips - 1))
+
+
+def strided_eval_frame_plan(num_frames: int, fps: float, rng: np.random.Generator | None,
+                            cfg: EvalConfig) -> dict[str, np.ndarray]:
+    """Evaluation with strided clips (LSTCL: "5 clips uniformly ... with center cropping", stride 8).
+
+    Clip ``k`` holds ``slow_frames`` frames every ``cfg.stride`` frames from ``uniform_clip_starts``;
+    its fast slot spreads ``fast_frames`` over the same extent. A video shorter than one clip's extent
+    shrinks the stride to fit (the short-video rule above). Deterministic; ``fps`` and ``rng`` unused:
+    the stride counts frames of the shard's frame rate, like the LSTCL training strides.
+    """
+    del fps, rng
+    _check_num_frames(num_frames)
+    stride = fit_stride(cfg.slow_frames, cfg.stride, num_frames)
+    extent = min(_clip_extent(cfg.slow_frames, stride), num_frames)
+    plan = {}
+    for k, start in enumerate(uniform_clip_starts(num_frames, extent, cfg.clips)):
+        plan[f"slow_{k}"] = strided_indices(int(start), cfg.slow_frames, stride, extent)
+        plan[f"fast_{k}"] = spread_indices(int(start), extent, cfg.fast_frames)
+    return plan
+
+
 def union_and_positions(plan: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Sorted unique frames of all slots, and each slot's positions into that union.
 

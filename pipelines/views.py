@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import AugmentConfig, DataConfig
-from .frame_plans import (eval_frame_plan, lstcl_frame_plan, sample_rng, svt_frame_plan,
-                          union_and_positions)
+from .frame_plans import (eval_frame_plan, lstcl_frame_plan, sample_rng, strided_eval_frame_plan,
+                          svt_frame_plan, union_and_positions)
 
 # Layout of the per-view parameter vector (float32), read by graph.augment_view and baseline.
 ROI_Y0, ROI_X0, ROI_Y1, ROI_X1, FLIP, BRIGHTNESS, CONTRAST, SATURATION, HUE_DEG, BLUR, SIGMA, SOLARIZE = range(12)
@@ -71,6 +71,8 @@ def frame_plan(cfg: DataConfig, num_frames: int, fps: float, rng: np.random.Gene
         return svt_frame_plan(num_frames, fps, rng, cfg.svt)
     if cfg.recipe == "lstcl":
         return lstcl_frame_plan(num_frames, fps, rng, cfg.lstcl)
+    if cfg.eval.stride:
+        return strided_eval_frame_plan(num_frames, fps, rng, cfg.eval)
     return eval_frame_plan(num_frames, fps, rng, cfg.eval)
 
 

@@ -32,18 +32,16 @@ VIEWS = ["--slow-frames", "4", "--slow-size", "32", "--fast-frames", "8", "--fas
          "--num-threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def eval_shards(tmp_path_factory) -> dict[str, Path]:
-    """Train (8 per class) and val (4 per class) shards, 64x48 VP9, 24-32 frames, one label map."""
+def make_eval_shards(root: Path, train_per_class: int = 8, val_per_class: int = 4) -> dict[str, Path]:
+    """Train and val shards of the two classes, 64x48 VP9, 24-32 frames, one label map."""
     from shard_tools.__main__ import main as shard_main
     from shard_tools.media import write_synthetic_video
 
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("eval_e2e")
     label_map = root / "labels.json"
     label_map.write_text(json.dumps({name: i for i, name in enumerate(CLASSES)}))
     shards = {}
-    for split, per_class in (("train", 8), ("val", 4)):
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for pattern in CLASSES:
             for i in range(per_class):
                 num_frames = 24 + (3 * i + (split == "val")) % 9
@@ -55,6 +53,12 @@ def eval_shards(tmp_path_factory) -> dict[str, Path]:
                          "--short-side", "48", "--min-frames", "8", "--workers", "0", "--no-progress"])
         assert rc == 0
     return shards
+
+
+@pytest.fixture(scope="module")
+def eval_shards(tmp_path_factory) -> dict[str, Path]:
+    """Train (8 per class) and val (4 per class) shards."""
+    return make_eval_shards(tmp_path_factory.mktemp("eval_e2e"))
 
 
 def _run(argv: list[str], capsys) -> str:
@@ -95,7 +99,7 @@ def test_frozen_protocols_separate_the_classes_and_shuffled_labels_stay_at_chanc
     records = json.loads(results.read_text())
     assert [(r["protocol"], r["variant"], r["feature"]) for r in records] == [
         ("knn", "k=20", "slowfast"), ("knn", "k=5", "slowfast"), ("knn", "k=20", "slow"), ("knn", "k=5", "slow"),
-        ("linear", "20 epochs", "slowfast"), ("linear", "20 epochs", "slow")]
+        ("linear-frozen", "20 epochs", "slowfast"), ("linear-frozen", "20 epochs", "slow")]
     for record in records:
         # 8 validation videos, chance = 50%: the real labels are learned, shuffled ones are not.
         assert record["metrics"]["top1"] >= 87.5, record
@@ -116,7 +120,7 @@ def test_frozen_protocols_separate_the_classes_and_shuffled_labels_stay_at_chanc
                             text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
     table = (tmp_path / "results.md").read_text()
-    assert table.count("| knn |") == 4 and table.count("| linear |") == 2
+    assert table.count("| knn |") == 4 and table.count("| linear-frozen |") == 2
 
 
 def test_bad_inputs_give_one_clear_error(eval_shards, tmp_path, capsys):
@@ -181,8 +185,9 @@ def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path)
     resumed end with identical weights; the 2-clip test classifies the held-out videos."""
     common = [sys.executable, str(ROOT / "evaluate.py"), "finetune", "--checkpoint", "random", *MODEL,
               "--train-shards", str(eval_shards["train"]), "--val-shards", str(eval_shards["val"]), "--epochs", "2",
-              "--milestones", "1", "--lr", "0.05", "--batch-size", "4", "--clip-frames", "4", "--clip-size", "32",
-              "--test-clips", "2", "--test-crops", "1", "--num-threads", "1", "--torch-threads", "1"]
+              "--milestones", "1", "--lr", "0.05", "--batch-size", "4", "--inputs", "single", "--clip-frames", "4",
+              "--clip-size", "32", "--test-clips", "2", "--test-crops", "1", "--num-threads", "1",
+              "--torch-threads", "1"]
 
     def finetune(out: Path, *extra: str) -> str:
         result = subprocess.run([*common, "--out", str(out), *extra], cwd=ROOT, env=subprocess_env(), capture_output=True,
@@ -204,5 +209,7 @@ def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path)
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=0, atol=0)
     record = json.loads(results.read_text())[0]
-    assert record["protocol"] == "finetune" and record["variant"] == "2-clip x 1-crop test"
+    assert record["protocol"] == "svt-finetune" and record["variant"] == "4x32 clip; test 2 clip(s) x centre crop"
+    assert record["changes"] == {"epochs": 2, "milestones": [1], "lr": 0.05, "batch_size": 4, "inputs": "single",
+                                 "clip_frames": 4, "clip_size": 32, "test_clips": 2, "test_crops": 1}
     assert record["metrics"]["num_val"] == 8 and record["metrics"]["top1"] >= 87.5
