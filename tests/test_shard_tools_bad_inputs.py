@@ -18,12 +18,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from PIL import Image
 
 from shard_fixtures import (write_audio_only, write_encoder_breaker, write_truncated, write_unsupported_codec,
                             write_with_audio)
 from shard_tools.__main__ import main
-from shard_tools.media import write_synthetic_video
+from shard_tools.media import write_synthetic_video, write_timestamped_video
 from shard_tools.sources import MAX_KEY_LENGTH
 from shard_tools.verify import read_shard_samples, verify_shards
 
@@ -31,28 +30,32 @@ REPO = Path(__file__).resolve().parents[1]
 LONG_NAME = "a_very_long_file_name_" * 9 + "end"  # 201 characters: over MAX_KEY_LENGTH
 
 
-def write_timestamps(path: Path, pts: list[int], time_base: Fraction, *, codec: str = "mpeg4", width: int = 64,
-                     height: int = 48) -> Path:
-    """A video whose frame i has timestamp ``pts[i] * time_base`` (sparse, gapped or regular)."""
+def write_last_frame_lasting(path: Path, seconds: float = 600.0) -> Path:
+    """20 VP9 frames at 25 fps whose last packet claims to last ``seconds`` (Matroska BlockDuration)."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=1 / time_base)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.time_base = time_base
-        for i, p in enumerate(pts):
-            image = np.full((height, width, 3), (i * 37) % 256, np.uint8)
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = p, time_base
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
+        stream = container.add_stream("libvpx-vp9", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        packets = []
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 9, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            packets += stream.encode(frame)
+        packets += stream.encode(None)
+        packets[-1].duration = int(seconds / packets[-1].time_base)
+        for packet in packets:
             container.mux(packet)
     return path
 
 
-def _image_bytes(fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(buffer, fmt)
-    return buffer.getvalue()
+def _image_bytes(codec: str) -> bytes:
+    """One still image file (``png`` or ``mjpeg`` = JPEG) encoded by PyAV's codec alone, no container."""
+    pix_fmt = {"png": "rgb24", "mjpeg": "yuvj420p"}[codec]
+    context = av.CodecContext.create(codec, "w")
+    context.width, context.height, context.pix_fmt = 64, 48, pix_fmt
+    context.time_base = Fraction(1, 25)
+    frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 90, np.uint8), format="rgb24").reformat(format=pix_fmt)
+    frame.pts = 0
+    return b"".join(bytes(p) for p in context.encode(frame) + context.encode(None))
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -88,7 +91,7 @@ def build_bad_input_folder(root: Path) -> tuple[dict[str, str], list[str]]:
     add("good/with_audio.webm", "ok", lambda p: write_with_audio(p))
     add("good/upper.MP4", "ok", lambda p: write_synthetic_video(p, num_frames=20, width=64, height=48, codec="h264"))
     # Sparse timestamps: 60 real frames held 7 ticks each (the AVI counts 414 "frames").
-    add("good/sparse_pts.avi", "ok", lambda p: write_timestamps(p, [7 * i for i in range(60)], Fraction(1, 15)))
+    add("good/sparse_pts.avi", "ok", lambda p: write_timestamped_video(p, [7 * i for i in range(60)], Fraction(1, 15)))
     # Two names that sanitise to the same key (good_clip_1): both are kept, under distinct keys.
     add("good/clip 1.mp4", "ok", lambda p: write_synthetic_video(p, num_frames=20, width=64, height=48, codec="h264"))
     add("good/clip_1.mp4", "ok", lambda p: write_synthetic_video(p, num_frames=22, width=64, height=48, codec="h264"))
@@ -101,8 +104,8 @@ def build_bad_input_folder(root: Path) -> tuple[dict[str, str], list[str]]:
     add("bad/text.mp4", "not a video", lambda p: p.write_bytes(b"just some text, not a video\n" * 30))
     add("bad/random.webm", "not a video",
         lambda p: p.write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()))
-    add("bad/png.mp4", "not a video", lambda p: p.write_bytes(_image_bytes("PNG")))
-    add("bad/jpeg.mp4", "not a video", lambda p: p.write_bytes(_image_bytes("JPEG")))
+    add("bad/png.mp4", "not a video", lambda p: p.write_bytes(_image_bytes("png")))
+    add("bad/jpeg.mp4", "not a video", lambda p: p.write_bytes(_image_bytes("mjpeg")))
     add("bad/fifo.mp4", "not a video", lambda p: os.mkfifo(p))
     add("bad/audio_only.mp4", "no video stream", write_audio_only)
     h264_src = write_synthetic_video(media / "src.mp4", num_frames=30, width=64, height=48, codec="h264")
@@ -122,15 +125,16 @@ def build_bad_input_folder(root: Path) -> tuple[dict[str, str], list[str]]:
     add("bad/short_8_frames.webm", "too short", lambda p: write_synthetic_video(p, num_frames=8, width=64, height=48))
     add("bad/weird_codec.mkv", "unsupported codec", write_unsupported_codec)
     add("bad/too_tall_for_vp9.mkv", "encoder error", write_encoder_breaker)
-    add("bad/1x1.mkv", "too small", lambda p: write_timestamps(p, list(range(20)), Fraction(1, 25), codec="ffv1",
+    add("bad/1x1.mkv", "too small", lambda p: write_timestamped_video(p, list(range(20)), Fraction(1, 25), codec="ffv1",
                                                                width=1, height=1))
-    add("bad/2x2.avi", "too small", lambda p: write_timestamps(p, list(range(20)), Fraction(1, 25), width=2, height=2))
+    add("bad/2x2.avi", "too small", lambda p: write_timestamped_video(p, list(range(20)), Fraction(1, 25), width=2, height=2))
     add("bad/4000x16.avi", "too small",
-        lambda p: write_timestamps(p, list(range(20)), Fraction(1, 25), width=4000, height=16))
+        lambda p: write_timestamped_video(p, list(range(20)), Fraction(1, 25), width=4000, height=16))
     add("bad/gap_5_minutes.webm", "timestamp gap",
-        lambda p: write_timestamps(p, *_gapped(300), codec="libvpx-vp9"))
+        lambda p: write_timestamped_video(p, *_gapped(300), codec="libvpx-vp9"))
     add("bad/gap_2_hours.webm", "timestamp gap",
-        lambda p: write_timestamps(p, *_gapped(7200), codec="libvpx-vp9"))
+        lambda p: write_timestamped_video(p, *_gapped(7200), codec="libvpx-vp9"))
+    add("bad/last_frame_10_minutes.webm", "timestamp gap", write_last_frame_lasting)
     add("bad/broken_link.mp4", "missing", lambda p: p.symlink_to(root / "nowhere" / "gone.mp4"))
 
     def unreadable(p: Path) -> None:
