@@ -9,8 +9,9 @@ Output: constant frame rate ``min(source average rate, max_fps)`` (VFR sources a
 timestamp: each output slot shows the source frame on screen at that time; a source frame is held
 at most ``max_gap`` seconds, so no input costs more output frames than ``max_gap * rate`` per decoded
 frame), short side scaled down to ``short_side`` (never up; an odd side loses one pixel), both sides
-at least ``min_side``, aspect ratio kept (sample aspect ratio applied), both sides even, yuv420p, a keyframe exactly every ``keyframe_interval`` frames, no audio. Encoders run with one
-thread and the muxer in bitexact mode, so the same input gives the same bytes on every run
+at least ``min_side``, aspect ratio kept (sample aspect ratio applied), both sides even, yuv420p, a
+keyframe exactly every ``keyframe_interval`` frames, no audio. Encoders run with one thread and the
+muxer in bitexact mode, so the same input gives the same bytes on every run
 (resume relies on it) -- parallelism comes from running many videos at once.
 """
 
@@ -59,9 +60,10 @@ class EncodeSettings:
         h264_preset: x264 preset.
         min_frames: videos with fewer output frames are quarantined as ``too short``.
         min_side: videos whose output width or height is below this are quarantined as ``too small``
-            (sizes are never scaled up). None means 32 (or ``short_side`` if smaller): 32 rejects degenerate inputs (1x1, 4000x16) and keeps the
-            project's 64x48 test footage; NVDEC decodes VP9 only from 128x128 (NVIDIA's decoder
-            documentation), so shards for GPU decoding of VP9 want ``min_side=128``.
+            (sizes are never scaled up). None means 32 (or ``short_side`` if smaller): 32 rejects
+            degenerate inputs (1x1, 4000x16) and keeps the project's 64x48 test footage; NVDEC
+            decodes VP9 only from 128x128 (NVIDIA's decoder documentation), so shards for GPU
+            decoding of VP9 want ``min_side=128``.
         max_gap: seconds one source frame may be held (a timestamp gap between decoded frames, or the
             last frame's duration); a longer gap is quarantined as ``timestamp gap`` instead of
             becoming thousands of repeated output frames. 5 s is far above the holds of real

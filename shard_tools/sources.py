@@ -73,7 +73,7 @@ class VideoInput:
     label_name: str
     dataset: str
     split: str
-    key_hash: dict | None = field(default=None, hash=False, compare=False)
+    key_hash: dict | None = field(default=None, hash=False)  # a dict is unhashable: equality only
 
 
 @dataclass(frozen=True)

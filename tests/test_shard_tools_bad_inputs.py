@@ -6,7 +6,6 @@ inputs counted in the manifest."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -111,7 +110,8 @@ def build_bad_input_folder(root: Path) -> tuple[dict[str, str], list[str]]:
     h264_src = write_synthetic_video(media / "src.mp4", num_frames=30, width=64, height=48, codec="h264")
     add("bad/cut_moov_at_end.mp4", "truncated", lambda p: write_truncated(p, h264_src))
     webm_src = write_synthetic_video(media / "src.webm", num_frames=60, width=96, height=64, pattern="noise")
-    add("bad/cut_60pct.webm", "truncated", lambda p: p.write_bytes(webm_src.read_bytes()[: int(webm_src.stat().st_size * 0.6)]))
+    add("bad/cut_60pct.webm", "truncated",
+        lambda p: p.write_bytes(webm_src.read_bytes()[: int(webm_src.stat().st_size * 0.6)]))
 
     def mid_corrupt(p: Path) -> None:
         data = bytearray(webm_src.read_bytes())
@@ -125,9 +125,10 @@ def build_bad_input_folder(root: Path) -> tuple[dict[str, str], list[str]]:
     add("bad/short_8_frames.webm", "too short", lambda p: write_synthetic_video(p, num_frames=8, width=64, height=48))
     add("bad/weird_codec.mkv", "unsupported codec", write_unsupported_codec)
     add("bad/too_tall_for_vp9.mkv", "encoder error", write_encoder_breaker)
-    add("bad/1x1.mkv", "too small", lambda p: write_timestamped_video(p, list(range(20)), Fraction(1, 25), codec="ffv1",
-                                                               width=1, height=1))
-    add("bad/2x2.avi", "too small", lambda p: write_timestamped_video(p, list(range(20)), Fraction(1, 25), width=2, height=2))
+    add("bad/1x1.mkv", "too small",
+        lambda p: write_timestamped_video(p, list(range(20)), Fraction(1, 25), codec="ffv1", width=1, height=1))
+    add("bad/2x2.avi", "too small",
+        lambda p: write_timestamped_video(p, list(range(20)), Fraction(1, 25), width=2, height=2))
     add("bad/4000x16.avi", "too small",
         lambda p: write_timestamped_video(p, list(range(20)), Fraction(1, 25), width=4000, height=16))
     add("bad/gap_5_minutes.webm", "timestamp gap",

@@ -163,7 +163,8 @@ def test_long_keys_stay_within_file_name_limits(tmp_path):
 
 def test_kinetics_clip_under_an_unlisted_extension_is_still_the_rows_input(tmp_path):
     """A row's clip saved as .mxf is probed (not reported missing); downloader sidecars are not."""
-    rows = [["abseiling", "aaaaaaaaaaa", "0", "10", "train", "0"], ["abseiling", "bbbbbbbbbbb", "0", "10", "train", "0"]]
+    rows = [["abseiling", "aaaaaaaaaaa", "0", "10", "train", "0"],
+            ["abseiling", "bbbbbbbbbbb", "0", "10", "train", "0"]]
     (tmp_path / "aaaaaaaaaaa_000000_000010.mxf").write_bytes(b"v")
     (tmp_path / "bbbbbbbbbbb_000000_000010.info.json").write_bytes(b"{}")
     (tmp_path / "bbbbbbbbbbb_000000_000010.description").write_bytes(b"text")
