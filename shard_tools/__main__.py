@@ -135,11 +135,16 @@ def _listing_from_args(args):
               "labels": str(args.labels) if args.labels else None, "videos": str(args.videos),
               "split": listing.split, "label_map": str(args.label_map) if args.label_map else None}
     if listing.skipped:
-        # Files of a folder layout that are not inputs: listed in the manifest, never silently dropped.
+        # Files that are not inputs are listed in the manifest and named here, never silently dropped.
         source["skipped_files"] = listing.skipped
-        print(f"[shard_tools] {args.videos}: {listing.skipped['count']} file(s) are not inputs "
-              f"(extension not a listed video suffix: {listing.skipped['by_extension']}; "
-              f"see manifest.json source.skipped_files)", file=sys.stderr)
+        if "count" in listing.skipped:
+            print(f"[shard_tools] {args.videos}: {listing.skipped['count']} file(s) are not inputs "
+                  f"(extension not a listed video suffix: {listing.skipped['by_extension']}; "
+                  f"see manifest.json source.skipped_files)", file=sys.stderr)
+        if "unreadable_folders" in listing.skipped:
+            folders = listing.skipped["unreadable_folders"]
+            print(f"[shard_tools] {args.videos}: {len(folders)} folder(s) cannot be read, their files are not "
+                  f"inputs: {folders[:5]} (see manifest.json source.skipped_files)", file=sys.stderr)
     return listing, source
 
 

@@ -97,8 +97,9 @@ class SourceListing:
     inputs: list[VideoInput] = field(default_factory=list)
     rejected: list[RejectedInput] = field(default_factory=list)
     label_map: dict[str, int] = field(default_factory=dict)
-    # Files under a folder layout's root that are not inputs (extension not in VIDEO_SUFFIXES):
-    # {"count", "by_extension", "examples"}; empty when there are none or the layout is annotated.
+    # Files that are not inputs: under a folder layout, those whose extension is not in VIDEO_SUFFIXES
+    # ({"count", "reason", "by_extension", "examples"}); under any layout, "unreadable_folders"
+    # (relative paths). Empty when there are none.
     skipped: dict = field(default_factory=dict)
 
     @property
@@ -126,13 +127,15 @@ def bound_key(key: str, hashed_text: str) -> tuple[str, dict | None]:
                                           "why": f"key longer than {MAX_KEY_LENGTH} characters"}
 
 
-def _walk_files(root: str):
+def _walk_files(root: str, unreadable: list[str]):
     """(directory, [file names]) for every folder under ``root``, depth first in sorted order.
 
     os.scandir with plain strings: one system call per folder and no Path object per file, which
     is what keeps listing half a million files to seconds. Symlinked folders are followed (datasets
     are often assembled from links), each real folder once, so a link cycle ends; a symlink to a file
-    is listed like the file (a broken one is quarantined as missing when probed).
+    is listed like the file (a broken one is quarantined as missing when probed). Folders that
+    cannot be read are appended to ``unreadable`` (their files cannot be listed, so callers report
+    them); an unreadable ``root`` is an error.
     """
     stack = [root]
     seen: set[tuple[int, int]] = set()
@@ -141,8 +144,11 @@ def _walk_files(root: str):
         try:
             info = os.stat(folder)
             entries = list(os.scandir(folder))
-        except OSError:
-            continue  # an unreadable subfolder lists nothing (the root itself is checked by callers)
+        except OSError as err:
+            if folder == root:
+                raise ValueError(f"{root}: cannot list the video folder ({err.strerror or err})") from None
+            unreadable.append(folder)
+            continue
         if (info.st_dev, info.st_ino) in seen:
             continue
         seen.add((info.st_dev, info.st_ino))
@@ -172,35 +178,41 @@ def _suffix(name: str) -> str:
     return name[dot:].lower() if dot > 0 else ""
 
 
-def index_files_by_stem(root: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """One walk of ``root``: (video files by stem, other files by stem), paths as sorted strings."""
+def index_files_by_stem(root: Path) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """One walk of ``root``: (video files by stem, other files by stem, folders that could not be
+    read), paths as sorted strings."""
     if not Path(root).is_dir():
         raise ValueError(f"{root}: the video folder does not exist or is not a folder")
     videos: dict[str, list[str]] = {}
     others: dict[str, list[str]] = {}
-    for folder, names in _walk_files(str(root)):
+    unreadable: list[str] = []
+    for folder, names in _walk_files(str(root), unreadable):
         for name in names:
             suffix = _suffix(name)
             stem = name[:len(name) - len(suffix)] if suffix else name
             (videos if suffix in VIDEO_SUFFIXES else others).setdefault(stem, []).append(
                 os.path.join(folder, name))
-    return videos, others
+    return videos, others, unreadable
 
 
 def index_videos_by_stem(root: Path) -> dict[str, list[Path]]:
     """All video files under ``root`` keyed by file name without suffix (one walk, sorted paths)."""
-    videos, _ = index_files_by_stem(root)
+    videos, _, _ = index_files_by_stem(root)
     return {stem: [Path(p) for p in paths] for stem, paths in videos.items()}
 
 
-def _skipped_summary(root: Path, paths: list[str]) -> dict:
-    """What the manifest says about files under a folder layout that are not inputs."""
-    if not paths:
-        return {}
-    by_extension = Counter(_suffix(os.path.basename(p)) or "(none)" for p in paths)
-    return {"count": len(paths), "reason": f"extension not one of {' '.join(sorted(VIDEO_SUFFIXES))}",
-            "by_extension": dict(sorted(by_extension.items())),
-            "examples": [os.path.relpath(p, root) for p in sorted(paths)[:MAX_SKIPPED_EXAMPLES]]}
+def _skipped_summary(root: Path, paths: list[str], unreadable_folders: list[str]) -> dict:
+    """What the manifest says about files that are not inputs: under a folder layout, files with an
+    unlisted extension; under any layout, folders that could not be read."""
+    summary: dict = {}
+    if paths:
+        by_extension = Counter(_suffix(os.path.basename(p)) or "(none)" for p in paths)
+        summary.update({"count": len(paths), "reason": f"extension not one of {' '.join(sorted(VIDEO_SUFFIXES))}",
+                        "by_extension": dict(sorted(by_extension.items())),
+                        "examples": [os.path.relpath(p, root) for p in sorted(paths)[:MAX_SKIPPED_EXAMPLES]]})
+    if unreadable_folders:
+        summary["unreadable_folders"] = sorted(os.path.relpath(p, root) for p in unreadable_folders)
+    return summary
 
 
 def load_label_map(path: Path) -> dict[str, int]:
@@ -280,7 +292,8 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
         names = sorted({c[0] for _, _, c in body} - {""})
         label_map = {name: i for i, name in enumerate(names)}
     listing = SourceListing("kinetics", split, label_map=dict(label_map))
-    by_stem, other_by_stem = index_files_by_stem(video_root)
+    by_stem, other_by_stem, unreadable = index_files_by_stem(video_root)
+    listing.skipped = _skipped_summary(video_root, [], unreadable)
     root_text, csv_name, csv_text = str(video_root), csv_path.name, str(csv_path)
     candidates = []
     for line_no, row, (label_name, youtube_id, start_text, end_text, row_split) in body:
@@ -337,7 +350,8 @@ def read_ssv2(annotation_path: Path, labels_path: Path, video_root: Path, *,
     if not isinstance(rows, list):
         raise ValueError(f"{annotation_path}: expected a JSON list of {{id, label, template, placeholders}}")
     listing = SourceListing("ssv2", split or annotation_path.stem, label_map=label_map)
-    by_stem, other_by_stem = index_files_by_stem(video_root)
+    by_stem, other_by_stem, unreadable = index_files_by_stem(video_root)
+    listing.skipped = _skipped_summary(video_root, [], unreadable)
     candidates = []
     for index, row in enumerate(rows):
         input_id = f"{annotation_path.name}:{index}"
@@ -381,7 +395,7 @@ def read_folder(root: Path, *, labelled: bool, split: str = "train",
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder")
-    videos, others = index_files_by_stem(root)
+    videos, others, unreadable = index_files_by_stem(root)
     root_text = str(root)
     files = sorted(p for paths in videos.values() for p in paths)
     listing = SourceListing("folder" if labelled else "unlabelled", split)
@@ -393,7 +407,7 @@ def read_folder(root: Path, *, labelled: bool, split: str = "train",
             classes = sorted({os.path.relpath(p, root_text).split(os.sep)[0] for p in files})
             label_map = {name: i for i, name in enumerate(classes)}
     listing.label_map = dict(label_map or {})
-    listing.skipped = _skipped_summary(root, [p for paths in others.values() for p in paths])
+    listing.skipped = _skipped_summary(root, [p for paths in others.values() for p in paths], unreadable)
     for path in loose:
         rel = os.path.relpath(path, root_text)
         listing.rejected.append(RejectedInput(rel, None, path, "listing", "not in a class folder",

@@ -20,10 +20,9 @@ import pytest
 
 from shard_fixtures import (write_audio_only, write_encoder_breaker, write_truncated, write_unsupported_codec,
                             write_with_audio)
-from shard_tools.__main__ import main
 from shard_tools.media import write_synthetic_video, write_timestamped_video
 from shard_tools.sources import MAX_KEY_LENGTH
-from shard_tools.verify import read_shard_samples, verify_shards
+from shard_tools.verify import read_shard_samples
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_NAME = "a_very_long_file_name_" * 9 + "end"  # 201 characters: over MAX_KEY_LENGTH
@@ -143,6 +142,9 @@ def build_bad_input_folder(root: Path) -> tuple[dict[str, str], list[str]]:
         p.chmod(0)
 
     add("bad/unreadable.webm", "unreadable", unreadable)
+    # A folder that cannot be listed: its files cannot be inputs, the manifest names the folder.
+    write_synthetic_video(v / "bad" / "locked" / "hidden.webm", num_frames=20, width=64, height=48)
+    (v / "bad" / "locked").chmod(0)
     # Loose in the root of a class-folder layout: no class to take a label from.
     add("loose.webm", "not in a class folder",
         lambda p: write_synthetic_video(p, num_frames=20, width=64, height=48))
@@ -179,6 +181,9 @@ def bad_input_run(tmp_path_factory):
         "--out", str(out), "--shard-size", "6", "--workers", "2", "--no-progress"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # verify lists the sources again: with the same (un)readable files as the job, i.e. the same prefix.
+    checked = subprocess.run(_without_read_override() + [sys.executable, "-m", "shard_tools", "verify", str(out)],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
     manifest = json.loads((out / "manifest.json").read_text())
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     samples = {}
@@ -188,7 +193,7 @@ def bad_input_run(tmp_path_factory):
             samples[record["input_id"]] = record
     return {"out": out, "expected": expected, "not_inputs": not_inputs, "manifest": manifest,
             "quarantine": quarantine, "samples": samples, "stderr": result.stderr,
-            "verify": verify_shards(out)}
+            "verify": json.loads(checked.stdout), "verify_rc": checked.returncode}
 
 
 def test_suite_covers_enough_kinds(bad_input_run):
@@ -218,11 +223,10 @@ def test_every_bad_input_is_one_quarantine_line_with_its_reason(bad_input_run):
 
 def test_verify_passes_and_counts_agree(bad_input_run):
     report, manifest = bad_input_run["verify"], bad_input_run["manifest"]
-    assert report["ok"], report["problems"]
+    assert report["ok"] and bad_input_run["verify_rc"] == 0, report["problems"]
     assert report["videos_decoded"] == report["samples"] == len(bad_input_run["samples"])
     assert "sources listed again" in report["invariant"]
     assert manifest["totals"]["inputs"] == len(bad_input_run["expected"])
-    assert main(["verify", str(bad_input_run["out"]), "--decoder", "none"]) == 0
 
 
 def test_files_that_are_not_inputs_are_reported_in_the_manifest(bad_input_run):
@@ -231,6 +235,8 @@ def test_files_that_are_not_inputs_are_reported_in_the_manifest(bad_input_run):
     assert skipped["by_extension"] == {"(none)": 1, ".mxf": 1, ".txt": 1}
     assert sorted(skipped["examples"]) == sorted(bad_input_run["not_inputs"])
     assert "3 file(s) are not inputs" in bad_input_run["stderr"]
+    assert skipped["unreadable_folders"] == ["bad/locked"]
+    assert "1 folder(s) cannot be read" in bad_input_run["stderr"]
 
 
 def test_sparse_timestamps_are_held_not_truncated(bad_input_run):
