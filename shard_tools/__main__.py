@@ -164,6 +164,12 @@ def cmd_shard(args) -> int:
                    workers=args.workers, ray_address=args.ray_address, keep_work=args.keep_work,
                    progress=not args.no_progress, source=source)
     manifest = run_shard_job(listing, job)
+    unexpected = manifest["quarantine"]["by_reason"].get("unexpected error", 0)
+    if unexpected:
+        # Per-input failures never end the job; many "unexpected error"s point at the environment.
+        print(f"[shard_tools] warning: {unexpected} input(s) quarantined as 'unexpected error' (see "
+              f"{args.out / manifest['quarantine']['path']}); if the cause is the environment, fix it and "
+              "rerun into a new folder", file=sys.stderr)
     print(json.dumps({"out": str(args.out), "codec": manifest["codec"], "totals": manifest["totals"],
                       "quarantine": manifest["quarantine"]["by_reason"]}, indent=1))
     return 0
