@@ -56,6 +56,18 @@ def _image_bytes(codec: str) -> bytes:
     return b"".join(bytes(p) for p in context.encode(frame) + context.encode(None))
 
 
+def write_still_gif(path: Path) -> Path:
+    """A one-frame GIF (FFmpeg's gif demuxer: one video frame, which is an image, not a short video)."""
+    with av.open(str(path), "w", format="gif") as container:
+        stream = container.add_stream("gif", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb8"
+        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 90, np.uint8), format="rgb24")
+        frame.pts, frame.time_base = 0, Fraction(1, 10)
+        for packet in stream.encode(frame) + stream.encode(None):
+            container.mux(packet)
+    return path
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -104,6 +116,7 @@ def build_bad_input_folder(root: Path) -> tuple[dict[str, str], list[str]]:
         lambda p: p.write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()))
     add("bad/png.mp4", "not a video", lambda p: p.write_bytes(_image_bytes("png")))
     add("bad/jpeg.mp4", "not a video", lambda p: p.write_bytes(_image_bytes("mjpeg")))
+    add("bad/gif_still.mp4", "not a video", write_still_gif)
     add("bad/fifo.mp4", "not a video", lambda p: os.mkfifo(p))
     add("bad/audio_only.mp4", "no video stream", write_audio_only)
     h264_src = write_synthetic_video(media / "src.mp4", num_frames=30, width=64, height=48, codec="h264")
