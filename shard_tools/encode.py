@@ -469,7 +469,7 @@ def process_video(item: VideoInput, settings: EncodeSettings) -> VideoOutcome:
         detail = f"{item.path}: {type(err).__name__}: {err.strerror or err}"
     except Exception as err:  # noqa: BLE001 -- per-input failures must not end the job
         stage, reason = _failed_stage(err), "unexpected error"
-        detail = f"{item.path}: {type(err).__name__}: {err}"
+        detail = f"{item.path}: {type(err).__name__}: {' '.join(str(err).split())}"  # one line
     else:
         return VideoOutcome(item.key, item.input_id, True, record, payload)
     entry = quarantine_entry(item.input_id, item.key, item.path, stage, reason, detail)
