@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--vp9-deadline", choices=("realtime", "good", "best"), default="realtime")
     enc.add_argument("--h264-preset", default="veryfast", help="x264 preset")
     enc.add_argument("--min-frames", type=int, default=16, help="quarantine videos with fewer frames")
+    enc.add_argument("--min-side", type=int, default=None,
+                     help="quarantine videos whose output width or height is smaller (never scaled up); "
+                          "default 32, or --short-side if that is smaller; 128 for VP9 shards decoded by NVDEC")
+    enc.add_argument("--max-gap", type=float, default=5.0,
+                     help="seconds one source frame may be held; longer timestamp gaps are quarantined")
     enc.add_argument("--copy", action="store_true",
                      help="keep the original bytes of videos that already meet every target")
     run = shard.add_argument_group("execution")
@@ -129,6 +134,17 @@ def _listing_from_args(args):
     source = {"kind": kind, "annotations": str(args.annotations) if args.annotations else None,
               "labels": str(args.labels) if args.labels else None, "videos": str(args.videos),
               "split": listing.split, "label_map": str(args.label_map) if args.label_map else None}
+    if listing.skipped:
+        # Files that are not inputs are listed in the manifest and named here, never silently dropped.
+        source["skipped_files"] = listing.skipped
+        if "count" in listing.skipped:
+            print(f"[shard_tools] {args.videos}: {listing.skipped['count']} file(s) are not inputs "
+                  f"(extension not a listed video suffix: {listing.skipped['by_extension']}; "
+                  f"see manifest.json source.skipped_files)", file=sys.stderr)
+        if "unreadable_folders" in listing.skipped:
+            folders = listing.skipped["unreadable_folders"]
+            print(f"[shard_tools] {args.videos}: {len(folders)} folder(s) cannot be read, their files are not "
+                  f"inputs: {folders[:5]} (see manifest.json source.skipped_files)", file=sys.stderr)
     return listing, source
 
 
@@ -139,13 +155,21 @@ def cmd_shard(args) -> int:
     settings = EncodeSettings(codec=args.codec, short_side=args.short_side, max_fps=args.max_fps,
                               keyframe_interval=args.keyframe_interval, crf=args.crf,
                               vp9_cpu_used=args.vp9_cpu_used, vp9_deadline=args.vp9_deadline,
-                              h264_preset=args.h264_preset, min_frames=args.min_frames, copy=args.copy)
+                              h264_preset=args.h264_preset, min_frames=args.min_frames,
+                              min_side=args.min_side,
+                              max_gap=args.max_gap, copy=args.copy)
     max_samples, max_bytes = args.shard_size
     job = ShardJob(out_dir=args.out, name=args.name or listing.dataset, settings=settings, seed=args.seed,
                    shard_max_samples=max_samples, shard_max_bytes=max_bytes, executor=args.executor,
                    workers=args.workers, ray_address=args.ray_address, keep_work=args.keep_work,
                    progress=not args.no_progress, source=source)
     manifest = run_shard_job(listing, job)
+    unexpected = manifest["quarantine"]["by_reason"].get("unexpected error", 0)
+    if unexpected:
+        # Per-input failures never end the job; many "unexpected error"s point at the environment.
+        print(f"[shard_tools] warning: {unexpected} input(s) quarantined as 'unexpected error' (see "
+              f"{args.out / manifest['quarantine']['path']}); if the cause is the environment, fix it and "
+              "rerun into a new folder", file=sys.stderr)
     print(json.dumps({"out": str(args.out), "codec": manifest["codec"], "totals": manifest["totals"],
                       "quarantine": manifest["quarantine"]["by_reason"]}, indent=1))
     return 0

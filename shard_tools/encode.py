@@ -6,10 +6,12 @@ in and one of the reasons in :data:`QUARANTINE_REASONS`. It returns the encoded 
 instead of writing them, so a Ray worker on another machine needs no shared output folder.
 
 Output: constant frame rate ``min(source average rate, max_fps)`` (VFR sources are resampled by
-timestamp: each output slot shows the source frame on screen at that time), short side scaled down
-to ``short_side`` (never up), aspect ratio kept (sample aspect ratio applied), both sides even,
-yuv420p, a keyframe exactly every ``keyframe_interval`` frames, no audio. Encoders run with one
-thread and the muxer in bitexact mode, so the same input gives the same bytes on every run
+timestamp: each output slot shows the source frame on screen at that time; a source frame is held
+at most ``max_gap`` seconds, so no input costs more output frames than ``max_gap * rate`` per decoded
+frame), short side scaled down to ``short_side`` (never up; an odd side loses one pixel), both sides
+at least ``min_side``, aspect ratio kept (sample aspect ratio applied), both sides even, yuv420p, a
+keyframe exactly every ``keyframe_interval`` frames, no audio. Encoders run with one thread and the
+muxer in bitexact mode, so the same input gives the same bytes on every run
 (resume relies on it) -- parallelism comes from running many videos at once.
 """
 
@@ -24,18 +26,22 @@ import av
 
 from shard_tools.sources import VideoInput
 
-QUARANTINE_REASONS = ("missing", "zero bytes", "not a video", "no video stream", "truncated",
-                      "too short", "unsupported codec", "encoder error", "duplicate key",
-                      "bad annotation row")
+QUARANTINE_REASONS = ("missing", "zero bytes", "unreadable", "not a video", "no video stream", "truncated",
+                      "too short", "too small", "timestamp gap", "unsupported codec", "encoder error",
+                      "duplicate key", "bad annotation row", "not in a class folder", "unexpected error")
 # codec name -> (PyAV encoder, container format, file suffix / webdataset extension, default CRF)
 CODEC_TABLE = {
     "vp9": ("libvpx-vp9", "webm", "webm", 32),
     "h264": ("libx264", "mp4", "mp4", 23),
 }
+# Smallest output side by default: degenerate inputs (1x1, 4000x16) out, 64x48 test footage in.
+DEFAULT_MIN_SIDE = 32
 # FFmpeg demuxer names that accept the target container (for --copy).
 COPYABLE_FORMATS = {"vp9": {"matroska", "webm"}, "h264": {"mov", "mp4"}}
-# FFmpeg "video" formats that are not videos of a scene (a text file opens as ANSI art).
-NON_VIDEO_FORMATS = {"tty"}
+# FFmpeg "video" formats that are not videos of a scene (a text file opens as ANSI art; a still
+# image opens through an image demuxer as one frame, which is not a short video either).
+NON_VIDEO_FORMATS = {"tty", "image2"}
+IMAGE_FORMAT_SUFFIX = "_pipe"  # png_pipe, jpeg_pipe, webp_pipe, bmp_pipe, tiff_pipe, ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,15 @@ class EncodeSettings:
         vp9_deadline: libvpx deadline (``realtime`` is ~5x faster than ``good`` for ~20% more bytes).
         h264_preset: x264 preset.
         min_frames: videos with fewer output frames are quarantined as ``too short``.
+        min_side: videos whose output width or height is below this are quarantined as ``too small``
+            (sizes are never scaled up). None means 32 (or ``short_side`` if smaller): 32 rejects
+            degenerate inputs (1x1, 4000x16) and keeps the project's 64x48 test footage; NVDEC
+            decodes VP9 only from 128x128 (NVIDIA's decoder documentation), so shards for GPU
+            decoding of VP9 want ``min_side=128``.
+        max_gap: seconds one source frame may be held (a timestamp gap between decoded frames, or the
+            last frame's duration); a longer gap is quarantined as ``timestamp gap`` instead of
+            becoming thousands of repeated output frames. 5 s is far above the holds of real
+            footage (sparse-timestamp AVIs hold a frame for a few ticks, ~0.5 s).
         copy: keep the original bytes when the source already meets every target.
     """
 
@@ -65,6 +80,8 @@ class EncodeSettings:
     vp9_deadline: str = "realtime"
     h264_preset: str = "veryfast"
     min_frames: int = 16
+    min_side: int | None = None
+    max_gap: float = 5.0
     copy: bool = False
 
     def __post_init__(self):
@@ -73,6 +90,13 @@ class EncodeSettings:
         if self.short_side < 2 or self.keyframe_interval < 1 or self.max_fps <= 0 or self.min_frames < 1:
             raise ValueError(f"invalid encode settings {self}: short_side >= 2, keyframe_interval >= 1, "
                              "max_fps > 0 and min_frames >= 1 are required")
+        if self.min_side is None:
+            object.__setattr__(self, "min_side", min(DEFAULT_MIN_SIDE, self.short_side))
+        if not 2 <= self.min_side <= self.short_side:
+            raise ValueError(f"min_side {self.min_side}: must be in 2..short_side ({self.short_side}), "
+                             "otherwise every video would be too small")
+        if not self.max_gap > 0:
+            raise ValueError(f"max_gap {self.max_gap}: must be > 0 seconds")
         if not -8 <= self.vp9_cpu_used <= 8:
             raise ValueError(f"vp9_cpu_used {self.vp9_cpu_used}: libvpx accepts -8..8")
         if self.crf is None:
@@ -136,11 +160,13 @@ def _has_container_magic(head: bytes) -> bool:
 
 
 def _even(x: float) -> int:
-    return max(2, int(round(x)) // 2 * 2)
+    # Rounded down to even, never up: a 1-pixel side becomes 0 (then ``too small``), not 2.
+    return int(round(x)) // 2 * 2
 
 
 def target_size(width: int, height: int, sample_aspect: Fraction | None, short_side: int) -> tuple[int, int]:
-    """Output (width, height): display aspect kept, short side scaled down to ``short_side``, even."""
+    """Output (width, height): display aspect kept, short side scaled down to ``short_side``, even
+    (rounded down, so never above the display size; may be 0 for 1-pixel sources)."""
     display_width = width * sample_aspect if sample_aspect and sample_aspect > 0 else Fraction(width)
     scale = min(Fraction(1), Fraction(short_side) / min(display_width, height))
     return _even(display_width * scale), _even(height * scale)
@@ -158,22 +184,31 @@ def output_rate(stream, max_fps: float) -> Fraction:
 def _open_source(item: VideoInput):
     path = Path(item.path)
     if not path.exists():
-        raise VideoRejected("probe", "missing", f"{path} does not exist")
+        broken = " (a broken symlink)" if path.is_symlink() else ""
+        raise VideoRejected("probe", "missing", f"{path} does not exist{broken}")
     if not path.is_file():
         raise VideoRejected("probe", "not a video", f"{path} is not a regular file")
     size = path.stat().st_size
     if size == 0:
         raise VideoRejected("probe", "zero bytes", f"{path} is empty")
+    # Read the head first: an unreadable file fails here with the OS's own reason (PermissionError
+    # -> "unreadable" in process_video), not as an FFmpeg error that looks like a bad video.
+    with open(path, "rb") as f:
+        head = f.read(16)
     try:
         container = av.open(str(path), metadata_errors="ignore")
+    except OSError:
+        raise  # av.error.PermissionError & co. are OSErrors: the file, not its content, is the problem
     except (av.error.FFmpegError, UnicodeDecodeError) as err:
-        with open(path, "rb") as f:
-            head = f.read(16)
         reason = "truncated" if _has_container_magic(head) else "not a video"
         raise VideoRejected("probe", reason, f"{path}: FFmpeg cannot open it ({err})") from None
-    if container.format.name in NON_VIDEO_FORMATS:
+    format_name = container.format.name
+    still = format_name.endswith(IMAGE_FORMAT_SUFFIX) or (
+        format_name == "gif" and container.streams.video and container.streams.video[0].frames <= 1)
+    if format_name in NON_VIDEO_FORMATS or still:
         container.close()
-        raise VideoRejected("probe", "not a video", f"{path}: FFmpeg reads it as {container.format.name!r}")
+        what = "a still image" if still or format_name == "image2" else "not a video"
+        raise VideoRejected("probe", "not a video", f"{path}: FFmpeg reads it as {format_name!r} ({what})")
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
@@ -257,6 +292,7 @@ def transcode(item: VideoInput, container, stream, settings: EncodeSettings, rat
               size: tuple[int, int]) -> tuple[bytes, int]:
     """Decode the source, resample to the constant ``rate`` by timestamp and encode."""
     slot = Fraction(1) / rate
+    max_gap = Fraction(settings.max_gap).limit_denominator(1000)
     encoder = None
     prev_frame, prev_time, next_slot = None, None, 0
     first_time = None
@@ -292,6 +328,12 @@ def transcode(item: VideoInput, container, stream, settings: EncodeSettings, rat
                 if t <= prev_time:  # out-of-order or duplicate timestamp: the newer frame wins
                     prev_frame = frame
                     continue
+                if t - prev_time > max_gap:  # checked before emitting: a 2-hour gap costs nothing
+                    raise VideoRejected("decode", "timestamp gap",
+                                        f"{item.path}: frame {decoded - 1} comes {float(t - prev_time):.2f}s "
+                                        f"after the previous one (at {float(prev_time):.2f}s) > --max-gap "
+                                        f"{settings.max_gap}s: it would be held for "
+                                        f"{int((t - prev_time) * rate)} output frames")
                 emit_until(t)
             prev_frame, prev_time = frame, t
     except av.error.DecoderNotFoundError as err:
@@ -304,8 +346,13 @@ def transcode(item: VideoInput, container, stream, settings: EncodeSettings, rat
                             f"{item.path}: no decodable frame")
     last_duration = (Fraction(prev_frame.duration) * prev_frame.time_base
                      if prev_frame.duration and prev_frame.time_base else default_duration)
+    if last_duration > max_gap:
+        raise VideoRejected("decode", "timestamp gap", f"{item.path}: the last frame lasts "
+                                                       f"{float(last_duration):.2f}s > --max-gap {settings.max_gap}s")
     emit_until(prev_time + last_duration)
-    # A file cut short often decodes cleanly up to the cut: compare with what the container declares.
+    # A file cut short often decodes cleanly up to the cut: compare where the decoded frames end with
+    # the stream's declared duration. Not with the container's frame count: an AVI holding frames
+    # for several ticks (sparse timestamps) counts every tick as a frame (414 "frames" for 60 real ones).
     # Tolerance: 3 frames or 2% (edit lists and encoder delay shift the ends of intact files a little).
     declared_end = _declared_end(stream, container)
     decoded_end = float(prev_time + last_duration + (first_time or 0))
@@ -313,9 +360,6 @@ def transcode(item: VideoInput, container, stream, settings: EncodeSettings, rat
     if declared_end and decoded_end < declared_end - tolerance:
         raise VideoRejected("decode", "truncated", f"{item.path}: frames end at {decoded_end:.2f}s, "
                                                    f"the container says {declared_end:.2f}s")
-    if stream.frames and decoded < 0.98 * stream.frames - 2:
-        raise VideoRejected("decode", "truncated", f"{item.path}: decoded {decoded} frames, the container "
-                                                   f"indexes {stream.frames}")
     if encoder.num_frames < settings.min_frames:
         raise VideoRejected("decode", "too short", f"{item.path}: {encoder.num_frames} frames at "
                                                    f"{float(rate):.3f} fps < --min-frames {settings.min_frames}")
@@ -363,6 +407,9 @@ def _process(item: VideoInput, settings: EncodeSettings) -> tuple[dict, bytes]:
             raise VideoRejected("probe", "not a video", f"{item.path}: video stream has no frame size")
         sar = codec_context.sample_aspect_ratio
         size = target_size(width, height, Fraction(sar) if sar else None, settings.short_side)
+        if min(size) < settings.min_side:
+            raise VideoRejected("probe", "too small", f"{item.path}: {width}x{height} source -> {size[0]}x{size[1]} "
+                                                      f"output (never scaled up) < --min-side {settings.min_side}")
         rate = output_rate(stream, settings.max_fps)
         source_info = {"source_codec": codec_context.name, "source_width": width,
                        "source_height": height, "source_bytes": source_bytes}
@@ -385,22 +432,48 @@ def _process(item: VideoInput, settings: EncodeSettings) -> tuple[dict, bytes]:
               "input_id": item.input_id, "num_frames": num_frames, "fps": round(fps, 6),
               "width": size[0], "height": size[1], "duration": round(num_frames / fps, 6),
               "codec": settings.codec, "copied": copied, **source_info}
+    if item.key_hash:  # the key carries a hash suffix: say of what and why
+        record["key_hash"] = item.key_hash
     return record, payload
 
 
+_STAGE_OF_FUNCTION = {"_open_source": "probe", "_can_copy": "probe", "_keyframe_interval_ok": "probe",
+                      "transcode": "decode", "_Encoder.__init__": "encode", "_Encoder.encode": "encode",
+                      "_Encoder.finish": "encode", "test_decode": "test-decode"}
+
+
+def _failed_stage(err: BaseException) -> str:
+    """The stage a generic exception came from: the innermost of this module's stage functions
+    on its traceback (probe / decode / encode / test-decode)."""
+    stage = "probe"
+    tb = err.__traceback__
+    while tb is not None:  # outermost frame first: the last match is the innermost
+        stage = _STAGE_OF_FUNCTION.get(tb.tb_frame.f_code.co_qualname, stage)
+        tb = tb.tb_next
+    return stage
+
+
 def process_video(item: VideoInput, settings: EncodeSettings) -> VideoOutcome:
-    """Probe, re-encode (or copy) and test-decode one video; bad videos become quarantine records."""
+    """Probe, re-encode (or copy) and test-decode one video; every failure becomes a quarantine record.
+
+    One input never stops the job: a file the OS will not let us read (PermissionError, I/O error, a
+    path that vanished) is ``unreadable``; any other exception is ``unexpected error`` with its type
+    and message (the manifest's ``by_reason`` counts them; many of them point at the environment).
+    """
     try:
         record, payload = _process(item, settings)
     except VideoRejected as rejected:
-        entry = quarantine_entry(item.input_id, item.key, item.path, rejected.stage, rejected.reason,
-                                 rejected.detail)
-        return VideoOutcome(item.key, item.input_id, False, entry, None)
-    except Exception as err:
-        # Not a known kind of bad video: a bug or an environment problem. Stop the job, naming the file
-        # (finished videos are kept in OUT/.work, so a rerun resumes after the fix).
-        raise RuntimeError(f"{item.path} (input {item.input_id}): unexpected {type(err).__name__}: {err}") from err
-    return VideoOutcome(item.key, item.input_id, True, record, payload)
+        stage, reason, detail = rejected.stage, rejected.reason, rejected.detail
+    except OSError as err:  # includes av.error.PermissionError / FileNotFoundError (they are OSErrors)
+        stage, reason = _failed_stage(err), "unreadable"
+        detail = f"{item.path}: {type(err).__name__}: {err.strerror or err}"
+    except Exception as err:  # noqa: BLE001 -- per-input failures must not end the job
+        stage, reason = _failed_stage(err), "unexpected error"
+        detail = f"{item.path}: {type(err).__name__}: {' '.join(str(err).split())}"  # one line
+    else:
+        return VideoOutcome(item.key, item.input_id, True, record, payload)
+    entry = quarantine_entry(item.input_id, item.key, item.path, stage, reason, detail)
+    return VideoOutcome(item.key, item.input_id, False, entry, None)
 
 
 def quarantine_entry(input_id: str, key: str | None, source: str, stage: str, reason: str,

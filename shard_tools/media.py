@@ -158,6 +158,30 @@ def write_synthetic_video(path: str | os.PathLike, *, num_frames: int, width: in
     return path
 
 
+def write_timestamped_video(path: str | os.PathLike, pts: list[int], time_base: Fraction, *,
+                            codec: str = "mpeg4", width: int = 64, height: int = 48) -> Path:
+    """Write a video whose frame i has timestamp ``pts[i] * time_base`` (PyAV encoder name ``codec``).
+
+    For timestamp edge cases: sparse timestamps (frames held several ticks), gaps, 1x1 sources.
+    Frame i is a uniform grey of level ``37 * i mod 256``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=1 / time_base)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = time_base
+        for i, p in enumerate(pts):
+            image = np.full((height, width, 3), (i * 37) % 256, np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = p, time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
 def read_frames(path: str | os.PathLike) -> np.ndarray:
     """Decode every frame of a video with PyAV as an ``(F, H, W, 3)`` uint8 RGB array."""
     with av.open(str(path)) as container:

@@ -14,20 +14,37 @@ Supported layouts:
   removed, as the dataset's own code does. ``test.json`` rows (id only) are unlabelled.
 - A folder of class subfolders (label = subfolder name, ids in sorted name order).
 - A folder of unlabelled videos (label -1).
+
+Keys stay within :data:`MAX_KEY_LENGTH` characters of ``[A-Za-z0-9_-]`` (file names in ``.work``
+and tar member names); a longer key, or a folder key that two files share after sanitising
+(``clip 1.mp4`` / ``clip_1.mp4``), gets a stable hash suffix of the text it came from, recorded on
+the input (and in its sample json as ``key_hash``). Files that are not inputs are never dropped
+silently: loose videos in a class-folder layout are quarantined (``not in a class folder``) and
+files with an extension outside :data:`VIDEO_SUFFIXES` are counted in ``SourceListing.skipped``
+(the manifest lists them). Kinetics / SSv2 rows whose clip exists only under another extension
+use that file (the probe then says what it is).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg",
-                            ".flv", ".wmv", ".3gp", ".ogv", ".ts"})
+                            ".flv", ".wmv", ".3gp", ".ogv", ".ts", ".mts", ".m2ts", ".vob", ".f4v",
+                            ".divx", ".asf", ".y4m", ".gif"})
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+# `{key}.{ext}` must fit a POSIX ustar member name (100 bytes) so shards need no PAX long-name
+# headers, and `{key}.json.tmp` must fit NAME_MAX (255): 90 characters leave room for any extension.
+MAX_KEY_LENGTH = 90
+KEY_HASH_CHARS = 12  # 48 bits of sha256: a collision among a million keys has probability ~2e-3 %
+MAX_SKIPPED_EXAMPLES = 20
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
 DATASET_KINDS = ("kinetics", "ssv2", "folder", "unlabelled")
 
@@ -45,6 +62,8 @@ class VideoInput:
         label_name: class name, "" when unlabelled.
         dataset: ``kinetics`` | ``ssv2`` | ``folder`` | ``unlabelled``.
         split: split name written into the sample's json.
+        key_hash: when the key carries a hash suffix: {"of": hashed text, "why": reason}
+            (written into the sample json); None for plain keys.
     """
 
     input_id: str
@@ -54,6 +73,7 @@ class VideoInput:
     label_name: str
     dataset: str
     split: str
+    key_hash: dict | None = field(default=None, hash=False)  # a dict is unhashable: equality only
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,10 @@ class SourceListing:
     inputs: list[VideoInput] = field(default_factory=list)
     rejected: list[RejectedInput] = field(default_factory=list)
     label_map: dict[str, int] = field(default_factory=dict)
+    # Files that are not inputs: under a folder layout, those whose extension is not in VIDEO_SUFFIXES
+    # ({"count", "reason", "by_extension", "examples"}); under any layout, "unreadable_folders"
+    # (relative paths). Empty when there are none.
+    skipped: dict = field(default_factory=dict)
 
     @property
     def num_inputs(self) -> int:
@@ -88,18 +112,107 @@ def sanitize_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def index_videos_by_stem(root: Path) -> dict[str, list[Path]]:
-    """All video files under ``root`` keyed by file name without suffix (one walk, sorted paths)."""
+def hashed_key(base: str, hashed_text: str) -> str:
+    """``base`` cut so that ``{base}_{hash}`` fits :data:`MAX_KEY_LENGTH`; the hash is sha256 of
+    ``hashed_text`` (stable across runs and machines)."""
+    digest = hashlib.sha256(hashed_text.encode("utf-8", "surrogateescape")).hexdigest()[:KEY_HASH_CHARS]
+    return f"{base[:MAX_KEY_LENGTH - KEY_HASH_CHARS - 1]}_{digest}"
+
+
+def bound_key(key: str, hashed_text: str) -> tuple[str, dict | None]:
+    """(key, key_hash record): keys over :data:`MAX_KEY_LENGTH` get a hash suffix of ``hashed_text``."""
+    if len(key) <= MAX_KEY_LENGTH:
+        return key, None
+    return hashed_key(key, hashed_text), {"of": hashed_text,
+                                          "why": f"key longer than {MAX_KEY_LENGTH} characters"}
+
+
+def _walk_files(root: str, unreadable: list[str]):
+    """(directory, [file names]) for every folder under ``root``, depth first in sorted order.
+
+    os.scandir with plain strings: one system call per folder and no Path object per file, which
+    is what keeps listing half a million files to seconds. Symlinked folders are followed (datasets
+    are often assembled from links), each real folder once, so a link cycle ends; a symlink to a file
+    is listed like the file (a broken one is quarantined as missing when probed). Folders that
+    cannot be read are appended to ``unreadable`` (their files cannot be listed, so callers report
+    them); an unreadable ``root`` is an error.
+    """
+    stack = [root]
+    seen: set[tuple[int, int]] = set()
+    while stack:
+        folder = stack.pop()
+        try:
+            info = os.stat(folder)
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            if folder == root:
+                raise ValueError(f"{root}: cannot list the video folder ({err.strerror or err})") from None
+            unreadable.append(folder)
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        files, subfolders = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            (subfolders if is_dir else files).append(entry.name)
+        files.sort()
+        yield folder, files
+        stack.extend(os.path.join(folder, d) for d in sorted(subfolders, reverse=True))
+
+
+# Files downloaders write next to a clip: never taken for the clip itself.
+SIDECAR_SUFFIXES = frozenset({".json", ".txt", ".description", ".part", ".ytdl", ".jpg", ".jpeg",
+                              ".png", ".webp", ".srt", ".vtt", ".log", ".csv"})
+
+
+def _not_sidecars(paths: list[str] | None) -> list[str]:
+    return [p for p in paths or () if _suffix(os.path.basename(p)) not in SIDECAR_SUFFIXES]
+
+
+def _suffix(name: str) -> str:
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
+
+
+def index_files_by_stem(root: Path) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """One walk of ``root``: (video files by stem, other files by stem, folders that could not be
+    read), paths as sorted strings."""
     if not Path(root).is_dir():
         raise ValueError(f"{root}: the video folder does not exist or is not a folder")
-    by_stem: dict[str, list[Path]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if path.suffix.lower() in VIDEO_SUFFIXES:
-                by_stem.setdefault(path.stem, []).append(path)
-    return by_stem
+    videos: dict[str, list[str]] = {}
+    others: dict[str, list[str]] = {}
+    unreadable: list[str] = []
+    for folder, names in _walk_files(str(root), unreadable):
+        for name in names:
+            suffix = _suffix(name)
+            stem = name[:len(name) - len(suffix)] if suffix else name
+            (videos if suffix in VIDEO_SUFFIXES else others).setdefault(stem, []).append(
+                os.path.join(folder, name))
+    return videos, others, unreadable
+
+
+def index_videos_by_stem(root: Path) -> dict[str, list[Path]]:
+    """All video files under ``root`` keyed by file name without suffix (one walk, sorted paths)."""
+    videos, _, _ = index_files_by_stem(root)
+    return {stem: [Path(p) for p in paths] for stem, paths in videos.items()}
+
+
+def _skipped_summary(root: Path, paths: list[str], unreadable_folders: list[str]) -> dict:
+    """What the manifest says about files that are not inputs: under a folder layout, files with an
+    unlisted extension; under any layout, folders that could not be read."""
+    summary: dict = {}
+    if paths:
+        by_extension = Counter(_suffix(os.path.basename(p)) or "(none)" for p in paths)
+        summary.update({"count": len(paths), "reason": f"extension not one of {' '.join(sorted(VIDEO_SUFFIXES))}",
+                        "by_extension": dict(sorted(by_extension.items())),
+                        "examples": [os.path.relpath(p, root) for p in sorted(paths)[:MAX_SKIPPED_EXAMPLES]]})
+    if unreadable_folders:
+        summary["unreadable_folders"] = sorted(os.path.relpath(p, root) for p in unreadable_folders)
+    return summary
 
 
 def load_label_map(path: Path) -> dict[str, int]:
@@ -157,33 +270,40 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
     if not all(name in header for name in required) or set(header) - set(KINETICS_COLUMNS) - {"is_cc"}:
         raise ValueError(f"{csv_path}: header {header} is not the Kinetics format "
                          f"{','.join(KINETICS_COLUMNS)}[,is_cc]")
-    column = {name: header.index(name) for name in header}
+    width = len(header)
+    columns = [header.index(name) if name in header else None
+               for name in ("label", "youtube_id", "time_start", "time_end", "split")]
 
-    def cell(row: list[str], name: str) -> str:
-        return row[column[name]].strip() if name in column and len(row) == len(header) else ""
+    def cells(row: list[str]) -> tuple[str, ...]:
+        """(label, youtube_id, time_start, time_end, split), stripped; "" when absent or malformed."""
+        if len(row) != width:
+            return ("",) * 5
+        return tuple(row[c].strip() if c is not None else "" for c in columns)
 
-    body = [(line_no, row) for line_no, row in enumerate(rows[1:], start=2) if any(c.strip() for c in row)]
-    splits = sorted({cell(row, "split") for _, row in body} - {""})
+    body = [(line_no, row, cells(row)) for line_no, row in enumerate(rows[1:], start=2)
+            if any(c.strip() for c in row)]
+    del rows
+    splits = sorted({c[4] for _, _, c in body} - {""})
     if split is None:
         if len(splits) > 1:
             raise ValueError(f"{csv_path}: rows of several splits {splits}; choose one with --split")
         split = splits[0] if splits else "train"
     if label_map is None:
-        names = sorted({cell(row, "label") for _, row in body} - {""})
+        names = sorted({c[0] for _, _, c in body} - {""})
         label_map = {name: i for i, name in enumerate(names)}
     listing = SourceListing("kinetics", split, label_map=dict(label_map))
-    by_stem = index_videos_by_stem(video_root)
+    by_stem, other_by_stem, unreadable = index_files_by_stem(video_root)
+    listing.skipped = _skipped_summary(video_root, [], unreadable)
+    root_text, csv_name, csv_text = str(video_root), csv_path.name, str(csv_path)
     candidates = []
-    for line_no, row in body:
-        input_id = f"{csv_path.name}:{line_no}"
-        source = f"{csv_path}:{line_no}"
-        if cell(row, "split") not in ("", split):
+    for line_no, row, (label_name, youtube_id, start_text, end_text, row_split) in body:
+        if row_split not in ("", split):
             continue  # another split's row is not an input of this run
+        input_id = f"{csv_name}:{line_no}"
         try:
-            if len(row) != len(header):
-                raise ValueError(f"expected {len(header)} columns ({','.join(header)}), got {len(row)}")
-            label_name, youtube_id = cell(row, "label"), cell(row, "youtube_id")
-            start, end = _parse_seconds(cell(row, "time_start")), _parse_seconds(cell(row, "time_end"))
+            if len(row) != width:
+                raise ValueError(f"expected {width} columns ({','.join(header)}), got {len(row)}")
+            start, end = _parse_seconds(start_text), _parse_seconds(end_text)
             if not KEY_PATTERN.match(youtube_id):
                 raise ValueError(f"youtube_id {youtube_id!r} is empty or outside [A-Za-z0-9_-]")
             if end <= start:
@@ -191,16 +311,20 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
             if label_name and label_name not in label_map:
                 raise ValueError(f"label {label_name!r} is not in the label map")
         except ValueError as err:
-            listing.rejected.append(RejectedInput(input_id, None, source, "listing",
+            listing.rejected.append(RejectedInput(input_id, None, f"{csv_text}:{line_no}", "listing",
                                                   "bad annotation row", str(err)))
             continue
-        key = f"{youtube_id}_{start:06d}_{end:06d}"
-        paths = by_stem.get(key) or by_stem.get(youtube_id) or []
-        # Prefer the file inside the row's class folder (downloaders write either spaces or '_').
-        in_class = [p for p in paths if p.parent.name in (label_name, label_name.replace(" ", "_"))]
-        path = (in_class or paths or [video_root / f"{key}.mp4"])[0]
+        stem = f"{youtube_id}_{start:06d}_{end:06d}"
+        # A clip saved under an unlisted extension is still this row's input (the probe judges it).
+        paths = by_stem.get(stem) or by_stem.get(youtube_id) or _not_sidecars(other_by_stem.get(stem))
+        if len(paths) > 1:  # prefer the file inside the row's class folder (spaces or '_')
+            in_class = [p for p in paths
+                        if os.path.basename(os.path.dirname(p)) in (label_name, label_name.replace(" ", "_"))]
+            paths = in_class or paths
+        path = paths[0] if paths else os.path.join(root_text, stem + ".mp4")
         label = label_map[label_name] if label_name else -1
-        candidates.append(VideoInput(input_id, key, str(path), label, label_name, "kinetics", split))
+        key, key_hash = bound_key(stem, stem)
+        candidates.append(VideoInput(input_id, key, path, label, label_name, "kinetics", split, key_hash))
     _dedupe(listing, candidates)
     return listing
 
@@ -226,7 +350,8 @@ def read_ssv2(annotation_path: Path, labels_path: Path, video_root: Path, *,
     if not isinstance(rows, list):
         raise ValueError(f"{annotation_path}: expected a JSON list of {{id, label, template, placeholders}}")
     listing = SourceListing("ssv2", split or annotation_path.stem, label_map=label_map)
-    by_stem = index_videos_by_stem(video_root)
+    by_stem, other_by_stem, unreadable = index_files_by_stem(video_root)
+    listing.skipped = _skipped_summary(video_root, [], unreadable)
     candidates = []
     for index, row in enumerate(rows):
         input_id = f"{annotation_path.name}:{index}"
@@ -248,9 +373,11 @@ def read_ssv2(annotation_path: Path, labels_path: Path, video_root: Path, *,
             listing.rejected.append(RejectedInput(input_id, None, source, "listing",
                                                   "bad annotation row", str(err)))
             continue
-        paths = by_stem.get(video_id) or [video_root / f"{video_id}.webm"]
-        candidates.append(VideoInput(input_id, video_id, str(paths[0]), label, label_name, "ssv2",
-                                     listing.split))
+        paths = (by_stem.get(video_id) or _not_sidecars(other_by_stem.get(video_id))
+                 or [str(video_root / f"{video_id}.webm")])
+        key, key_hash = bound_key(video_id, video_id)
+        candidates.append(VideoInput(input_id, key, paths[0], label, label_name, "ssv2", listing.split,
+                                     key_hash))
     _dedupe(listing, candidates)
     return listing
 
@@ -259,34 +386,61 @@ def read_folder(root: Path, *, labelled: bool, split: str = "train",
                 label_map: dict[str, int] | None = None) -> SourceListing:
     """A folder of class subfolders (``labelled=True``) or of unlabelled videos.
 
-    Keys are the path relative to ``root`` without suffix, sanitized to ``[A-Za-z0-9_-]``; two
-    files that sanitize to the same key are a ``duplicate key``.
+    Keys are the path relative to ``root`` without suffix, sanitized to ``[A-Za-z0-9_-]``. Files
+    whose keys coincide after sanitising (``clip 1.mp4`` / ``clip_1.mp4`` / ``clip_1.webm``) each get
+    a hash suffix of their relative path, so every file stays an input under a key that depends
+    only on its own path. Video files directly in ``root`` of a class layout are quarantined as
+    ``not in a class folder``; files with other extensions are counted in ``listing.skipped``.
     """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder")
-    files = sorted(p for stem_paths in index_videos_by_stem(root).values() for p in stem_paths)
+    videos, others, unreadable = index_files_by_stem(root)
+    root_text = str(root)
+    files = sorted(p for paths in videos.values() for p in paths)
+    listing = SourceListing("folder" if labelled else "unlabelled", split)
+    loose: list[str] = []
     if labelled:
-        files = [p for p in files if p.parent != root]  # loose files have no class
+        loose = [p for p in files if os.path.dirname(p) == root_text]
+        files = [p for p in files if os.path.dirname(p) != root_text]
         if label_map is None:
-            classes = sorted({p.relative_to(root).parts[0] for p in files})
+            classes = sorted({os.path.relpath(p, root_text).split(os.sep)[0] for p in files})
             label_map = {name: i for i, name in enumerate(classes)}
-    listing = SourceListing("folder" if labelled else "unlabelled", split,
-                            label_map=dict(label_map or {}))
+    listing.label_map = dict(label_map or {})
+    listing.skipped = _skipped_summary(root, [p for paths in others.values() for p in paths], unreadable)
+    for path in loose:
+        rel = os.path.relpath(path, root_text)
+        listing.rejected.append(RejectedInput(rel, None, path, "listing", "not in a class folder",
+                                              f"{path}: a class-folder layout takes its label from the "
+                                              f"subfolder; this video is directly in {root}"))
     candidates = []
     for path in files:
-        rel = path.relative_to(root)
+        rel = Path(os.path.relpath(path, root_text)).as_posix()
         if labelled:
-            label_name = rel.parts[0]
+            label_name = rel.split("/")[0]
             if label_name not in listing.label_map:
-                listing.rejected.append(RejectedInput(str(rel), None, str(path), "listing",
-                                                      "bad annotation row",
+                listing.rejected.append(RejectedInput(rel, None, path, "listing", "bad annotation row",
                                                       f"class folder {label_name!r} is not in the label map"))
                 continue
             label = listing.label_map[label_name]
         else:
             label_name, label = "", -1
-        key = sanitize_key(str(rel.with_suffix("")))
-        candidates.append(VideoInput(str(rel), key, str(path), label, label_name, listing.dataset, split))
-    _dedupe(listing, candidates)
+        key, key_hash = bound_key(sanitize_key(rel[:len(rel) - len(_suffix(rel))]), rel)
+        candidates.append(VideoInput(rel, key, path, label, label_name, listing.dataset, split, key_hash))
+    _dedupe(listing, _disambiguate(candidates))
     return listing
+
+
+def _disambiguate(candidates: list[VideoInput]) -> list[VideoInput]:
+    """Every input of a group that shares a key gets ``{key}_{hash of its relative path}``."""
+    count = Counter(item.key for item in candidates)
+    out = []
+    for item in candidates:
+        if count[item.key] > 1:
+            others = count[item.key] - 1
+            item = VideoInput(item.input_id, hashed_key(item.key, item.input_id), item.path, item.label,
+                              item.label_name, item.dataset, item.split,
+                              {"of": item.input_id, "why": f"key {item.key!r} is shared by {others} other "
+                                                           f"file(s) after sanitising"})
+        out.append(item)
+    return out

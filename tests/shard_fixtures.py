@@ -79,12 +79,13 @@ def write_unsupported_codec(path: Path) -> Path:
 
 
 def write_encoder_breaker(path: Path) -> Path:
-    """A valid 16x70000 FFV1 video: it decodes, but VP9 (max 65536) and x264 refuse the frame size."""
+    """A valid 32x70000 FFV1 video: it decodes, but VP9 (max 65536) and x264 refuse the frame size.
+    (32 wide: the narrowest the default --min-side lets through to the encoder.)"""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("ffv1", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 16, 70000, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = 32, 70000, "yuv420p"
         for i in range(2):
-            frame = av.VideoFrame(16, 70000, "yuv420p")
+            frame = av.VideoFrame(32, 70000, "yuv420p")
             for plane in frame.planes:
                 plane.update(bytes(plane.buffer_size))
             frame.pts, frame.time_base = i, Fraction(1, 25)

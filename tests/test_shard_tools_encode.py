@@ -15,7 +15,7 @@ import pytest
 
 from shard_fixtures import make_bad_inputs, write_with_audio
 from shard_tools.encode import EncodeSettings, process_video, target_size
-from shard_tools.media import decode_index_color, write_synthetic_video
+from shard_tools.media import decode_index_color, write_synthetic_video, write_timestamped_video
 from shard_tools.sources import VideoInput
 
 
@@ -177,3 +177,23 @@ def test_files_cut_short_that_still_open_are_truncated(tmp_path, container, frac
     cut.write_bytes(data[: int(len(data) * fraction)])
     outcome = process_video(_item(cut), EncodeSettings())
     assert not outcome.ok and outcome.record["reason"] == "truncated", outcome.record
+
+
+def test_min_side_default_follows_short_side_and_is_validated():
+    assert EncodeSettings().min_side == 32 and EncodeSettings(short_side=24).min_side == 24
+    assert EncodeSettings(min_side=128).min_side == 128
+    for bad in ({"min_side": 300}, {"min_side": 1}, {"max_gap": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EncodeSettings(**bad)
+
+
+def test_a_held_frame_is_kept_up_to_max_gap(tmp_path):
+    """A 3 s hold is footage (repeated output frames); above --max-gap it is a timestamp gap."""
+    src = write_timestamped_video(tmp_path / "hold.avi", list(range(10)) + [85 + i for i in range(10)], Fraction(1, 25))
+    held = process_video(_item(src), EncodeSettings())
+    assert held.ok and held.record["num_frames"] == 95 and held.record["fps"] == 25.0
+    shown = _inspect(held.payload)["frames"]
+    assert np.abs(shown[9].astype(int) - shown[84].astype(int)).max() <= 4  # frame 9 held to slot 84
+    gap = process_video(_item(src), EncodeSettings(max_gap=2.0))
+    assert not gap.ok and gap.record["reason"] == "timestamp gap" and gap.record["stage"] == "decode"
+    assert "3.04s" in gap.record["detail"]

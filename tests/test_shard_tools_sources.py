@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shard_tools.__main__ import parse_shard_size
-from shard_tools.sources import read_folder, read_kinetics_csv, read_ssv2, sanitize_key
+from shard_tools.sources import (MAX_KEY_LENGTH, hashed_key, read_folder, read_kinetics_csv, read_ssv2,
+                                 sanitize_key)
 from shard_tools.writer import plan_shards
 
 
@@ -106,18 +107,71 @@ def test_ssv2_label_from_template_without_brackets(tmp_path):
 
 def test_class_folders_and_unlabelled_folder(tmp_path):
     for rel in ["walk/a.mp4", "walk/b c.webm", "run/a.mp4", "run/notes.txt", "loose.mp4", "run/x.y.mp4",
-                "run/x_y.mp4"]:
+                "run/x_y.mp4", "run/clip.mp5"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"v")
     listing = read_folder(tmp_path, labelled=True)
     assert listing.label_map == {"run": 0, "walk": 1}
-    assert [(v.key, v.label) for v in listing.inputs] == [("run_a", 0), ("run_x_y", 0), ("walk_a", 1),
-                                                          ("walk_b_c", 1)]
-    assert [(r.input_id, r.reason) for r in listing.rejected] == [("run/x_y.mp4", "duplicate key")]
+    # run/x.y.mp4 and run/x_y.mp4 both sanitise to run_x_y: each keeps a key of its own path.
+    x_dot, x_under = hashed_key("run_x_y", "run/x.y.mp4"), hashed_key("run_x_y", "run/x_y.mp4")
+    assert [(v.input_id, v.key, v.label) for v in listing.inputs] == sorted(
+        [("run/a.mp4", "run_a", 0), ("run/x.y.mp4", x_dot, 0), ("run/x_y.mp4", x_under, 0),
+         ("walk/a.mp4", "walk_a", 1), ("walk/b c.webm", "walk_b_c", 1)], key=lambda t: t[1])
+    assert {v.key: v.key_hash["of"] for v in listing.inputs if v.key_hash} == {x_dot: "run/x.y.mp4",
+                                                                                x_under: "run/x_y.mp4"}
+    # Nothing is dropped silently: the loose video is quarantined, other extensions are counted.
+    assert [(r.input_id, r.reason) for r in listing.rejected] == [("loose.mp4", "not in a class folder")]
+    assert listing.skipped["count"] == 2 and listing.skipped["by_extension"] == {".mp5": 1, ".txt": 1}
+    assert listing.skipped["examples"] == ["run/clip.mp5", "run/notes.txt"]
     unlabelled = read_folder(tmp_path, labelled=False)
-    assert "loose" in [v.key for v in unlabelled.inputs]
+    assert "loose" in [v.key for v in unlabelled.inputs] and not unlabelled.rejected
     assert {v.label for v in unlabelled.inputs} == {-1}
     assert sanitize_key("a b/c.d") == "a_b_c_d"
+
+
+def test_folder_keys_are_stable_when_files_are_added(tmp_path):
+    """A colliding key depends only on the file's own path, not on which other files exist."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "clip 1.mp4").write_bytes(b"v")
+    (tmp_path / "c" / "clip_1.mp4").write_bytes(b"v")
+    first = {v.input_id: v.key for v in read_folder(tmp_path, labelled=True).inputs}
+    (tmp_path / "c" / "clip-1.mp4").write_bytes(b"v")
+    (tmp_path / "c" / "clip_1.webm").write_bytes(b"v")
+    second = {v.input_id: v.key for v in read_folder(tmp_path, labelled=True).inputs}
+    assert len(second) == 4 and len(set(second.values())) == 4
+    assert {k: second[k] for k in first} == first and second["c/clip-1.mp4"] == "c_clip-1"
+
+
+def test_long_keys_stay_within_file_name_limits(tmp_path):
+    deep = tmp_path / "cls" / ("d" * 120) / ("e" * 200)
+    deep.mkdir(parents=True)
+    (deep / ("v" * 240 + ".mp4")).write_bytes(b"v")
+    (deep / ("v" * 239 + "w.mp4")).write_bytes(b"v")  # same first 77 characters of key
+    listing = read_folder(tmp_path, labelled=True)
+    keys = [v.key for v in listing.inputs]
+    assert len(keys) == 2 and len(set(keys)) == 2 and all(len(k) <= MAX_KEY_LENGTH for k in keys)
+    assert all(v.key_hash["of"] == v.input_id and "longer than" in v.key_hash["why"] for v in listing.inputs)
+    assert read_folder(tmp_path, labelled=True).inputs == listing.inputs  # stable
+    long_id = "L" * 300
+    path = _kinetics_csv(tmp_path / "k.csv", [["abseiling", long_id, "0", "10", "train", "0"],
+                                              ["abseiling", long_id, "0", "10", "train", "0"]])
+    kinetics = read_kinetics_csv(path, tmp_path)
+    assert len(kinetics.inputs[0].key) == MAX_KEY_LENGTH
+    assert kinetics.inputs[0].key_hash["of"] == f"{long_id}_000000_000010"
+    assert [r.reason for r in kinetics.rejected] == ["duplicate key"]  # a real duplicate stays one
+
+
+def test_kinetics_clip_under_an_unlisted_extension_is_still_the_rows_input(tmp_path):
+    """A row's clip saved as .mxf is probed (not reported missing); downloader sidecars are not."""
+    rows = [["abseiling", "aaaaaaaaaaa", "0", "10", "train", "0"],
+            ["abseiling", "bbbbbbbbbbb", "0", "10", "train", "0"]]
+    (tmp_path / "aaaaaaaaaaa_000000_000010.mxf").write_bytes(b"v")
+    (tmp_path / "bbbbbbbbbbb_000000_000010.info.json").write_bytes(b"{}")
+    (tmp_path / "bbbbbbbbbbb_000000_000010.description").write_bytes(b"text")
+    listing = read_kinetics_csv(_kinetics_csv(tmp_path / "k.csv", rows), tmp_path)
+    paths = {v.key: Path(v.path).name for v in listing.inputs}
+    assert paths == {"aaaaaaaaaaa_000000_000010": "aaaaaaaaaaa_000000_000010.mxf",
+                     "bbbbbbbbbbb_000000_000010": "bbbbbbbbbbb_000000_000010.mp4"}
 
 
 def test_shard_size_parsing():
