@@ -140,10 +140,13 @@ class LSTCLConfig:
         longs = self.long_stride_choices or (self.long_stride,)
         if self.short_stride_choices or self.long_stride_choices:
             # Table 1 draws with tau_S <= tau_L: a member with no partner could never be drawn.
-            lonely = [f"short {s}" for s in shorts if s > max(longs)] + [f"long {t}" for t in longs if t < min(shorts)]
+            short_field = "short_stride_choices" if self.short_stride_choices else "short_stride"
+            long_field = "long_stride_choices" if self.long_stride_choices else "long_stride"
+            lonely = ([f"lstcl.{short_field}: short {s}" for s in shorts if s > max(longs)]
+                      + [f"lstcl.{long_field}: long {t}" for t in longs if t < min(shorts)])
             if lonely:
-                raise ValueError(f"lstcl stride choices: {', '.join(lonely)} has no partner with short <= long "
-                                 f"(short {shorts}, long {longs})")
+                raise ValueError(f"{'; '.join(lonely)} has no partner with short <= long, so it is never drawn "
+                                 f"(short strides {list(shorts)}, long strides {list(longs)})")
         _check_scale("lstcl.scale", self.scale)
 
     def stride_pairs(self) -> list[tuple[int, int]]:

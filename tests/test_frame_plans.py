@@ -281,3 +281,18 @@ def test_loader_views_span_the_same_seconds_in_15_25_30_fps_shards(tmp_path):
             fps = metas[key]["fps"]
             offsets = (np.array(frames) - frames[0]) / fps
             assert np.all(np.abs(offsets - np.arange(len(frames)) * stride / 30) <= 0.5 / fps + 1e-9), (key, slot)
+
+
+def test_lstcl_stswin_t16_recipe_is_the_papers_final_setting():
+    """LSTCL paper Sec 5.2: Space-Time Swin, T=16 for both clips, tau_S=4, tau_L=16, MoCo v3."""
+    from pathlib import Path
+
+    from training.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "lstcl_stswin_t16.yaml")
+    lstcl = cfg.data.lstcl
+    assert (lstcl.short_frames, lstcl.short_stride, lstcl.long_frames, lstcl.long_stride) == (16, 4, 16, 16)
+    assert lstcl.stride_pairs() == [(4, 16)] and lstcl.placement == "independent"
+    assert cfg.model.backbone == "stswin_b" and cfg.objective.name == "mocov3"
+    plan = lstcl_frame_plan(300, 30.0, np.random.default_rng(0), lstcl)
+    assert plan["short"][-1] - plan["short"][0] == 15 * 4 and plan["long"][-1] - plan["long"][0] == 15 * 16
