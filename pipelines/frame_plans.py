@@ -94,9 +94,9 @@ def draw_lstcl_strides(cfg: LSTCLConfig, rng: np.random.Generator) -> tuple[int,
 
     Fixed strides draw nothing from ``rng``, so the default recipe's plans do not depend on this.
     """
+    if not (cfg.short_stride_choices or cfg.long_stride_choices):
+        return cfg.short_stride, cfg.long_stride
     pairs = cfg.stride_pairs()
-    if len(pairs) == 1 and not (cfg.short_stride_choices or cfg.long_stride_choices):
-        return pairs[0]
     return pairs[int(rng.integers(len(pairs)))]
 
 
