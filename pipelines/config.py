@@ -98,17 +98,28 @@ class SVTConfig:
 
 @dataclass
 class LSTCLConfig:
-    """LSTCL short/long clips. Strides are in frames of the shard's frame rate (capped at 30 fps)."""
+    """LSTCL short/long clips: T frames each, every ``stride`` frames at ``reference_fps``.
+
+    Strides count frames at the reference rate (30 fps, as PySlowFast's ``target_fps``), so a clip
+    covers the same seconds whatever the shard's frame rate: stride 8 is 8/30 s between frames, i.e.
+    4 frames of a 15 fps shard and 6.67 (rounded per frame) of a 25 fps one.
+
+    Random strides (LSTCL paper, Table 1): a non-empty ``short_stride_choices`` /
+    ``long_stride_choices`` replaces that clip's fixed stride with a per-video draw from the set.
+    Table 1's rows: ``short_stride: 4, long_stride_choices: [8, 16, 32]``; ``long_stride: 32,
+    short_stride_choices: [4, 8, 16]``; both sets ``[4, 8, 16, 32]``. The pair is drawn uniformly
+    from the pairs with short <= long (the same as drawing each uniformly and redrawing until
+    short <= long), so every set member must take part in at least one such pair.
+    """
 
     short_frames: int = 8
-    short_stride: int = 8
+    short_stride: int = 8              # paper Sec 5.1 / Fig 2: best tau_S = 8
     long_frames: int = 8
-    long_stride: int = 32
+    long_stride: int = 32              # paper Sec 5.1 / Fig 2: best tau_L = 32 (Table 1, last row)
+    short_stride_choices: tuple[int, ...] = ()   # Table 1 random tau_S; empty = short_stride
+    long_stride_choices: tuple[int, ...] = ()    # Table 1 random tau_L; empty = long_stride
+    reference_fps: float = 30.0        # strides count frames at this rate (PySlowFast target_fps 30)
     placement: str = "independent"
-    # Random strides (LSTCL Table 1 ablation): each clip draws its stride uniformly from the range.
-    random_strides: bool = False
-    short_stride_range: tuple[int, int] = (4, 8)
-    long_stride_range: tuple[int, int] = (16, 32)
     size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -119,11 +130,32 @@ class LSTCLConfig:
         for name in ("short_frames", "short_stride", "long_frames", "long_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lstcl.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("short_stride_range", "long_stride_range"):
-            low, high = getattr(self, name)
-            if not 1 <= low <= high:
-                raise ValueError(f"lstcl.{name} must be 1 <= low <= high, got {(low, high)}")
+        if not self.reference_fps > 0:
+            raise ValueError(f"lstcl.reference_fps must be > 0, got {self.reference_fps}")
+        for name in ("short_stride_choices", "long_stride_choices"):
+            choices = getattr(self, name)
+            if any(c < 1 for c in choices) or len(set(choices)) != len(choices):
+                raise ValueError(f"lstcl.{name} must be distinct strides >= 1, got {choices}")
+        shorts = self.short_stride_choices or (self.short_stride,)
+        longs = self.long_stride_choices or (self.long_stride,)
+        if self.short_stride_choices or self.long_stride_choices:
+            # Table 1 draws with tau_S <= tau_L: a member with no partner could never be drawn.
+            short_field = "short_stride_choices" if self.short_stride_choices else "short_stride"
+            long_field = "long_stride_choices" if self.long_stride_choices else "long_stride"
+            lonely = ([f"lstcl.{short_field}: short {s}" for s in shorts if s > max(longs)]
+                      + [f"lstcl.{long_field}: long {t}" for t in longs if t < min(shorts)])
+            if lonely:
+                raise ValueError(f"{'; '.join(lonely)} has no partner with short <= long, so it is never drawn "
+                                 f"(short strides {list(shorts)}, long strides {list(longs)})")
         _check_scale("lstcl.scale", self.scale)
+
+    def stride_pairs(self) -> list[tuple[int, int]]:
+        """Every (short, long) stride pair a video can draw; one pair when both strides are fixed."""
+        shorts = self.short_stride_choices or (self.short_stride,)
+        longs = self.long_stride_choices or (self.long_stride,)
+        if not (self.short_stride_choices or self.long_stride_choices):
+            return [(self.short_stride, self.long_stride)]
+        return [(s, t) for s in shorts for t in longs if s <= t]
 
 
 @dataclass

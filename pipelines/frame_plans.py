@@ -3,13 +3,21 @@
 A plan names, for one video, which source frames every temporal slot of a recipe holds, in order.
 The DALI graph and the baseline loader both call these functions, so both make the same clips.
 
+Plans are in time, not in frame counts, so a 15, 25 or 30 fps shard gives views over the same
+seconds. Spans that are fractions of the video (SVT's spans, the eval segments) are the same seconds
+at any rate already. Strides (LSTCL) count frames at a reference rate (``reference_fps``, 30 as
+PySlowFast's ``target_fps``): stride ``s`` puts clip frame ``k`` at ``k * s / reference_fps`` seconds
+after the clip's first frame, i.e. source frame ``start + round(k * s * fps / reference_fps)``, so
+at 30 fps the indices are exactly ``start + s * k`` and at 15 fps every other one of those frames.
+
 Short-video rule (never a crash): a clip asks for T frames spread over a span of the video. The span
 is clamped to the video (``1 <= span <= num_frames``), and indices are spread over it by rounding
 ``linspace``; when the span holds fewer than T frames, neighbouring positions round to the same frame,
-so frames repeat (nearest-frame resampling). Strided clips whose extent ``(T - 1) * stride + 1`` does
-not fit shrink their stride to the largest that fits (at least 1), and when even stride 1 does not
-fit, the indices past the end are clamped to the last frame (edge repeat). A zero-frame video is the
-only input rejected (the shard tools quarantine such inputs).
+so frames repeat (nearest-frame resampling). A strided clip whose extent does not fit shrinks its
+step (in source frames, fractional) to the largest that fits, i.e. its frames spread evenly over
+what is available, repeating frames when fewer than T are there. A zero-frame video and a frame
+rate that is not a positive number are the only inputs rejected (the shard tools quarantine such
+inputs).
 
 Randomness comes only from ``rng``; ``sample_rng(seed, epoch, key)`` makes one per sample from its key,
 so a sample's plan does not depend on the order it is read in, on the rank, or on prefetching, and a
@@ -51,23 +59,53 @@ def random_span_indices(num_frames: int, num: int, span_fraction: float,
     return spread_indices(start, span, num)
 
 
-def fit_stride(num: int, stride: int, available: int) -> int:
-    """Largest stride <= ``stride`` whose clip extent fits in ``available`` frames (at least 1)."""
-    if num == 1:
-        return stride
-    return max(1, min(stride, (available - 1) // (num - 1)))
+def _check_fps(fps: float) -> float:
+    fps = float(fps)
+    if not np.isfinite(fps) or fps <= 0:
+        raise ValueError(f"a strided frame plan needs the video's frame rate (the sample json's fps) > 0, got {fps}")
+    return fps
 
 
-def strided_indices(start: int, num: int, stride: int, region: int) -> np.ndarray:
-    """``start + stride * k`` for k < num, edge-clamped to the clip's region ``[start, start + region)``."""
-    return np.minimum(start + stride * np.arange(num, dtype=np.int64), start + max(region, 1) - 1)
+def source_step(stride: int, fps: float, reference_fps: float) -> float:
+    """A stride in frames at ``reference_fps`` as a step in the video's own frames (fractional)."""
+    return stride * _check_fps(fps) / reference_fps
+
+
+def step_extent(num: int, step: float) -> int:
+    """Source frames a clip of ``num`` frames ``step`` apart covers, first to last inclusive."""
+    return int(np.floor((num - 1) * step + 0.5)) + 1
+
+
+def fit_step(num: int, step: float, available: int) -> float:
+    """Largest step <= ``step`` whose clip extent fits in ``available`` frames."""
+    if num == 1 or step_extent(num, step) <= available:   # fits once its last frame is rounded
+        return step
+    return (max(available, 1) - 1) / (num - 1)
+
+
+def stepped_indices(start: int, num: int, step: float, region: int) -> np.ndarray:
+    """``start + round(step * k)`` for k < num (half up), clamped to the region ``[start, start + region)``."""
+    idx = start + np.floor(step * np.arange(num) + 0.5).astype(np.int64)
+    return np.minimum(idx, start + max(region, 1) - 1)
+
+
+def draw_lstcl_strides(cfg: LSTCLConfig, rng: np.random.Generator) -> tuple[int, int]:
+    """(short, long) strides of one video: the fixed pair, or LSTCL Table 1's random draw.
+
+    Fixed strides draw nothing from ``rng``, so the default recipe's plans do not depend on this.
+    """
+    if not (cfg.short_stride_choices or cfg.long_stride_choices):
+        return cfg.short_stride, cfg.long_stride
+    pairs = cfg.stride_pairs()
+    return pairs[int(rng.integers(len(pairs)))]
 
 
 def svt_frame_plan(num_frames: int, fps: float, rng: np.random.Generator,
                    cfg: SVTConfig) -> dict[str, np.ndarray]:
     """SVT: global views over random ``global_span`` spans, local views over random ``local_span``.
 
-    ``fps`` is unused: SVT spans are fractions of the clip (frame rate is capped when sharding).
+    ``fps`` is unused: SVT spans are fractions of the video, so they cover the same seconds at any
+    frame rate (SVT paper Sec 3.1: a random 90% / 1/8 portion of the video's time axis).
     """
     del fps
     plan = {}
@@ -78,35 +116,31 @@ def svt_frame_plan(num_frames: int, fps: float, rng: np.random.Generator,
     return plan
 
 
-def _clip_extent(num: int, stride: int) -> int:
-    return (num - 1) * stride + 1
-
-
 def lstcl_frame_plan(num_frames: int, fps: float, rng: np.random.Generator,
                      cfg: LSTCLConfig) -> dict[str, np.ndarray]:
     """LSTCL: a short clip and a long clip, placed ``independent`` | ``included`` | ``disjoint``.
 
-    ``included``: the short clip lies inside the long clip's extent. ``disjoint``: their extents do not
-    overlap; when the video is too short for both, each gets its share of the frames in proportion to
-    its extent and shrinks its stride to fit (the short-video rule above). ``fps`` is unused: strides
-    are in frames of the shard's frame rate.
+    Strides are drawn first (``draw_lstcl_strides``) and turned into steps of the video's own frames
+    (``fps`` against ``cfg.reference_fps``). ``included``: the short clip lies inside the long clip's
+    extent. ``disjoint``: their extents do not overlap; when the video is too short for both, each
+    gets its share of the frames in proportion to its extent and shrinks its step to fit (the
+    short-video rule above).
     """
-    del fps
     _check_num_frames(num_frames)
-    short_stride, long_stride = cfg.short_stride, cfg.long_stride
-    if cfg.random_strides:
-        short_stride = int(rng.integers(cfg.short_stride_range[0], cfg.short_stride_range[1] + 1))
-        long_stride = int(rng.integers(cfg.long_stride_range[0], cfg.long_stride_range[1] + 1))
+    short_stride, long_stride = draw_lstcl_strides(cfg, rng)
+    short_step = source_step(short_stride, fps, cfg.reference_fps)
+    long_step = source_step(long_stride, fps, cfg.reference_fps)
     ts, tl = cfg.short_frames, cfg.long_frames
 
     if cfg.placement == "disjoint":
-        ext_s, ext_l = _clip_extent(ts, short_stride), _clip_extent(tl, long_stride)
+        ext_s, ext_l = step_extent(ts, short_step), step_extent(tl, long_step)
         if ext_s + ext_l > num_frames:
             # Split the frames between the clips in proportion to their extents.
             ext_s = min(max(1, int(num_frames * ext_s / (ext_s + ext_l))), max(1, num_frames - 1))
             ext_l = max(1, num_frames - ext_s)
-            short_stride = fit_stride(ts, short_stride, ext_s)
-            long_stride = fit_stride(tl, long_stride, ext_l)
+            short_step = fit_step(ts, short_step, ext_s)
+            long_step = fit_step(tl, long_step, ext_l)
+            ext_s, ext_l = step_extent(ts, short_step), step_extent(tl, long_step)
         gap_total = max(0, num_frames - ext_s - ext_l)
         # Random order of the two clips, random split of the free frames before/between/after them.
         cuts = np.sort(rng.integers(0, gap_total + 1, size=2))
@@ -116,21 +150,21 @@ def lstcl_frame_plan(num_frames: int, fps: float, rng: np.random.Generator,
         else:
             long_start, short_start = before, before + ext_l + between
         short_start, long_start = min(short_start, num_frames - 1), min(long_start, num_frames - 1)
-        return {"short": strided_indices(short_start, ts, short_stride, min(ext_s, num_frames - short_start)),
-                "long": strided_indices(long_start, tl, long_stride, min(ext_l, num_frames - long_start))}
+        return {"short": stepped_indices(short_start, ts, short_step, min(ext_s, num_frames - short_start)),
+                "long": stepped_indices(long_start, tl, long_step, min(ext_l, num_frames - long_start))}
 
-    long_stride = fit_stride(tl, long_stride, num_frames)
-    ext_l = min(_clip_extent(tl, long_stride), num_frames)
+    long_step = fit_step(tl, long_step, num_frames)
+    ext_l = min(step_extent(tl, long_step), num_frames)
     long_start = int(rng.integers(0, num_frames - ext_l + 1))
     if cfg.placement == "included":
         region_start, region = long_start, ext_l
     else:
         region_start, region = 0, num_frames
-    short_stride = fit_stride(ts, short_stride, region)
-    ext_s = min(_clip_extent(ts, short_stride), region)
+    short_step = fit_step(ts, short_step, region)
+    ext_s = min(step_extent(ts, short_step), region)
     short_start = region_start + int(rng.integers(0, region - ext_s + 1))
-    return {"short": strided_indices(short_start, ts, short_stride, ext_s),
-            "long": strided_indices(long_start, tl, long_stride, ext_l)}
+    return {"short": stepped_indices(short_start, ts, short_step, ext_s),
+            "long": stepped_indices(long_start, tl, long_step, ext_l)}
 
 
 def eval_frame_plan(num_frames: int, fps: float, rng: np.random.Generator | None,
