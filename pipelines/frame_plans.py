@@ -66,6 +66,11 @@ def _check_fps(fps: float) -> float:
     return fps
 
 
+# The LSTCL test protocol's stride counts frames at the same reference rate as training (PySlowFast's
+# target_fps 30), so a 15 or 25 fps shard is tested on clips covering the same seconds.
+EVAL_REFERENCE_FPS = 30.0
+
+
 def source_step(stride: int, fps: float, reference_fps: float) -> float:
     """A stride in frames at ``reference_fps`` as a step in the video's own frames (fractional)."""
     return stride * _check_fps(fps) / reference_fps
@@ -201,18 +206,18 @@ def strided_eval_frame_plan(num_frames: int, fps: float, rng: np.random.Generato
                             cfg: EvalConfig) -> dict[str, np.ndarray]:
     """Evaluation with strided clips (LSTCL: "5 clips uniformly ... with center cropping", stride 8).
 
-    Clip ``k`` holds ``slow_frames`` frames every ``cfg.stride`` frames from ``uniform_clip_starts``;
-    its fast slot spreads ``fast_frames`` over the same extent. A video shorter than one clip's extent
-    shrinks the stride to fit (the short-video rule above). Deterministic; ``fps`` and ``rng`` unused:
-    the stride counts frames of the shard's frame rate, like the LSTCL training strides.
+    Clip ``k`` holds ``slow_frames`` frames every ``cfg.stride`` frames at ``EVAL_REFERENCE_FPS``
+    (in time, as the LSTCL training strides) from ``uniform_clip_starts``; its fast slot spreads
+    ``fast_frames`` over the same extent. A video shorter than one clip's extent shrinks the step to fit
+    (the short-video rule above). Deterministic: ``rng`` is unused.
     """
-    del fps, rng
+    del rng
     _check_num_frames(num_frames)
-    stride = fit_stride(cfg.slow_frames, cfg.stride, num_frames)
-    extent = min(_clip_extent(cfg.slow_frames, stride), num_frames)
+    step = fit_step(cfg.slow_frames, source_step(cfg.stride, fps, EVAL_REFERENCE_FPS), num_frames)
+    extent = min(step_extent(cfg.slow_frames, step), num_frames)
     plan = {}
     for k, start in enumerate(uniform_clip_starts(num_frames, extent, cfg.clips)):
-        plan[f"slow_{k}"] = strided_indices(int(start), cfg.slow_frames, stride, extent)
+        plan[f"slow_{k}"] = stepped_indices(int(start), cfg.slow_frames, step, extent)
         plan[f"fast_{k}"] = spread_indices(int(start), extent, cfg.fast_frames)
     return plan
 

@@ -144,9 +144,13 @@ def test_lstcl_test_plan_places_5_stride_8_clips_uniformly():
         assert num_frames - (starts[-1] + 57) < 4
     np.testing.assert_array_equal(uniform_clip_starts(200, 57, 5), [0, 35, 70, 105, 140])  # PySlowFast use_offset
     np.testing.assert_array_equal(uniform_clip_starts(200, 57, 1), [71])                   # one clip: the centre
-    # Shorter than one clip's extent: the stride shrinks to fit, every clip covers the whole video.
+    # Shorter than one clip's extent: the step shrinks to fit (frame plans' short-video rule), every
+    # clip spreads evenly over the whole video.
     short = strided_eval_frame_plan(30, 30.0, None, cfg)
-    assert all(list(short[f"slow_{k}"]) == [0, 4, 8, 12, 16, 20, 24, 28] for k in range(5))
+    assert all(list(short[f"slow_{k}"]) == [0, 4, 8, 12, 17, 21, 25, 29] for k in range(5))
+    # The stride is in time (8 frames at 30 fps): a 15 fps video steps 4 of its own frames.
+    half_rate = strided_eval_frame_plan(200, 15.0, None, cfg)
+    assert all((np.diff(half_rate[f"slow_{k}"]) == 4).all() for k in range(5))
 
 
 def test_lstcl_test_views_decode_the_planned_frames_from_the_centre_crop(tmp_path):
