@@ -44,6 +44,7 @@ __all__ = [
     "interpolate_pos_embed",
     "interpolate_time_embed",
     "load_pretrained",
+    "read_checkpoint",
     "resolve_pretrained",
     "split_checkpoint",
     "slow_fast_features",
@@ -547,9 +548,11 @@ def _resolve(spec: str | None) -> tuple[str, str | None]:
     if os.path.isfile(spec):
         return "file", spec
     scratch = "or model.pretrained=none to train from scratch"
-    if not spec or "/" in spec or os.sep in spec or spec.startswith(("~", ".")) or spec.lower().endswith(_FILE_SUFFIXES):
+    looks_like_path = "/" in spec or os.sep in spec or spec.startswith(("~", "."))
+    if not spec or looks_like_path or spec.lower().endswith(_FILE_SUFFIXES):
         raise PretrainedUnavailable(f"model.pretrained: {spec}: no such file; download the DINO ViT-B/16 weights "
-                                    f"({DINO_VITB16_URL}) to it, or use the timm tag vit_base_patch16_224.dino, {scratch}")
+                                    f"({DINO_VITB16_URL}) to it, or use the timm tag vit_base_patch16_224.dino, "
+                                    f"{scratch}")
     import timm.models
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import RemoteEntryNotFoundError
@@ -578,8 +581,9 @@ def _resolve(spec: str | None) -> tuple[str, str | None]:
         try:
             return "timm", hf_hub_download(cfg.hf_hub_id, filename)
         except Exception as error:
+            reason = " ".join(str(error).split())  # one line
             raise PretrainedUnavailable(f"model.pretrained: downloading {spec!r} from {cfg.hf_hub_id} failed "
-                                        f"({type(error).__name__}: {' '.join(str(error).split())}), {scratch}") from error
+                                        f"({type(error).__name__}: {reason}), {scratch}") from error
     raise PretrainedUnavailable(f"model.pretrained: the Hub repo {cfg.hf_hub_id} of {spec!r} holds none of {files}")
 
 

@@ -107,7 +107,8 @@ def test_timm_vit_state_dict_file_loads_strictly(tmp_path, timm_name, ours, temp
         elif temporal_init == "fresh":  # temporal attention / norm: the model's own fresh init
             assert torch.equal(value, fresh[name]), name
         else:  # "copy": the spatial weights of the same block
-            assert torch.equal(value, source[name.replace("temporal_attn", "attn").replace("temporal_norm1", "norm1")]), name
+            spatial = name.replace("temporal_attn", "attn").replace("temporal_norm1", "norm1")
+            assert torch.equal(value, source[spatial]), name
     assert not torch.equal(model.blocks[3].attn.qkv.weight, fresh["blocks.3.attn.qkv.weight"])  # the file was loaded
     # Documented key differences: the image head is dropped (num_classes=0); temporal keys are filled.
     filtered = checkpoint_filter_fn(source, model, temporal_init)

@@ -2,6 +2,7 @@
 float64 features at every SVT view size, and the SVT initialisation (model.pretrained)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from einops import rearrange
 from timm.layers import resample_abs_pos_embed
 
 from models import DINOHead, TimeSformer, build_backbone, load_pretrained, split_checkpoint
-from models.timesformer import interpolate_pos_embed, interpolate_time_embed
+from models.timesformer import interpolate_pos_embed, interpolate_time_embed, read_checkpoint
 
 torch.set_num_threads(1)
 
@@ -71,7 +72,8 @@ def official_state_dict(frames: int, num_classes: int = 0, seed: int = 0) -> dic
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale)
 
     sd = {"cls_token": rand(1, 1, DIM, scale=1.0), "pos_embed": rand(1, 1 + 14 * 14, DIM, scale=1.0),
-          "time_embed": rand(1, frames, DIM, scale=1.0), "patch_embed.proj.weight": rand(DIM, 3, PATCH, PATCH, scale=0.05),
+          "time_embed": rand(1, frames, DIM, scale=1.0),
+          "patch_embed.proj.weight": rand(DIM, 3, PATCH, PATCH, scale=0.05),
           "patch_embed.proj.bias": rand(DIM), "norm.weight": 1 + rand(DIM, scale=0.1), "norm.bias": rand(DIM)}
     for i in range(DEPTH):
         b = f"blocks.{i}."
@@ -177,11 +179,13 @@ def _float64_model(stored_frames: int, **kw) -> TimeSformer:
 @pytest.fixture(scope="module")
 def svt_release(tmp_path_factory):
     """An SVT release-layout file ({"teacher": {"backbone.*", "head.*"}}, like kinetics400_vitb_ssl.pth) of
-    a small model trained with the official 8-frame time_embed."""
+    a small model trained with the official 8-frame time_embed; DINO's training-checkpoint extras beside it
+    (``args`` is an argparse.Namespace, which a plain ``weights_only`` load refuses)."""
     backbone, head = official_state_dict(frames=8), dino_head_state()
     path = tmp_path_factory.mktemp("svt") / "kinetics400_vitb_ssl.pth"
     torch.save({"teacher": {**{f"backbone.{k}": v for k, v in backbone.items()},
-                            **{f"head.{k}": v for k, v in head.items()}}}, path)
+                            **{f"head.{k}": v for k, v in head.items()}},
+                "epoch": 20, "args": argparse.Namespace(arch="timesformer", lr=5e-4)}, path)
     return path, backbone, head
 
 
@@ -194,7 +198,7 @@ def test_svt_release_checkpoint_loads_strictly_and_keeps_every_tensor(svt_releas
     for name, value in backbone.items():
         assert state[name].dtype == torch.float64 and torch.equal(state[name], value), name
     # The DINO head is not dropped: split_checkpoint hands it over under DINO's names.
-    split_backbone, split_head = split_checkpoint(torch.load(path, weights_only=True))
+    split_backbone, split_head = split_checkpoint(read_checkpoint(str(path)))
     assert set(split_backbone) | {f"head.{k}" for k in split_head} == set(backbone) | {f"head.{k}" for k in head}
     dino_head = DINOHead(DIM, out_dim=32, hidden_dim=24, bottleneck_dim=8).double()
     dino_head.load_state_dict(split_head, strict=True)
