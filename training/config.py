@@ -44,7 +44,7 @@ class ModelConfig:
     backbone_kwargs: dict = field(default_factory=dict)
     drop_path_rate: float = 0.1  # student only; the EMA teacher is built with 0 (DINO)
     # Initial student weights (the teacher starts as its copy): "none" (from scratch), a checkpoint file
-    # (timm / DINO ViT, official TimeSformer, SVT release, train.py export) or a timm pretrained tag
+    # (timm / DINO ViT, official TimeSformer, SVT release or an SVT run's export) or a timm pretrained tag
     # (vit_base_patch16_224.dino, from timm's Hugging Face cache). TimeSformer backbones only.
     pretrained: str = "none"
     # Temporal weights when `pretrained` is an image ViT: "fresh" (random, SVT paper Sec. 4) or "copy"
