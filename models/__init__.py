@@ -10,10 +10,12 @@ from models.heads import (BYOLPredictor, BYOLProjector, DINOHead, MoCoPredictor,
                           SimSiamPredictor, SimSiamProjector)
 from models.multiview import MultiViewRunner
 from models.stswin import SpaceTimeSwin
-from models.timesformer import TimeSformer, slow_fast_features
+from models.timesformer import (PretrainedUnavailable, TimeSformer, load_pretrained, resolve_pretrained,
+                                slow_fast_features, split_checkpoint)
 
 __all__ = [
     "BACKBONES", "build_backbone", "TimeSformer", "SpaceTimeSwin", "slow_fast_features", "MultiViewRunner", "DINOHead",
+    "PretrainedUnavailable", "load_pretrained", "resolve_pretrained", "split_checkpoint",
     "MoCoProjector", "MoCoPredictor", "BYOLProjector", "BYOLPredictor", "SimSiamProjector", "SimSiamPredictor",
 ]
 
@@ -31,7 +33,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
     """Build a named backbone; ``kwargs`` go to the model (e.g. ``num_frames``, ``depth``,
-    ``drop_path_rate``, ``grad_checkpointing``, ``pretrained_path``). Unknown names raise with the list."""
+    ``drop_path_rate``, ``grad_checkpointing``; TimeSformers also take ``pretrained`` = a checkpoint file or a
+    timm tag, and ``temporal_init``). Unknown names raise with the list."""
     if name not in BACKBONES:
         raise ValueError(f"build_backbone: unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     return BACKBONES[name](**kwargs)

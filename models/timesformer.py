@@ -7,10 +7,12 @@ temporal_norm1, temporal_attn, temporal_fc, norm2, mlp}``, ``norm``, ``head``) s
 image checkpoints and official TimeSformer checkpoints load from a local file.
 
 Dynamic positional embeddings (SVT Sec. 3.2.3): ``pos_embed`` is stored for the largest spatial grid
-(``img_size // patch_size``) and ``time_embed`` for the largest number of frames (``num_frames``);
-each forward interpolates them to the input's grid and length (2-D bicubic in space, 1-D linear in
-time, or ``nearest`` for both as the official SVT code does). At the native size the stored
-embedding is used unchanged.
+(``img_size // patch_size``) and ``time_embed`` for ``num_frames`` frames; each forward resamples them to
+the input's grid and length. The default is the official SVT / TimeSformer code's: ``F.interpolate(...,
+mode="nearest")`` on the 2-D grid and on the time axis, in the model's own dtype (kahnchana/svt
+``models/timesformer.py``, ``VisionTransformer.forward_features``), so official checkpoints give the
+official features at every view size. ``space_interp="bicubic"`` (timm's ``resample_abs_pos_embed``)
+and ``time_interp="linear"`` are selectable. At the native size the stored embedding is used unchanged.
 
 Token layout inside the blocks: ``b (t n) d`` with the CLS token in front, i.e. patches of frame 0,
 then frame 1, ... The official code orders ``(h w t)``; the order has no parameters, and ``(t n)``
@@ -18,32 +20,42 @@ makes the spatial step a free view.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+from typed_config import ConfigError
 
 __all__ = [
     "Attention",
     "DividedSpaceTimeBlock",
+    "PretrainedUnavailable",
     "TimeSformer",
     "checkpoint_filter_fn",
     "interpolate_pos_embed",
     "interpolate_time_embed",
+    "load_pretrained",
+    "read_checkpoint",
+    "resolve_pretrained",
+    "split_checkpoint",
     "slow_fast_features",
     "timesformer_tiny_patch16",
     "timesformer_small_patch16",
     "timesformer_base_patch16",
 ]
 
-SpaceInterp = Literal["bicubic", "nearest"]
-TimeInterp = Literal["linear", "nearest"]
+SpaceInterp = Literal["nearest", "bicubic"]
+TimeInterp = Literal["nearest", "linear"]
+TemporalInit = Literal["fresh", "copy"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -198,31 +210,46 @@ class DividedSpaceTimeBlock(nn.Module):
         return [x + self.drop_path(m) for x, m in zip(outputs, mlp_out)]
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int], mode: SpaceInterp = "bicubic",
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int], mode: SpaceInterp = "nearest",
                           num_prefix_tokens: int = 1) -> torch.Tensor:
     """Resample a ViT ``pos_embed`` ``(1, prefix + Gh*Gw, D)`` to ``grid_hw``; square stored grid assumed.
 
-    The prefix (CLS) embedding is kept as is. Returns the stored tensor itself at the native grid.
+    ``nearest`` is the official SVT / TimeSformer op (``F.interpolate(grid, size=(H, W), mode="nearest")``,
+    i.e. source index ``floor(dst * stored / new)`` per axis), computed in the tensor's own dtype so a
+    float64 model stays float64. ``bicubic`` goes through timm's ``resample_abs_pos_embed`` (which works in
+    float32) without antialiasing, as DINO's ``interpolate_pos_encoding``. The prefix (CLS) embedding is
+    kept as is; at the native grid the stored tensor itself is returned.
     """
-    prefix, patch_pos = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    stored = int(math.isqrt(patch_pos.shape[1]))
-    if stored * stored != patch_pos.shape[1]:
-        raise ValueError(f"pos_embed holds {patch_pos.shape[1]} patch positions, not a square grid")
-    if (stored, stored) == tuple(grid_hw):
+    patch_count = pos_embed.shape[1] - num_prefix_tokens
+    stored = int(math.isqrt(patch_count))
+    if stored * stored != patch_count:
+        raise ValueError(f"pos_embed holds {patch_count} patch positions, not a square grid")
+    grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+    if (stored, stored) == grid_hw:
         return pos_embed
+    if mode == "bicubic":
+        return resample_abs_pos_embed(pos_embed, list(grid_hw), old_size=[stored, stored],
+                                      num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
+    if mode != "nearest":
+        raise ValueError(f"interpolate_pos_embed: mode must be 'nearest' or 'bicubic', got {mode!r}")
+    prefix, patch_pos = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     grid = rearrange(patch_pos, "1 (gh gw) d -> 1 d gh gw", gh=stored)
-    kwargs = {"align_corners": False} if mode == "bicubic" else {}
-    grid = F.interpolate(grid.float(), size=tuple(grid_hw), mode=mode, **kwargs).to(pos_embed.dtype)
+    grid = F.interpolate(grid, size=grid_hw, mode="nearest")
     return torch.cat((prefix, rearrange(grid, "1 d gh gw -> 1 (gh gw) d")), dim=1)
 
 
-def interpolate_time_embed(time_embed: torch.Tensor, num_frames: int, mode: TimeInterp = "linear") -> torch.Tensor:
-    """Resample ``time_embed`` ``(1, T_stored, D)`` to ``num_frames``; the stored tensor at the native length."""
+def interpolate_time_embed(time_embed: torch.Tensor, num_frames: int, mode: TimeInterp = "nearest") -> torch.Tensor:
+    """Resample ``time_embed`` ``(1, T_stored, D)`` to ``num_frames`` in its own dtype.
+
+    ``nearest`` is the official op (``F.interpolate(time_embed.transpose(1, 2), size=T, mode="nearest")``);
+    ``linear`` uses ``align_corners=False``. The stored tensor itself at the native length.
+    """
     if time_embed.shape[1] == num_frames:
         return time_embed
-    seq = rearrange(time_embed, "1 t d -> 1 d t")
+    if mode not in ("nearest", "linear"):
+        raise ValueError(f"interpolate_time_embed: mode must be 'nearest' or 'linear', got {mode!r}")
     kwargs = {"align_corners": False} if mode == "linear" else {}
-    seq = F.interpolate(seq.float(), size=num_frames, mode=mode, **kwargs).to(time_embed.dtype)
+    seq = F.interpolate(rearrange(time_embed, "1 t d -> 1 d t"), size=num_frames, mode=mode, **kwargs)
     return rearrange(seq, "1 d t -> 1 t d")
 
 
@@ -235,10 +262,12 @@ class TimeSformer(nn.Module):
         in_chans: input channels.
         num_classes: classifier outputs; 0 makes ``head`` an ``nn.Identity`` (SSL pretraining).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: ViT sizes.
-        num_frames: length ``time_embed`` is stored for (largest T seen in training).
+        num_frames: length ``time_embed`` is stored for (SVT paper: the largest training T, 16; the
+            official code and its checkpoints: 8).
         drop_rate, attn_drop_rate, drop_path_rate: regularisation (stochastic depth grows linearly).
-        space_interp: ``bicubic`` or ``nearest`` resampling of ``pos_embed`` per input.
-        time_interp: ``linear`` or ``nearest`` resampling of ``time_embed`` per input.
+        space_interp: ``nearest`` (official SVT / TimeSformer) or ``bicubic`` resampling of ``pos_embed``,
+            per input and when a checkpoint is loaded.
+        time_interp: ``nearest`` (official) or ``linear`` resampling of ``time_embed``, likewise.
         grad_checkpointing: recompute each block in backward (activation checkpointing).
         norm_layer: normalisation type (timm uses LayerNorm eps 1e-6).
     """
@@ -247,15 +276,15 @@ class TimeSformer(nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, num_frames: int = 8, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 space_interp: SpaceInterp = "bicubic", time_interp: TimeInterp = "linear",
+                 space_interp: SpaceInterp = "nearest", time_interp: TimeInterp = "nearest",
                  grad_checkpointing: bool = False, norm_layer: type[nn.Module] | None = None) -> None:
         super().__init__()
         if img_size % patch_size != 0:
             raise ValueError(f"TimeSformer: img_size {img_size} is not a multiple of patch_size {patch_size}")
-        if space_interp not in ("bicubic", "nearest"):
-            raise ValueError(f"TimeSformer: space_interp must be 'bicubic' or 'nearest', got {space_interp!r}")
-        if time_interp not in ("linear", "nearest"):
-            raise ValueError(f"TimeSformer: time_interp must be 'linear' or 'nearest', got {time_interp!r}")
+        if space_interp not in ("nearest", "bicubic"):
+            raise ValueError(f"TimeSformer: space_interp must be 'nearest' or 'bicubic', got {space_interp!r}")
+        if time_interp not in ("nearest", "linear"):
+            raise ValueError(f"TimeSformer: time_interp must be 'nearest' or 'linear', got {time_interp!r}")
         if num_frames < 1 or depth < 1:
             raise ValueError(f"TimeSformer: num_frames ({num_frames}) and depth ({depth}) must be >= 1")
         norm_layer = norm_layer or (lambda d: nn.LayerNorm(d, eps=1e-6))
@@ -403,49 +432,76 @@ def slow_fast_features(model: nn.Module, slow: torch.Tensor, fast: torch.Tensor)
     return model.forward_features(slow) + model.forward_features(fast)
 
 
-# Keys of the model a timm / DINO *image* checkpoint cannot hold; the filter fills them (copied from
-# the spatial weights or identity/zero) so the load is strict. Documented in README.md (Models and objectives).
-_TEMPORAL_PREFIXES = ("temporal_norm1.", "temporal_attn.", "temporal_fc.")
 # Keys of image / TimeSformer checkpoints that this model has no counterpart for; dropped.
 _IGNORED_SOURCE_KEYS = ("fc_norm.weight", "fc_norm.bias", "norm_pre.weight", "norm_pre.bias",
                         "head_drop", "reg_token", "dist_token", "head_dist.weight", "head_dist.bias")
+# Outer dicts of checkpoint files: TimeSformer "model_state", DeiT/MAE "model", timm "state_dict",
+# DINO / SVT training checkpoints "teacher" (the network DINO and SVT evaluate and release).
+_WRAPPERS = ("model_state", "model", "state_dict", "teacher")
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: TimeSformer,
-                         temporal_init: Literal["copy", "zero"] = "copy") -> dict[str, torch.Tensor]:
-    """Adapt a timm / DINO ViT or official TimeSformer state dict to ``model``.
+def split_checkpoint(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Unwrap a checkpoint into ``(backbone entries, projection-head entries)``, prefixes removed.
 
-    Handles: the TimeSformer ``{"model_state": ...}`` wrapper and ``model.`` / ``module.`` /
-    ``backbone.`` prefixes; ``pos_embed`` resampled to the model's grid, ``time_embed`` to its
-    ``num_frames`` (checkpoint-time resampling, bicubic / linear); image checkpoints get the temporal
-    weights of every block either copied from the spatial ones (``temporal_init="copy"``, TimeSformer's
-    ImageNet init) or left at the model's fresh init (``"zero"``), always with zero ``temporal_fc``
-    (so the temporal branch starts as a no-op; on a 1-frame clip the model equals the image ViT) and zero
-    ``time_embed``. A classifier ``head.*`` is dropped when its shape differs from the model's.
-
-    Returns a dict that ``model.load_state_dict(..., strict=True)`` accepts.
+    A DINO / SVT layout (``{"teacher": {"backbone.*", "head.*"}}``, DINO's ``MultiCropWrapper``) splits
+    into its backbone and its DINO head (DINO's names, loadable into ``models.DINOHead``); a timm, DINO
+    image or TimeSformer state dict (``module.`` / ``model.`` prefixes) is all backbone (its ``head.*``
+    is a classifier). Nothing is dropped here: every source tensor lands in one of the two dicts.
     """
-    if temporal_init not in ("copy", "zero"):
-        raise ValueError(f"checkpoint_filter_fn: temporal_init must be 'copy' or 'zero', got {temporal_init!r}")
-    # Wrappers: TimeSformer "model_state", DeiT/MAE "model", DINO full checkpoints "teacher".
-    for wrapper in ("model_state", "model", "state_dict", "teacher"):
+    for wrapper in _WRAPPERS:
         if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
             break
-    model_state = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
+    cleaned: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "model.", "backbone."):
+        for prefix in ("module.", "model."):
             if key.startswith(prefix):
                 key = key[len(prefix):]
+        cleaned[key] = value
+    if not any(key.startswith("backbone.") for key in cleaned):
+        return cleaned, {}
+    backbone = {k[len("backbone."):]: v for k, v in cleaned.items() if k.startswith("backbone.")}
+    head = {k[len("head."):]: v for k, v in cleaned.items() if k.startswith("head.")}
+    other = sorted(k for k in cleaned if not k.startswith(("backbone.", "head.")))
+    if other:
+        raise ValueError(f"checkpoint: keys outside backbone.* / head.* in a DINO-layout state dict: {other[:5]}")
+    return backbone, head
+
+
+def checkpoint_filter_fn(state_dict: dict, model: TimeSformer,
+                         temporal_init: TemporalInit = "fresh") -> dict[str, torch.Tensor]:
+    """Adapt a timm / DINO ViT, official TimeSformer or SVT release state dict to ``model``.
+
+    Handles the wrappers and prefixes of ``split_checkpoint`` (a DINO / SVT ``head.*`` is not the
+    backbone's and is left out: load it with ``split_checkpoint``). ``pos_embed`` / ``time_embed`` of another
+    size are resampled with the model's own ``space_interp`` / ``time_interp`` (nearest by default, as the
+    official TimeSformer ``load_pretrained`` does for ``time_embed``; its 1-D resampling of the flattened
+    ``pos_embed`` is not copied: a 2-D grid is resampled in 2-D). Stored nearest resampling composes
+    exactly with the per-input one when the new length is a multiple of the old (8 -> 16 frames), so an
+    official 8-frame checkpoint in a 16-frame model gives the official features at every T.
+    Image checkpoints get the temporal weights of every block copied from the spatial ones
+    (``temporal_init="copy"``, the official TimeSformer / SVT code) or left at the model's fresh random
+    init (``"fresh"``, SVT paper Sec. 4: "We randomly initialize weights relevant to temporal attention"),
+    always with zero ``temporal_fc`` (so the temporal branch starts as a no-op; on a 1-frame clip the
+    model equals the image ViT) and zero ``time_embed``. A classifier ``head.*`` is dropped when its
+    shape differs from the model's. Every other tensor is kept as stored.
+
+    Returns a dict that ``model.load_state_dict(..., strict=True)`` accepts.
+    """
+    if temporal_init not in ("copy", "fresh"):
+        raise ValueError(f"checkpoint_filter_fn: temporal_init must be 'copy' or 'fresh', got {temporal_init!r}")
+    backbone, _ = split_checkpoint(state_dict)
+    model_state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in backbone.items():
         if key in _IGNORED_SOURCE_KEYS:
             continue
         if key == "patch_embed.proj.weight" and value.ndim == 5:
             raise ValueError("checkpoint_filter_fn: 3-D patch embedding (ViViT-style tubelets) is not supported")
         if key == "pos_embed":
-            value = interpolate_pos_embed(value, (model.grid_size, model.grid_size), "bicubic")
+            value = interpolate_pos_embed(value, (model.grid_size, model.grid_size), model.space_interp)
         elif key == "time_embed":
-            value = interpolate_time_embed(value, model.num_frames, "linear")
+            value = interpolate_time_embed(value, model.num_frames, model.time_interp)
         elif key.startswith("head.") and (key not in model_state or model_state[key].shape != value.shape):
             continue
         out[key] = value
@@ -457,15 +513,14 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: TimeSformer
             block = f"blocks.{i}."
             for name in ("weight", "bias"):
                 out[f"{block}temporal_fc.{name}"] = torch.zeros_like(model_state[f"{block}temporal_fc.{name}"])
-                source = f"{block}norm1.{name}" if temporal_init == "copy" else None
-                out[f"{block}temporal_norm1.{name}"] = (out[source].clone() if source
+                out[f"{block}temporal_norm1.{name}"] = (out[f"{block}norm1.{name}"].clone() if temporal_init == "copy"
                                                         else model_state[f"{block}temporal_norm1.{name}"])
             for sub in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
                 target = f"{block}temporal_attn.{sub}"
                 if target not in model_state:
                     continue
-                # "zero" keeps the model's fresh random init here: zero attention weights behind a
-                # zero temporal_fc would get no gradient at all and the branch would stay dead.
+                # "fresh" keeps the model's random init here: zero attention weights behind a zero
+                # temporal_fc would get no gradient at all and the branch would stay dead.
                 out[target] = out[f"{block}attn.{sub}"].clone() if temporal_init == "copy" else model_state[target]
     if "head.weight" in model_state and "head.weight" not in out:
         # Fresh classifier for a new label set: keep the model's own init.
@@ -474,23 +529,116 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: TimeSformer
     return out
 
 
-def load_pretrained(model: TimeSformer, path: str, temporal_init: Literal["copy", "zero"] = "copy") -> None:
-    """Load a local timm / DINO / TimeSformer checkpoint file into ``model`` strictly (after filtering)."""
+class PretrainedUnavailable(ConfigError):
+    """``model.pretrained`` names weights that cannot be had here; the message says how to get them."""
+
+
+# DINO's own release of the self-supervised ImageNet ViT-B/16 (facebookresearch/dino README), the
+# weights SVT starts from (paper Sec. 4); timm hosts the same network as vit_base_patch16_224.dino.
+DINO_VITB16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+_FILE_SUFFIXES = (".pth", ".pt", ".pyth", ".bin", ".safetensors", ".ckpt", ".tar")
+# timm's own order of weight files in a Hub repo (timm.models._hub.load_state_dict_from_hf).
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _resolve(spec: str | None) -> tuple[str, str | None]:
+    """``("none" | "file" | "timm", local path)`` for a ``model.pretrained`` value; raises PretrainedUnavailable."""
+    if spec is None or spec == "none":
+        return "none", None
+    if os.path.isfile(spec):
+        return "file", spec
+    scratch = "or model.pretrained=none to train from scratch"
+    looks_like_path = "/" in spec or os.sep in spec or spec.startswith(("~", "."))
+    if not spec or looks_like_path or spec.lower().endswith(_FILE_SUFFIXES):
+        raise PretrainedUnavailable(f"model.pretrained: {spec}: no such file; download the DINO ViT-B/16 weights "
+                                    f"({DINO_VITB16_URL}) to it, or use the timm tag vit_base_patch16_224.dino, "
+                                    f"{scratch}")
+    import timm.models
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    cfg = timm.models.get_pretrained_cfg(spec)
+    if cfg is None or not cfg.hf_hub_id:
+        raise PretrainedUnavailable(f"model.pretrained: {spec!r} is neither an existing file nor a timm pretrained tag "
+                                    f"(e.g. vit_base_patch16_224.dino), {scratch}")
+    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HUB_FILES
+    for filename in files:  # timm's cache is the Hugging Face Hub cache: a cached file needs no network
+        cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(cached, str):
+            return "timm", cached
+    for filename in files:
+        try:
+            # One request without retries: hf_hub_download alone retries for ~25 s per file offline.
+            get_hf_file_metadata(hf_hub_url(cfg.hf_hub_id, filename), timeout=10)
+        except RemoteEntryNotFoundError:
+            continue
+        except Exception as error:  # offline mode, no route, proxy, HTTP error: all "unreachable" here
+            raise PretrainedUnavailable(
+                f"model.pretrained: {spec!r} is not in timm's Hugging Face cache and the Hub is unreachable "
+                f"({type(error).__name__}); fetch it where there is internet with `python -c \"import timm; "
+                f"timm.create_model('{spec}', pretrained=True)\"` and copy ~/.cache/huggingface here, or set "
+                f"model.pretrained to a local file (DINO ViT-B/16: {DINO_VITB16_URL}), {scratch}") from error
+        try:
+            return "timm", hf_hub_download(cfg.hf_hub_id, filename)
+        except Exception as error:
+            reason = " ".join(str(error).split())  # one line
+            raise PretrainedUnavailable(f"model.pretrained: downloading {spec!r} from {cfg.hf_hub_id} failed "
+                                        f"({type(error).__name__}: {reason}), {scratch}") from error
+    raise PretrainedUnavailable(f"model.pretrained: the Hub repo {cfg.hf_hub_id} of {spec!r} holds none of {files}")
+
+
+def resolve_pretrained(spec: str | None) -> str | None:
+    """The local file ``model.pretrained`` stands for (None for ``none``), fetched into timm's cache if needed.
+
+    ``spec`` is ``none``, a local checkpoint file, or a timm pretrained tag (``vit_base_patch16_224.dino``)
+    found in timm's Hugging Face cache or downloaded into it. Raises ``PretrainedUnavailable`` (a
+    ``ConfigError``: train.py prints it as one line and exits 2) when neither is reachable.
+    """
+    return _resolve(spec)[1]
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint file's contents: safetensors, or a torch file loaded with ``weights_only=True``.
+
+    DINO / SVT training checkpoints hold their ``argparse.Namespace`` args beside the weights; that
+    class is allowed, nothing else beyond torch's safe types.
+    """
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unreadable / not a torch file: name the file and the reason
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unreadable / not a checkpoint: name the file and the reason
         raise ValueError(f"{path}: cannot read checkpoint ({error})") from error
+
+
+def load_pretrained(model: TimeSformer, source: str | None, temporal_init: TemporalInit = "fresh") -> None:
+    """Load ``source`` (a ``model.pretrained`` value: file or timm tag) into ``model`` strictly, after filtering.
+
+    A timm tag loads through timm itself (``timm.create_model(tag, pretrained=True)`` from the cached
+    file), then through ``checkpoint_filter_fn`` like any image checkpoint.
+    """
+    kind, path = _resolve(source)
+    if kind == "none":
+        return
+    if kind == "timm":
+        import timm
+
+        vit = timm.create_model(source, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path})
+        state_dict = vit.state_dict()
+    else:
+        state_dict = read_checkpoint(path)
     try:
         model.load_state_dict(checkpoint_filter_fn(state_dict, model, temporal_init), strict=True)
-    except (RuntimeError, KeyError) as error:
+    except (RuntimeError, KeyError, ValueError) as error:
         raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: {error}") from error
 
 
-def _create_timesformer(pretrained_path: str | None = None, temporal_init: Literal["copy", "zero"] = "copy",
-                        **kwargs) -> TimeSformer:
+def _create_timesformer(pretrained: str | None = None, temporal_init: TemporalInit = "fresh", **kwargs) -> TimeSformer:
     model = TimeSformer(**kwargs)
-    if pretrained_path:
-        load_pretrained(model, pretrained_path, temporal_init)
+    load_pretrained(model, pretrained, temporal_init)
     return model
 
 

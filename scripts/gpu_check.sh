@@ -19,5 +19,5 @@ for recipe in svt lstcl; do
 done
 "$PY" bench.py model --sizes tiny,small,base --batch 8 --device cuda --dtype bfloat16 --out "$OUT/model_cuda.json"
 "$PY" bench.py e2e --config configs/svt_vitb16.yaml --shards runs/bench/data_shards --steps 10 --warmup 3 \
-    --out "$OUT/e2e_svt_vitb16.json" trainer.batch_size_per_gpu=8
+    --out "$OUT/e2e_svt_vitb16.json" trainer.batch_size_per_gpu=8 model.pretrained=none  # speed needs no weights
 echo "wrote $OUT"

@@ -49,10 +49,11 @@ def test_pos_embed_interpolation_is_the_stored_embedding_at_native_size():
     grid = up[0, 1:].reshape(4, 4, 3)
     assert torch.equal(grid[0, 0], small[0, 1]) and torch.equal(grid[1, 1], small[0, 1])
     assert torch.equal(grid[3, 3], small[0, 4])
-    # Linear in time: 2 stored steps -> 3 at align_corners=False keeps the ends' mean in the middle.
+    # Linear in time (selectable): 2 stored steps -> 4 at align_corners=False; nearest (default) repeats.
     two = torch.tensor([[[0.0], [1.0]]])
-    torch.testing.assert_close(interpolate_time_embed(two, 4)[0, :, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
-    assert torch.equal(interpolate_time_embed(two, 4, mode="nearest")[0, :, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(interpolate_time_embed(two, 4, mode="linear")[0, :, 0],
+                               torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    assert torch.equal(interpolate_time_embed(two, 4)[0, :, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
 
 
 def test_native_size_embeddings_are_added_unchanged_and_other_sizes_use_interpolation():
@@ -75,7 +76,7 @@ def test_fresh_temporal_branch_is_a_no_op_and_one_frame_equals_the_image_vit():
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, depth=2).eval()
     model = build_backbone("timesformer_small_patch16", depth=2, num_frames=8).eval()
-    model.load_state_dict(checkpoint_filter_fn(vit.state_dict(), model, temporal_init="zero"), strict=True)
+    model.load_state_dict(checkpoint_filter_fn(vit.state_dict(), model, temporal_init="fresh"), strict=True)
     image = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         want = vit.forward_features(image)[:, 0]
@@ -85,7 +86,7 @@ def test_fresh_temporal_branch_is_a_no_op_and_one_frame_equals_the_image_vit():
 
 @pytest.mark.parametrize("timm_name,ours,temporal_init", [
     ("vit_small_patch16_224", "timesformer_small_patch16", "copy"),
-    ("vit_small_patch16_224", "timesformer_small_patch16", "zero"),
+    ("vit_small_patch16_224", "timesformer_small_patch16", "fresh"),
     ("vit_base_patch16_224", "timesformer_base_patch16", "copy"),  # base once: 86M params cost seconds
 ])
 def test_timm_vit_state_dict_file_loads_strictly(tmp_path, timm_name, ours, temporal_init):
@@ -93,14 +94,22 @@ def test_timm_vit_state_dict_file_loads_strictly(tmp_path, timm_name, ours, temp
     vit = timm.create_model(timm_name, pretrained=False)  # random weights, with a 1000-class head
     path = tmp_path / "vit.pth"
     torch.save(vit.state_dict(), path)
-    model = build_backbone(ours, num_frames=16, pretrained_path=str(path), temporal_init=temporal_init)
+    torch.manual_seed(7)
+    fresh = build_backbone(ours, num_frames=16).state_dict()
+    torch.manual_seed(7)  # same init draws, then the file on top
+    model = build_backbone(ours, num_frames=16, pretrained=str(path), temporal_init=temporal_init)
     source = vit.state_dict()
-    block = model.blocks[3]
-    assert torch.equal(block.attn.qkv.weight, source["blocks.3.attn.qkv.weight"])
-    assert torch.equal(model.pos_embed, source["pos_embed"])
-    assert torch.equal(block.temporal_fc.weight, torch.zeros_like(block.temporal_fc.weight))
-    copied = torch.equal(block.temporal_attn.qkv.weight, source["blocks.3.attn.qkv.weight"])
-    assert copied == (temporal_init == "copy")
+    for name, value in model.state_dict().items():
+        if name in source:  # every spatial tensor is the file's, bit for bit
+            assert torch.equal(value, source[name]), name
+        elif name == "time_embed" or ".temporal_fc." in name:
+            assert torch.equal(value, torch.zeros_like(value)), name
+        elif temporal_init == "fresh":  # temporal attention / norm: the model's own fresh init
+            assert torch.equal(value, fresh[name]), name
+        else:  # "copy": the spatial weights of the same block
+            spatial = name.replace("temporal_attn", "attn").replace("temporal_norm1", "norm1")
+            assert torch.equal(value, source[spatial]), name
+    assert not torch.equal(model.blocks[3].attn.qkv.weight, fresh["blocks.3.attn.qkv.weight"])  # the file was loaded
     # Documented key differences: the image head is dropped (num_classes=0); temporal keys are filled.
     filtered = checkpoint_filter_fn(source, model, temporal_init)
     assert not any(k.startswith("head.") for k in filtered)
@@ -120,14 +129,14 @@ def test_official_timesformer_checkpoint_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(same(x), official(x))
     # A pretraining model (no classifier, longer time_embed) takes the same file: head dropped,
-    # time_embed resampled linearly to 16 frames.
+    # time_embed resampled to 16 frames (nearest: each stored step twice).
     # A DINO training checkpoint: {"teacher": {"backbone.<name>", "head.<DINO head>"}}; the head is dropped.
     dino = {"teacher": {**{f"backbone.{k}": v for k, v in official.state_dict().items() if not k.startswith("head")},
                         "head.mlp.0.weight": torch.zeros(3, 24), "head.last_layer.weight_g": torch.ones(3, 1)}}
     assert set(checkpoint_filter_fn(dino, tiny_timesformer())) == set(tiny_timesformer().state_dict())
     longer = tiny_timesformer(num_classes=0, num_frames=16)
     load_pretrained(longer, str(path))
-    torch.testing.assert_close(longer.time_embed, interpolate_time_embed(official.time_embed.detach(), 16))
+    assert torch.equal(longer.time_embed, official.time_embed.detach().repeat_interleave(2, dim=1))
 
 
 def test_unreadable_checkpoint_names_the_file(tmp_path):

@@ -47,6 +47,10 @@ def main(argv: list[str]) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.export:  # missing initial weights stop the run here, before any loader or process group
+            from models import resolve_pretrained
+
+            resolve_pretrained(cfg.model.pretrained)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,8 +39,17 @@ class ModelConfig:
     """Backbone and heads. Head sizes are read by the objective that needs them."""
 
     backbone: str = "timesformer_base_patch16"
-    backbone_kwargs: dict = field(default_factory=dict)  # passed to models.build_backbone
+    # passed to models.build_backbone, and saved with the run so evaluation rebuilds the same model:
+    # for TimeSformers num_frames (stored time_embed length), img_size, space_interp, time_interp, depth...
+    backbone_kwargs: dict = field(default_factory=dict)
     drop_path_rate: float = 0.1  # student only; the EMA teacher is built with 0 (DINO)
+    # Initial student weights (the teacher starts as its copy): "none" (from scratch), a checkpoint file
+    # (timm / DINO ViT, official TimeSformer, SVT release or an SVT run's export) or a timm pretrained tag
+    # (vit_base_patch16_224.dino, from timm's Hugging Face cache). TimeSformer backbones only.
+    pretrained: str = "none"
+    # Temporal weights when `pretrained` is an image ViT: "fresh" (random, SVT paper Sec. 4) or "copy"
+    # (from the spatial attention, as the official TimeSformer / SVT code's load_pretrained does).
+    temporal_init: str = "fresh"
     # DINO head (SVT)
     out_dim: int = 65536
     hidden_dim: int = 2048
@@ -51,6 +60,15 @@ class ModelConfig:
     proj_dim: int = 256
     proj_hidden_dim: int = 4096
     pred_hidden_dim: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.temporal_init not in ("fresh", "copy"):
+            raise ConfigError(f"model.temporal_init: must be 'fresh' or 'copy', got {self.temporal_init!r}")
+        if not self.pretrained:
+            raise ConfigError("model.pretrained: empty; name a checkpoint file, a timm tag, or none")
+        if self.pretrained != "none" and not self.backbone.startswith("timesformer"):
+            raise ConfigError(f"model.pretrained: loading weights is supported for TimeSformer backbones, "
+                              f"not {self.backbone!r}; use none")
 
 
 @dataclass

@@ -199,10 +199,11 @@ def build_method(cfg: Config, view_names: list[str]) -> SSLMethod:
 
     m, o = cfg.model, cfg.objective
 
-    def backbone(drop_path_rate: float) -> nn.Module:
-        return models.build_backbone(m.backbone, drop_path_rate=drop_path_rate, **m.backbone_kwargs)
+    def backbone(drop_path_rate: float, pretrained: str = "none") -> nn.Module:
+        init = {} if pretrained == "none" else {"pretrained": pretrained, "temporal_init": m.temporal_init}
+        return models.build_backbone(m.backbone, drop_path_rate=drop_path_rate, **m.backbone_kwargs, **init)
 
-    student_backbone = backbone(m.drop_path_rate)
+    student_backbone = backbone(m.drop_path_rate, m.pretrained)  # the teacher copies it
     embed_dim = student_backbone.embed_dim
     if o.name == "svt":
         global_views = [v for v in view_names if v.startswith("global")]
