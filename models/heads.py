@@ -94,8 +94,8 @@ class DINOHead(nn.Module):
     def cancel_last_layer_gradients(self) -> None:
         """Drop the last layer's gradients after backward (DINO ``cancel_gradients_last_layer``).
 
-        Under an engine that owns gradients (DeepSpeed), give these parameters their own param group
-        and set its lr to 0 for the frozen steps instead.
+        Under an engine that owns gradients (DeepSpeed) this cannot work at ZeRO 1-3;
+        ``training.engine.LastLayerFreezer`` freezes them there and leaves AdamW's state as this would.
         """
         for p in self.last_layer.parameters():
             p.grad = None
