@@ -131,6 +131,30 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         engine.backward(loss)
         result.update(preds=[p.detach() for p in preds], keys=keys,
                       grads={n: p.grad.clone() for n, p in engine.module.named_parameters() if p.grad is not None})
+        # 3. DINO's per-parameter clipping on bf16 engines (the SVT recipe's precision), ZeRO 2 and 3:
+        # every parameter's full gradient norm is at most clip_grad afterwards
+        from deepspeed.utils import safe_get_full_grad
+
+        from tests.train_fixtures import SyntheticLoader, build_tiny_method
+        from training.engine import clip_gradients_per_parameter
+
+        batch = next(iter(SyntheticLoader(16, 4, rank, world)))
+        result["clip"] = {}
+        for stage in (2, 3):
+            method = build_tiny_method(0)
+            cfg = tiny_config(**{"trainer.zero_stage": stage, "trainer.precision": "bf16",
+                                 "trainer.grad_accum_steps": 1, "trainer.batch_size_per_gpu": 4})
+            engine, _, _ = build_engine(method.student, cfg, world)
+            student_views, teacher_views = method.split_views(batch, torch.device("cpu"), True)
+            with torch.no_grad():
+                teacher_out = method.teacher([v.float() for v in teacher_views])
+            loss, _ = method.loss(engine(student_views), teacher_out, teacher_temp=0.07)
+            engine.backward(loss)
+            before = clip_gradients_per_parameter(engine, 0.01)
+            after = torch.stack([safe_get_full_grad(p).float().norm() for p in engine.module.parameters()
+                                 if p.requires_grad])
+            result["clip"][stage] = (before, after)
+            engine.step()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -180,3 +204,13 @@ def test_engine_at_world_size_two_converts_every_head_batchnorm(two_ranks):
     # the engine averages the ranks' gradients: the whole-batch gradients of the same loss
     for name, p in student.named_parameters():
         torch.testing.assert_close(two_ranks[0]["grads"][name], p.grad, rtol=1e-3, atol=1e-5)  # fp32 noise
+
+
+def test_per_parameter_clipping_on_bf16_engines(two_ranks):
+    """DINO's clip_gradients on the reduced gradients of bf16 ZeRO-2 / ZeRO-3 engines (2 ranks)."""
+    for stage in (2, 3):
+        before, after = two_ranks[0]["clip"][stage]
+        assert float(before.max()) > 0.1  # the test clips something
+        assert float(after.max()) <= 0.01 * (1 + 2 ** -7)  # at most clip_grad, up to bf16 rounding
+        torch.testing.assert_close(after, torch.minimum(before, torch.full_like(before, 0.01)), rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(two_ranks[1]["clip"][stage][1], after)  # every rank sees the same
