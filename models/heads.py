@@ -5,6 +5,8 @@ Each head maps a backbone feature ``(B, in_dim)`` to the vectors its objective c
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -19,6 +21,8 @@ __all__ = [
     "SimSiamProjector",
     "SimSiamPredictor",
     "build_mlp",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
 ]
 
 
@@ -90,8 +94,8 @@ class DINOHead(nn.Module):
     def cancel_last_layer_gradients(self) -> None:
         """Drop the last layer's gradients after backward (DINO ``cancel_gradients_last_layer``).
 
-        Under an engine that owns gradients (DeepSpeed), give these parameters their own param group
-        and set its lr to 0 for the frozen steps instead.
+        Under an engine that owns gradients (DeepSpeed) this cannot work at ZeRO 1-3;
+        ``training.engine.LastLayerFreezer`` freezes them there and leaves AdamW's state as this would.
         """
         for p in self.last_layer.parameters():
             p.grad = None
@@ -115,10 +119,10 @@ def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, la
 
 
 class MoCoProjector(nn.Sequential):
-    """MoCo v3 projector for ViTs: 3 layers, BN after each (last BN without affine), ReLU between.
+    """MoCo v3 projector for ViTs (``MoCo_ViT``): 3 layers, BN after each (last BN without affine), ReLU between.
 
-    BN statistics are per process; wrap with ``nn.SyncBatchNorm.convert_sync_batchnorm`` for the
-    global-batch BN that MoCo v3 uses.
+    BN statistics are per process until ``convert_sync_batchnorm`` (done by ``training.engine.build_engine``
+    when the world size is above 1) makes them global, as MoCo v3 trains.
     """
 
     def __init__(self, in_dim: int, mlp_dim: int = 4096, out_dim: int = 256, num_layers: int = 3) -> None:
@@ -126,10 +130,15 @@ class MoCoProjector(nn.Sequential):
 
 
 class MoCoPredictor(nn.Sequential):
-    """MoCo v3 predictor: 2 layers (Linear, BN, ReLU, Linear), no BN at the output."""
+    """MoCo v3 predictor: 2 layers (Linear, BN, ReLU, Linear, BN without affine).
 
-    def __init__(self, dim: int = 256, mlp_dim: int = 4096, num_layers: int = 2) -> None:
-        super().__init__(*build_mlp(num_layers, dim, mlp_dim, dim, last_bn=False))
+    facebookresearch/moco-v3 ``moco/builder.py``: ``MoCo_ViT`` builds ``_build_mlp(2, dim, mlp_dim, dim)``
+    (``last_bn=True``: the predictor ends in an affine-free BN, as the projector); only ``MoCo_ResNet``
+    passes ``last_bn=False``. ``last_bn=False`` gives the ResNet variant.
+    """
+
+    def __init__(self, dim: int = 256, mlp_dim: int = 4096, num_layers: int = 2, last_bn: bool = True) -> None:
+        super().__init__(*build_mlp(num_layers, dim, mlp_dim, dim, last_bn=last_bn))
 
 
 class BYOLProjector(nn.Sequential):
@@ -167,3 +176,67 @@ def _init_linear(module: nn.Module) -> None:
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` whose batch statistics are global on every device, CPU (gloo) included.
+
+    torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU", torch 2.14),
+    so on CPU the statistics come from differentiable all-reduces instead: the global mean, then the
+    global biased variance ``sum((x - mean)^2) / N`` (two passes: no ``E[x^2] - E[x]^2`` cancellation),
+    computed in fp32 (or the input's wider type). Gradients flow through the all-reduces (``torch.distributed.nn``), so each rank's
+    input gradient includes every rank's loss, as torch's GPU kernel does. Running statistics use the
+    unbiased global variance, as ``F.batch_norm``. On GPUs, or outside training / a process group,
+    torch's own path runs. Parameter and buffer names are BatchNorm's, so checkpoints do not change.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and input.device.type == "cpu" and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group or dist.group.WORLD) > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        group = self.process_group or dist.group.WORLD
+        dims = [d for d in range(input.dim()) if d != 1]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        x = input.to(torch.promote_types(input.dtype, torch.float32))
+        count = torch.tensor([float(input.numel() // input.shape[1])], dtype=x.dtype)
+        stats = dist_fn.all_reduce(torch.cat([x.sum(dim=dims), count]), group=group)
+        total = stats[-1]
+        mean = stats[:-1] / total
+        centred = x - mean.view(shape)
+        var = dist_fn.all_reduce(centred.pow(2).sum(dim=dims), group=group) / total
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.to(x.dtype).view(shape) + self.bias.to(x.dtype).view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                unbiased = var.detach() * (total / (total - 1).clamp_min(1.0))
+                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        return y.to(input.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Every BatchNorm in ``module`` becomes ``SyncBatchNorm`` (same parameters and buffers, same objects).
+
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` with this module's CPU-capable class (torch's method
+    always builds ``nn.SyncBatchNorm``). Returns the converted module (the input itself unless it is a
+    BatchNorm); submodules are replaced in place.
+    """
+    output = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        output = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats, process_group)
+        if module.affine:
+            with torch.no_grad():
+                output.weight = module.weight
+                output.bias = module.bias
+        output.running_mean = module.running_mean
+        output.running_var = module.running_var
+        output.num_batches_tracked = module.num_batches_tracked
+        output.training = module.training
+    for name, child in module.named_children():
+        output.add_module(name, convert_sync_batchnorm(child, process_group))
+    return output

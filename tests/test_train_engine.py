@@ -2,8 +2,10 @@
 
 Process launches are the expensive part (4-10 s each), so each launch runs several scenarios and
 the tests below read what they wrote:
-- one 2-rank launch trains ZeRO stages 0, 1, 2, 3 in turn (fp32, gradient accumulation 2, clipping,
-  last layer frozen at first, every ZeRO-3 parameter partitioned);
+- one 2-rank launch trains ZeRO stages 0, 1, 2, 3 in turn (fp32, gradient accumulation 2, DINO's
+  per-parameter clipping, last layer frozen for 2 of 6 steps, every ZeRO-3 parameter partitioned),
+  then bf16 and global-norm clipping runs; the reference is DINO's step sequence in plain PyTorch
+  (``clip_gradients``, then ``p.grad = None`` on the frozen last layer, so AdamW skips it);
 - one 2-rank launch is SIGKILLed mid-epoch after a checkpoint, one resumes it (`--resume auto`);
 - one 1-rank launch resumes the same ZeRO-2 checkpoint under ZeRO-3 (2 ranks -> 1, stage 2 -> 3,
   through the portable state) and runs the non-finite-loss scenarios.
@@ -72,7 +74,9 @@ def workdir(tmp_path_factory) -> Path:
 def stage_runs(workdir) -> Path:
     """2 ranks, ZeRO 0-3 one after another, 6 optimizer steps each (2 epochs)."""
     spec = {"runs": [_run(f"stage{s}", workdir, **{"trainer.zero_stage": s}) for s in STAGES]
-            + [_run(f"bf16_stage{s}", workdir, **{"trainer.zero_stage": s, "trainer.precision": "bf16"}) for s in (2, 3)]}
+            + [_run(f"bf16_stage{s}", workdir, **{"trainer.zero_stage": s, "trainer.precision": "bf16"}) for s in (2, 3)]
+            + [_run(f"global_clip_stage{s}", workdir, **{"trainer.zero_stage": s, "optim.clip_mode": "global"})
+               for s in (0, 2)]}
     _wait(_launch(spec, workdir, 2, "stages"), workdir, "stages")
     return workdir
 
@@ -117,12 +121,31 @@ def killed_and_resumed(workdir, stage_runs) -> Path:
     return workdir
 
 
-def reference_run(total_micro: int | None = None) -> dict:
-    """Plain PyTorch: the same model, param groups, schedules and global batches; no DeepSpeed."""
+def dino_clip_gradients(model: torch.nn.Module, clip: float) -> list[float]:
+    """DINO ``utils.clip_gradients`` (facebookresearch/dino utils.py), verbatim apart from names."""
+    norms = []
+    for _, p in model.named_parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms
+
+
+def reference_run(total_micro: int | None = None, clip_mode: str = "per_param", freeze: str = "dino") -> dict:
+    """Plain PyTorch DINO steps: the same model, param groups, schedules and global batches; no DeepSpeed.
+
+    As DINO's ``train_one_epoch``: clip (per parameter, or one global norm), then
+    ``cancel_gradients_last_layer`` (``p.grad = None``, so torch AdamW skips the last layer entirely:
+    no moment decay, no step count), then ``optimizer.step()``. ``freeze="lr0"`` is what a DeepSpeed
+    engine does without ``LastLayerFreezer.release``: zero gradients at lr 0 (Adam counts the steps).
+    """
     from training.engine import build_param_groups
     from training.trainer import Schedules
 
-    cfg = tiny_config()
+    cfg = tiny_config(**{"optim.clip_mode": clip_mode})
     t = cfg.trainer
     world = 2
     method = build_tiny_method(seed=t.seed)
@@ -135,12 +158,12 @@ def reference_run(total_micro: int | None = None) -> dict:
     total = int(np.ceil(t.epochs * steps_per_epoch))
     sched = Schedules.build(cfg, total, steps_per_epoch, t.batch_size_per_gpu * t.grad_accum_steps * world)
     last_layer = [p for g, i in zip(groups, infos) if i.last_layer for p in g["params"]]
-    losses, grad_norms, epoch = {}, [], 0
+    losses, grad_norms, epoch, clipped = {}, [], 0, 0
     batches = iter(loader)
     for step in range(total):
         frozen = step < sched.freeze_last_layer_steps
         for group, info in zip(optimizer.param_groups, infos):
-            group["lr"] = 0.0 if (info.last_layer and frozen) else float(sched.lr[step])
+            group["lr"] = 0.0 if (freeze == "lr0" and frozen and info.last_layer) else float(sched.lr[step])
             group["weight_decay"] = float(sched.weight_decay[step]) if info.weight_decay else 0.0
         optimizer.zero_grad(set_to_none=False)
         total_loss = 0.0
@@ -158,11 +181,22 @@ def reference_run(total_micro: int | None = None) -> dict:
             loss, _ = method.loss(student(student_views), teacher_out, teacher_temp=float(sched.teacher_temp[step]))
             (loss / t.grad_accum_steps).backward()
             total_loss += loss.item() / t.grad_accum_steps
-        if frozen:
+        if frozen:  # the engine's frozen gradients are zeros: the same norms when taken before the clip
             for p in last_layer:
-                p.grad.zero_()
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)))
+                if freeze == "dino":
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+        if clip_mode == "per_param":
+            norms = dino_clip_gradients(student, cfg.optim.clip_grad)
+            clipped += sum(n > cfg.optim.clip_grad for n in norms)
+            grad_norms.append(float(np.sqrt(np.sum(np.square(norms)))))
+        else:
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(
+                [p for p in student.parameters() if p.grad is not None], cfg.optim.clip_grad)))
         optimizer.step()
+        if frozen and freeze == "dino":
+            assert all(p not in optimizer.state for p in last_layer)  # DINO: AdamW has not seen it
         with torch.no_grad():
             m = float(sched.momentum[step])
             student_params = dict(student.named_parameters())
@@ -171,7 +205,8 @@ def reference_run(total_micro: int | None = None) -> dict:
         losses[step + 1] = total_loss
     return {"losses": losses, "teacher": teacher.state_dict(),
             "student": {n: p.detach().clone() for n, p in student.named_parameters()},
-            "center": method.objective.center.clone(), "total_steps": total, "grad_norms": grad_norms}
+            "center": method.objective.center.clone(), "total_steps": total, "grad_norms": grad_norms,
+            "clipped": clipped, "frozen_steps": sched.freeze_last_layer_steps}
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +272,47 @@ def test_last_layer_frozen_then_trained(stage_runs):
     from training.metrics import read_jsonl
 
     records = read_jsonl(stage_runs / "stage2" / "metrics.jsonl")
-    assert records[0]["last_layer_frozen"] and not records[-1]["last_layer_frozen"]
+    assert [r["last_layer_frozen"] for r in records] == [True, True, False, False, False, False]
     assert records[0]["lr"] < records[1]["lr"] or records[0]["lr"] == 0.0  # linear warmup from 0
+
+
+@pytest.fixture(scope="module")
+def lr0_reference() -> dict:
+    torch.set_num_threads(1)
+    return reference_run(freeze="lr0")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_last_layer_update_after_freeze_is_dinos(stage_runs, reference, lr0_reference, stage):
+    """2 frozen + 4 trained steps: the last layer ends where DINO's (AdamW skipping it) ends, not where
+    zero gradients at lr 0 would leave it (Adam's step count and moment decay running during the freeze)."""
+    final = torch.load(stage_runs / f"stage{stage}" / "final.pt", weights_only=False)
+    last = [n for n in final["student"] if "last_layer" in n]
+    assert last
+    got = {n: final["student"][n] for n in last}
+    assert _max_diff({n: reference["student"][n] for n in last}, got) <= WEIGHT_TOL
+    # the test can tell the two apart: the lr-0 sequence differs by far more than the tolerance
+    assert _max_diff({n: lr0_reference["student"][n] for n in last}, got) > 100 * WEIGHT_TOL
+
+
+@pytest.mark.parametrize("stage", (0, 2))
+def test_global_norm_clipping_matches_plain_pytorch(stage_runs, stage):
+    """optim.clip_mode=global: DeepSpeed's one-norm clipping against torch's clip_grad_norm_."""
+    from training.metrics import read_jsonl
+
+    ref = reference_run(clip_mode="global")
+    run_dir = stage_runs / f"global_clip_stage{stage}"
+    final = torch.load(run_dir / "final.pt", weights_only=False)
+    losses = _losses(run_dir)
+    for step, ref_loss in ref["losses"].items():
+        assert abs(losses[step] - ref_loss) <= LOSS_TOL, (stage, step, losses[step], ref_loss)
+    assert _max_diff(ref["student"], final["student"]) <= WEIGHT_TOL
+    assert [r["grad_norm"] for r in read_jsonl(run_dir / "metrics.jsonl")] == pytest.approx(ref["grad_norms"], rel=1e-4)
+
+
+def test_per_parameter_clipping_is_active(reference):
+    """The per-parameter reference really clips (so the stage tests compare DINO's clipping)."""
+    assert reference["clipped"] > 0 and reference["frozen_steps"] == 2
 
 
 def test_sigkill_resume_gives_same_losses(killed_and_resumed):

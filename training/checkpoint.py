@@ -81,6 +81,26 @@ def _adam_step_count(engine) -> int:
     return 0
 
 
+def _adam_steps_by_group(engine) -> list[int | None]:
+    """Adam's step count of every param group (None: no state yet).
+
+    Groups can differ: DINO's last layer starts counting only when its freeze ends
+    (``training.engine.LastLayerFreezer``), so one count for all would shift its bias corrections.
+    """
+    from training.engine import _optimizer_state_keys
+
+    inner = _inner_optimizer(engine)
+    steps: list[int | None] = []
+    for group in range(len(inner.param_groups)):
+        found = None
+        for key in _optimizer_state_keys(engine, [group]):
+            if "step" in inner.state.get(key, {}):
+                found = int(inner.state[key]["step"])
+                break
+        steps.append(found)
+    return steps
+
+
 def portable_state(engine) -> dict:
     """Full fp32 parameters and Adam moments by parameter name (collective: call on every rank)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -105,10 +125,10 @@ def portable_state(engine) -> dict:
     frozen = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters() if not p.requires_grad}
     buffers = {n: b.detach().cpu().clone() for n, b in module.named_buffers()}
     return {"params": params, "moments": moments, "frozen_params": frozen, "buffers": buffers,
-            "adam_step": _adam_step_count(engine)}
+            "adam_step": _adam_step_count(engine), "adam_steps_by_group": _adam_steps_by_group(engine)}
 
 
-def _ensure_adam_state(engine, step: int) -> None:
+def _ensure_adam_state(engine, step: int, steps_by_group: list[int | None] | None = None) -> None:
     """Creates AdamW state (lazily made at the first step) so the moments can be written into it."""
     inner = _inner_optimizer(engine)
     # The tensors the client optimizer keys its state on: DeepSpeed swaps its flat fp32 partitions
@@ -126,6 +146,12 @@ def _ensure_adam_state(engine, step: int) -> None:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         # torch keeps `step` as a float tensor per parameter (non-capturable, non-fused path)
         state["step"] = torch.tensor(float(step))
+    if steps_by_group:
+        from training.engine import _optimizer_state_keys
+
+        for group, group_step in enumerate(steps_by_group):
+            for key in _optimizer_state_keys(engine, [group]):
+                inner.state[key]["step"] = torch.tensor(float(group_step if group_step is not None else step))
     _link_optimizer_state(engine)
 
 
@@ -154,7 +180,7 @@ def load_portable_state(engine, state: dict) -> None:
         missing, extra = sorted(names - set(state["params"])), sorted(set(state["params"]) - names)
         raise ValueError(f"portable checkpoint does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
     if state["moments"]:
-        _ensure_adam_state(engine, state["adam_step"])
+        _ensure_adam_state(engine, state["adam_step"], state.get("adam_steps_by_group"))
     import deepspeed
 
     for name, param in module.named_parameters():

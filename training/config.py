@@ -102,7 +102,9 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    clip_grad: float = 3.0  # global norm; 0 disables
+    clip_grad: float = 3.0  # max gradient norm; 0 disables
+    clip_mode: str = "global"  # global (one norm over all parameters) | per_param (DINO utils.clip_gradients)
+    model_no_weight_decay: bool = False  # also no wd for the model's no_weight_decay() names (Video Swin)
     freeze_last_layer_epochs: float = 1.0  # DINO: the head's last layer is frozen at first
 
 
@@ -224,6 +226,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {opt.betas}")
     if opt.clip_grad < 0:
         raise ConfigError(f"optim.clip_grad: must be >= 0 (0 disables), got {opt.clip_grad}")
+    if opt.clip_mode not in ("global", "per_param"):
+        raise ConfigError(f"optim.clip_mode: must be 'global' or 'per_param', got {opt.clip_mode!r}")
     if opt.warmup_epochs < 0 or opt.freeze_last_layer_epochs < 0:
         raise ConfigError("optim.warmup_epochs / optim.freeze_last_layer_epochs: must be >= 0")
 

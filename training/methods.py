@@ -124,6 +124,9 @@ class SVTMethod(SSLMethod):
 class ContrastiveEncoder(nn.Module):
     """Backbone + projector (+ predictor) on a list of clips; returns (predictions, projections).
 
+    The backbone batches clips of equal shape (it has no batch statistics); the projector and the
+    predictor see one clip at a time, so their BatchNorms never mix clips.
+
     Parameter names are ``backbone.*``, ``head.*`` (the projector) and ``predictor.*``, so exports
     and evaluation find the backbone under the same prefix as SVT's. The momentum encoder is the same
     class with ``predictor=None`` (an ``nn.Identity``): its names are a subset of the query encoder's
@@ -146,11 +149,12 @@ class ContrastiveEncoder(nn.Module):
             group_features = self.backbone.forward_features(torch.cat([views[i] for i in group], dim=0))
             for index, feature in zip(group, torch.split(group_features, sizes, dim=0)):
                 features[index] = feature
-        sizes = [f.shape[0] for f in features]
-        projections = self.head(torch.cat(features, dim=0))
-        # one predictor pass on all clips (BatchNorm sees the same batch as the projector)
-        predictions = self.predictor(projections)
-        return list(torch.split(predictions, sizes, dim=0)), list(torch.split(projections, sizes, dim=0))
+        # Heads run once per clip: their BatchNorms normalise the short and the long clip each over its
+        # own batch, as MoCo v3 / BYOL / SimSiam forward each crop separately (a joint pass would mix
+        # the two clips' statistics, and each clip's output would depend on the other clip).
+        projections = [self.head(f) for f in features]
+        predictions = [self.predictor(z) for z in projections]
+        return predictions, projections
 
 
 class TwoViewMethod(SSLMethod):

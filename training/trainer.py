@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
-from training.engine import DistInfo, build_engine, set_hyperparameters
+from training.engine import DistInfo, build_engine, clip_gradients_per_parameter, set_hyperparameters
 from training.methods import SSLMethod
 from training.metrics import MetricsWriter, read_jsonl, summarize
 from training.teacher import EMATeacher
@@ -113,7 +113,8 @@ class Trainer:
             self.total_steps = min(t.max_steps, max(1, int(math.ceil(t.epochs * self.steps_per_epoch))))
         self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch, self.global_batch)
         method.to(dist_info.device)
-        self.engine, self.group_infos, self.freezer = build_engine(method.student, cfg, dist_info.world_size)
+        self.engine, self.group_infos, self.freezer = build_engine(method.student, cfg, dist_info.world_size,
+                                                                   teacher=method.teacher)
         self.bf16 = t.precision == "bf16"
         if self.bf16:
             # DeepSpeed casts parameters to bf16 but leaves floating buffers (BatchNorm running stats
@@ -240,13 +241,15 @@ class Trainer:
         frozen = s < self.schedules.freeze_last_layer_steps
         set_hyperparameters(self.engine, self.group_infos, lr=float(self.schedules.lr[s]),
                             weight_decay=float(self.schedules.weight_decay[s]), freeze_last_layer=frozen,
-                            freezer=self.freezer)
+                            freezer=self.freezer,
+                            release_last_layer=s > 0 and s == self.schedules.freeze_last_layer_steps)
         teacher_temp = float(self.schedules.teacher_temp[s])
         step_start = time.perf_counter()
         data_wait = 0.0
         term_sums: dict[str, float] = {}
         micro_done = 0
         stage0_grad_norm = float("nan")
+        per_param_clip = self.cfg.optim.clip_mode == "per_param" and self.cfg.optim.clip_grad > 0
         views_per_sample = tokens_per_sample = flops_per_sample = 0.0
         while micro_done < t.grad_accum_steps:
             wait_start = time.perf_counter()
@@ -282,7 +285,12 @@ class Trainer:
                 term_sums[name] = term_sums.get(name, 0.0) + value
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()  # read before step()
-            if boundary and t.zero_stage == 0:
+            if boundary and per_param_clip:
+                # DINO's utils.clip_gradients on the reduced gradients; the logged norm is the global
+                # norm before clipping, as DeepSpeed reports it in global mode
+                norms = clip_gradients_per_parameter(self.engine, self.cfg.optim.clip_grad)
+                stage0_grad_norm = float(norms.norm()) if norms.numel() else 0.0
+            elif boundary and t.zero_stage == 0:
                 # DeepSpeed reports no global norm without ZeRO; gradients are all-reduced by now
                 grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
                 stage0_grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
@@ -296,7 +304,7 @@ class Trainer:
             self.teacher.update(float(self.schedules.momentum[s]))
         self.step += 1
         step_time = time.perf_counter() - step_start
-        grad_norm = stage0_grad_norm if t.zero_stage == 0 else self.engine.get_global_grad_norm()
+        grad_norm = stage0_grad_norm if (t.zero_stage == 0 or per_param_clip) else self.engine.get_global_grad_norm()
         videos_per_s = self.global_batch / step_time
         record = {
             "step": self.step,
