@@ -92,6 +92,9 @@ class SVTConfig:
         for name in ("global_span", "local_span"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"svt.{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("global_size", "local_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"svt.{name} must be >= 1 pixels, got {getattr(self, name)}")
         _check_scale("svt.global_scale", self.global_scale)
         _check_scale("svt.local_scale", self.local_scale)
 
@@ -116,7 +119,7 @@ class LSTCLConfig:
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"lstcl.placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        for name in ("short_frames", "short_stride", "long_frames", "long_stride"):
+        for name in ("short_frames", "short_stride", "long_frames", "long_stride", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lstcl.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("short_stride_range", "long_stride_range"):
@@ -140,6 +143,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.clips < 1 or self.crops not in (1, 3):
             raise ValueError(f"eval.clips must be >= 1 and eval.crops 1 or 3, got {self.clips}, {self.crops}")
+        for name in ("slow_frames", "slow_size", "fast_frames", "fast_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
