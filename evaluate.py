@@ -290,10 +290,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.resume not in ("auto", "none"):
         # checked before DeepSpeed, whose loader only asserts on a folder without its files
-        folder = Path(args.out) / "checkpoints" / args.resume
+        root = Path(args.out) / "checkpoints"
+        folder = root / args.resume
         if not any(folder.glob("*model_states.pt")):
             raise ValueError(f"--resume {args.resume}: {folder} is not a fine-tuning checkpoint (no DeepSpeed "
-                             f"model states); give 'auto', 'none' or an epoch folder under {Path(args.out) / 'checkpoints'}")
+                             f"model states); give 'auto', 'none' or an epoch folder under {root}")
     return run_finetune_cli(args, _section(args, "finetune", FINETUNE_FIELDS))
 
 
