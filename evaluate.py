@@ -308,6 +308,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from evaluation.finetune import FINETUNE_PROTOCOLS, run_finetune_cli
 
+    if args.resume not in ("auto", "none"):
+        # checked before DeepSpeed, whose loader only asserts on a folder without its files
+        root = Path(args.out) / "checkpoints"
+        folder = root / args.resume
+        if not any(folder.glob("*model_states.pt")):
+            raise ValueError(f"--resume {args.resume}: {folder} is not a fine-tuning checkpoint (no DeepSpeed "
+                             f"model states); give 'auto', 'none' or an epoch folder under {root}")
     return run_finetune_cli(args, _section(args, "finetune", FINETUNE_FIELDS), default_protocol="svt-finetune",
                             allowed=FINETUNE_PROTOCOLS)
 
@@ -413,11 +420,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from typed_config import USER_ERRORS, disk_problem, error_line
+
+    outputs = [path for path in (getattr(args, "out", None), getattr(args, "results", None)) if path]
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input (file, key, setting): one clear line instead of a traceback.
-        print(f"error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        # Bad input (file, key, setting) or an output that cannot be written: one clear line instead
+        # of a traceback.
+        print(f"error: {error_line(error, where=outputs[0] if outputs else None)}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        problem = disk_problem(outputs)  # torch.save reports a full / read-only disk as a RuntimeError
+        if problem is None:
+            raise
+        print(f"error: {problem} ({type(error).__name__} while writing)", file=sys.stderr)
         return 2
 
 

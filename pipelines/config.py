@@ -92,6 +92,9 @@ class SVTConfig:
         for name in ("global_span", "local_span"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"svt.{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("global_size", "local_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"svt.{name} must be >= 1 pixels, got {getattr(self, name)}")
         _check_scale("svt.global_scale", self.global_scale)
         _check_scale("svt.local_scale", self.local_scale)
 
@@ -127,7 +130,7 @@ class LSTCLConfig:
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"lstcl.placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        for name in ("short_frames", "short_stride", "long_frames", "long_stride"):
+        for name in ("short_frames", "short_stride", "long_frames", "long_stride", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lstcl.{name} must be >= 1, got {getattr(self, name)}")
         if not self.reference_fps > 0:
@@ -180,6 +183,9 @@ class EvalConfig:
             raise ValueError(f"eval.clips must be >= 1 and eval.crops 1 or 3, got {self.clips}, {self.crops}")
         if self.stride < 0:
             raise ValueError(f"eval.stride must be >= 0 (0 = spread over the segment), got {self.stride}")
+        for name in ("slow_frames", "slow_size", "fast_frames", "fast_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

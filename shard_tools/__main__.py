@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from shard_tools.encode import CODEC_TABLE, EncodeSettings
 from shard_tools.executors import EXECUTORS, default_workers
 from shard_tools.sources import DATASET_KINDS, load_label_map, read_folder, read_kinetics_csv, read_ssv2
+from typed_config import USER_ERRORS, error_line
 
 SUBCOMMANDS = ("shard", "verify", "stats", "bench")
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -118,15 +120,15 @@ def _listing_from_args(args):
         elif args.annotations.suffix == ".json":
             kind = "ssv2"
         else:
-            raise SystemExit(f"--annotations {args.annotations}: cannot tell the format; pass --source")
+            raise ValueError(f"--annotations {args.annotations}: cannot tell the format; pass --source")
     label_map = load_label_map(args.label_map) if args.label_map else None
     if kind == "kinetics":
         if args.annotations is None:
-            raise SystemExit("--source kinetics needs --annotations CSV")
+            raise ValueError("--source kinetics needs --annotations CSV")
         listing = read_kinetics_csv(args.annotations, args.videos, split=args.split, label_map=label_map)
     elif kind == "ssv2":
         if args.annotations is None or args.labels is None:
-            raise SystemExit("--source ssv2 needs --annotations (train.json ...) and --labels (labels.json)")
+            raise ValueError("--source ssv2 needs --annotations (train.json ...) and --labels (labels.json)")
         listing = read_ssv2(args.annotations, args.labels, args.videos, split=args.split)
     else:
         listing = read_folder(args.videos, labelled=(kind == "folder"), split=args.split or "train",
@@ -159,11 +161,18 @@ def cmd_shard(args) -> int:
                               min_side=args.min_side,
                               max_gap=args.max_gap, copy=args.copy)
     max_samples, max_bytes = args.shard_size
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
     job = ShardJob(out_dir=args.out, name=args.name or listing.dataset, settings=settings, seed=args.seed,
                    shard_max_samples=max_samples, shard_max_bytes=max_bytes, executor=args.executor,
                    workers=args.workers, ray_address=args.ray_address, keep_work=args.keep_work,
                    progress=not args.no_progress, source=source)
-    manifest = run_shard_job(listing, job)
+    try:
+        manifest = run_shard_job(listing, job)
+    except OSError as err:
+        if err.filename is None:  # a full disk reported on close names no file: name the output folder
+            err.filename = str(args.out)
+        raise
     unexpected = manifest["quarantine"]["by_reason"].get("unexpected error", 0)
     if unexpected:
         # Per-input failures never end the job; many "unexpected error"s point at the environment.
@@ -178,9 +187,13 @@ def cmd_shard(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad input or arguments: one clear line naming the file and the reason, no traceback.
-        print(f"shard_tools: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        # Bad input or arguments, or an output folder that cannot be written (read-only, full disk):
+        # one clear line naming the file and the reason, no traceback.
+        line = error_line(err)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            line += " (finished videos are kept in OUT/.work: free space and rerun the same command to resume)"
+        print(f"shard_tools: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -62,6 +62,12 @@ def test_every_recipe_value_has_a_source_comment():
     (["objective.name=mocov3"], "data.recipe"),  # an SVT data section cannot feed MoCo v3
     (["model.unknown=1"], "model.unknown"),
     (["data.svt.global_sise=64"], "data.svt.global_sise"),
+    (["model.out_dim=0"], "model.out_dim"),  # else DeepSpeed fails on an empty parameter group
+    (["model.hidden_dim=-8"], "model.hidden_dim"),  # else torch: negative dimension
+    (["model.drop_path_rate=1.0"], "model.drop_path_rate"),
+    (["data.svt.global_size=0"], "data.svt.global_size"),  # else DALI: non-uniform batch shapes
+    (["data.svt.local_size=-1"], "data.svt.local_size"),
+    (["data.shards="], "data.shards"),
     (["runtime.x=1"], "runtime"),
 ])
 def test_bad_values_name_the_field(overrides, field):

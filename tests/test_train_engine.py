@@ -88,9 +88,12 @@ def killed_and_resumed(workdir, stage_runs) -> Path:
     overrides = {"trainer.zero_stage": 2, "trainer.ckpt_every_steps": 2}
     proc = _launch({"runs": [{**_run("killed", workdir, **overrides), "delay_s": 0.5}]}, workdir, 2, "killed")
     pointer = run_dir / "checkpoints" / "latest"
+    metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if pointer.is_file() and pointer.read_text().strip() >= "step_00000004":
+        # killed once step 5 is logged after the step-4 checkpoint: the resumed run logs step 5 again
+        if (pointer.is_file() and pointer.read_text().strip() >= "step_00000004" and metrics.is_file()
+                and '"step": 5,' in metrics.read_text()):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed mid-epoch"
@@ -323,6 +326,9 @@ def test_sigkill_resume_gives_same_losses(killed_and_resumed):
         assert abs(resumed[step] - loss) <= 1e-6, (step, resumed[step], loss)
     log = (killed_and_resumed / "resume.log").read_text()
     assert "resumed from" in log and "step_00000004" in log
+    # each step once in the file itself (not only through read_jsonl's last-record rule)
+    rows = [json.loads(line) for line in (killed_and_resumed / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == sorted(reference_losses)
 
 
 def test_resume_into_other_world_size_and_stage(killed_and_resumed):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import yaml
 
 from training.config import ConfigError, config_to_dict, load_config
+from typed_config import USER_ERRORS, disk_problem, error_line
 
 __all__ = ["main", "build_parser"]
 
@@ -40,34 +42,57 @@ def _checkpoint_to_export(cfg, resume: str | None) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
+    """Exit status 0 on success; 2 with one ``error: <field or file>: <reason>`` line for bad input."""
     args = build_parser().parse_args(argv)
     if args.local_rank is not None:
-        import os
-
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    out_paths: list[Path] = []
     try:
         cfg = load_config(args.config, args.overrides)
-        if not args.export:  # missing initial weights stop the run here, before any loader or process group
-            from models import resolve_pretrained
+        out_paths.append(Path(cfg.trainer.output_dir))
+        if args.export:
+            out_paths.insert(0, Path(args.export).parent)
+            return _export(cfg, args)
+        # missing initial weights stop the run here, before any loader or process group
+        from models import resolve_pretrained
 
-            resolve_pretrained(cfg.model.pretrained)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        resolve_pretrained(cfg.model.pretrained)
+        return _train(cfg, args)
+    except USER_ERRORS as exc:
+        print(f"error: {error_line(exc, where=out_paths[0] if out_paths else None)}", file=sys.stderr)
         return 2
-    if args.export:
-        from training.checkpoint import export_weights
+    except RuntimeError as exc:
+        problem = disk_problem(out_paths)
+        if problem is None:
+            raise
+        # a checkpoint counts only once it is named in checkpoints/latest, so the half-written one is ignored
+        print(f"error: {problem} ({type(exc).__name__} while writing); free space and rerun "
+              f"(--resume auto continues from the newest complete checkpoint)", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
-        ckpt = _checkpoint_to_export(cfg, args.resume)
-        if ckpt is None:
-            print(f"error: no complete checkpoint to export (--resume {args.resume or 'auto'}, "
-                  f"trainer.output_dir {cfg.trainer.output_dir})", file=sys.stderr)
-            return 2
-        out = export_weights(ckpt, Path(args.export))
-        print(f"exported {ckpt} -> {out}")
-        return 0
+
+def _export(cfg, args) -> int:
+    from training.checkpoint import export_weights
+
+    ckpt = _checkpoint_to_export(cfg, args.resume)
+    if ckpt is None:
+        raise ValueError(f"no complete checkpoint to export (--resume {args.resume or 'auto'}, "
+                         f"trainer.output_dir {cfg.trainer.output_dir})")
+    out = export_weights(ckpt, Path(args.export))
+    print(f"exported {ckpt} -> {out}")
+    return 0
+
+
+def _train(cfg, args) -> int:
     if cfg.data is None:
-        print(f"error: {args.config}: data: section missing (the shards to train on)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{args.config}: data: section missing (the shards to train on)")
+    if args.resume not in (None, "auto") and not (Path(args.resume) / "trainer.pt").is_file():
+        # checked before any model or engine is built
+        raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint (no trainer.pt); give a "
+                                f"checkpoints/step_N folder or 'auto'")
 
     from pipelines import build_loader
     from training.engine import init_distributed
@@ -87,18 +112,21 @@ def main(argv: list[str]) -> int:
         cfg.data.drop_last = True
         if info.rank == 0:
             print(f"[train] data.drop_last set to true for {info.world_size} ranks (equal steps per rank)", flush=True)
-    loader = build_loader(cfg.data, batch_size=t.batch_size_per_gpu, shard_id=info.rank, num_shards=info.world_size,
-                          seed=t.seed, loader=t.loader)
-    method = build_method(cfg, list(loader.view_names))
-    trainer = Trainer(cfg, method, loader, info)
     run_dir = Path(t.output_dir)
-    if info.rank == 0:
+    if info.rank == 0:  # before the model is built: an output folder that cannot be written fails at once
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    loader = build_loader(cfg.data, batch_size=t.batch_size_per_gpu, shard_id=info.rank, num_shards=info.world_size,
+                          seed=t.seed, loader=t.loader)
+    try:
+        method = build_method(cfg, list(loader.view_names))
+    except TypeError as exc:  # a misspelt model.backbone_kwargs key
+        raise ConfigError(f"model.backbone_kwargs: cannot build {cfg.model.backbone} with "
+                          f"{cfg.model.backbone_kwargs}: {exc}") from exc
+    trainer = Trainer(cfg, method, loader, info)
     summary = trainer.fit(resume=args.resume)
     if info.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(summary), flush=True)
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
     return 0

@@ -32,8 +32,6 @@ __all__ = [
 ]
 
 
-
-
 @dataclass
 class ModelConfig:
     """Backbone and heads. Head sizes are read by the objective that needs them."""
@@ -69,6 +67,14 @@ class ModelConfig:
         if self.pretrained != "none" and not self.backbone.startswith("timesformer"):
             raise ConfigError(f"model.pretrained: loading weights is supported for TimeSformer backbones, "
                               f"not {self.backbone!r}; use none")
+        # checked here, not where the layers are built: a zero or negative width otherwise fails deep
+        # inside torch (negative dimension) or DeepSpeed (an empty parameter group)
+        for name in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "proj_dim", "proj_hidden_dim",
+                     "pred_hidden_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
 
 
 @dataclass
@@ -208,6 +214,8 @@ def validate(cfg: Config) -> None:
     if t.dist_backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"trainer.dist_backend: must be auto, gloo or nccl, got {t.dist_backend!r}")
     if cfg.data is not None:
+        if not str(getattr(cfg.data, "shards", "")).strip():
+            raise ConfigError("data.shards: empty; set it to a shard folder written by `python -m shard_tools shard`")
         recipe = getattr(cfg.data, "recipe", None)
         wanted = "svt" if o.name == "svt" else "lstcl"
         if recipe != wanted:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ class MetricsWriter:
         enabled: False on ranks other than 0.
         total_steps / start_step: for the progress bar.
         tensorboard, progress_bar: switch those outputs.
-        append: continue an existing metrics file (resume) instead of starting it again.
+        append: continue an existing metrics file (resume from a checkpoint at ``start_step``)
+            instead of starting it again.
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int = 0,
@@ -34,13 +36,17 @@ class MetricsWriter:
         if not enabled:
             return
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        # a resumed run appends to the same file (readers keep the last record of a step); a fresh
-        # run in an old folder starts it again
+        # a resumed run continues the same file from its checkpoint's step: rows the interrupted run
+        # logged after that step are dropped, since the resumed run logs those steps again (each step
+        # once); a fresh run in an old folder starts the file again
+        if append:
+            _truncate_jsonl(self.jsonl_path, start_step)
         self._file = open(self.jsonl_path, "a" if append else "w", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.tb_dir))
+            # purge_step: TensorBoard hides the old run's events from this step on (same reason)
+            self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step + 1 if append else None)
         if progress_bar:
             from tqdm import tqdm
 
@@ -79,8 +85,27 @@ class MetricsWriter:
             self._file.close()
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the records of steps <= ``last_step`` (rewritten through a temp file and ``os.replace``)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off when the interrupted run was killed
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a metrics file, keeping only the last record of each step (a resumed run re-logs)."""
+    """Records of a metrics file, keeping only the last record of each step."""
     by_step: dict[int, dict] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
