@@ -6,8 +6,9 @@ import timm
 import torch
 import torch.nn as nn
 
+from evaluation.features import slow_fast_features
 from models import (BYOLPredictor, BYOLProjector, DINOHead, MoCoPredictor, MoCoProjector, MultiViewRunner,
-                    SimSiamPredictor, SimSiamProjector, build_backbone, slow_fast_features)
+                    SimSiamPredictor, SimSiamProjector, build_backbone)
 from models.timesformer import checkpoint_filter_fn, interpolate_pos_embed, interpolate_time_embed, load_pretrained
 
 torch.set_num_threads(1)
@@ -245,7 +246,7 @@ def test_packed_runner_gradients_equal_the_per_view_loop(checkpointing):
 
 
 def test_packed_runner_needs_a_packing_backbone():
-    with pytest.raises(ValueError, match="forward_features_multi"):
+    with pytest.raises(ValueError, match="forward_features takes a list of clips"):
         MultiViewRunner(nn.Linear(2, 2), packed=True)
 
 
@@ -253,7 +254,7 @@ def test_packed_runner_needs_a_packing_backbone():
 def test_bf16_cpu_attention_matches_fp32_values_and_gradients(with_mask):
     """``attention`` takes the math backend for bf16 on a CPU (the fused kernel's backward is slow there);
     it must still be the same attention: compare with fp32 SDPA, forward and input gradients."""
-    from models.timesformer import attention
+    from models.layers import attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(6, 3, 17, 16, requires_grad=True) for _ in range(3))
     mask = torch.randn(1, 3, 17, 17) if with_mask else None
