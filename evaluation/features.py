@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-__all__ = ["FEATURE_KINDS", "ExtractConfig", "FeatureSet", "group_eval_views", "extract_features"]
+__all__ = ["FEATURE_KINDS", "ExtractConfig", "FeatureSet", "group_eval_views", "extract_features",
+           "slow_fast_features"]
 
 FEATURE_KINDS = ("slowfast", "slow", "fast")
 VIEW_GROUPS = ("slow", "fast")
@@ -147,6 +148,11 @@ def group_eval_views(view_names: Iterable[str]) -> dict[str, list[str]]:
     if missing:
         raise ValueError(f"eval loader gives no {' / '.join(missing)} views (got {list(view_names)})")
     return groups
+
+
+def slow_fast_features(model: nn.Module, slow: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
+    """Slow-fast inference (SVT Fig. 3): the sum of the CLS features of a slow and a fast clip."""
+    return model.forward_features(slow) + model.forward_features(fast)
 
 
 @torch.no_grad()

@@ -8,13 +8,12 @@ import torch.nn as nn
 from models import stswin, timesformer
 from models.heads import (BYOLPredictor, BYOLProjector, DINOHead, MoCoPredictor, MoCoProjector,
                           SimSiamPredictor, SimSiamProjector)
-from models.multiview import MultiViewRunner
+from models.multiview import ContrastiveEncoder, MultiViewRunner
 from models.stswin import SpaceTimeSwin
-from models.timesformer import (PretrainedUnavailable, TimeSformer, load_pretrained, resolve_pretrained,
-                                slow_fast_features, split_checkpoint)
+from models.timesformer import PretrainedUnavailable, TimeSformer, load_pretrained, resolve_pretrained, split_checkpoint
 
 __all__ = [
-    "BACKBONES", "build_backbone", "TimeSformer", "SpaceTimeSwin", "slow_fast_features", "MultiViewRunner", "DINOHead",
+    "BACKBONES", "build_backbone", "TimeSformer", "SpaceTimeSwin", "MultiViewRunner", "ContrastiveEncoder", "DINOHead",
     "PretrainedUnavailable", "load_pretrained", "resolve_pretrained", "split_checkpoint",
     "MoCoProjector", "MoCoPredictor", "BYOLProjector", "BYOLPredictor", "SimSiamProjector", "SimSiamPredictor",
 ]

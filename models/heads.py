@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from models.layers import init_vit_weights
+
 __all__ = [
     "WeightNormLinear",
     "DINOHead",
@@ -77,7 +79,7 @@ class DINOHead(nn.Module):
             layers += [nn.BatchNorm1d(hidden_dim) if use_bn else nn.Identity(), nn.GELU(),
                        nn.Linear(hidden_dim, bottleneck_dim)]
             self.mlp = nn.Sequential(*[layer for layer in layers if not isinstance(layer, nn.Identity)])
-        self.mlp.apply(_init_linear)
+        init_vit_weights(self.mlp)  # DINO's _init_weights: trunc-normal(0.02) Linear weights, zero biases
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.norm_last_layer = norm_last_layer
         if norm_last_layer:
@@ -169,13 +171,6 @@ class SimSiamPredictor(nn.Sequential):
     def __init__(self, dim: int = 2048, pred_dim: int = 512) -> None:
         super().__init__(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
                          nn.Linear(pred_dim, dim))
-
-
-def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 class SyncBatchNorm(nn.SyncBatchNorm):

@@ -27,7 +27,7 @@ from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from models.timesformer import attention, init_vit_weights
+from models.layers import PatchEmbed3D, attention, init_vit_weights
 
 __all__ = [
     "SpaceTimeSwin",
@@ -224,9 +224,7 @@ class SpaceTimeSwin(nn.Module):
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim * 2 ** (len(depths) - 1)
 
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
-        self.patch_embed.norm = norm_layer(embed_dim)
+        self.patch_embed = PatchEmbed3D(self.patch_size, in_chans, embed_dim, norm_layer)
         self.pos_drop = nn.Dropout(drop_rate)
         # Python floats, not torch.linspace(...).tolist(): construction also works on the meta device.
         dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
@@ -237,7 +235,7 @@ class SpaceTimeSwin(nn.Module):
         ])
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_vit_weights)
+        init_vit_weights(self)
         self.set_grad_checkpointing(grad_checkpointing)
 
     @torch.jit.ignore
@@ -252,10 +250,7 @@ class SpaceTimeSwin(nn.Module):
         """Normalised last-stage tokens ``(B, D', H', W', embed_dim)``."""
         if x.ndim != 5 or x.shape[1] != self.in_chans:
             raise ValueError(f"SpaceTimeSwin expects (B, {self.in_chans}, T, H, W), got {tuple(x.shape)}")
-        pads = [(-size) % p for size, p in zip(x.shape[2:], self.patch_size)]
-        x = F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
-        x = rearrange(self.patch_embed.proj(x), "b c d h w -> b d h w c")
-        x = self.pos_drop(self.patch_embed.norm(x))
+        x = self.pos_drop(self.patch_embed(x))  # (B, D', H', W', C), padded to the patch size
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
@@ -268,35 +263,6 @@ class SpaceTimeSwin(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    def flops(self, shape: tuple[int, int, int, int]) -> int:
-        """Analytic matmul FLOPs (2 per multiply-add) of ``forward_features`` for one ``(C, T, H, W)`` sample.
-
-        Counts what ``FlopCounterMode`` counts: the 3-D patch conv, Linear layers, and the window
-        attention matmuls (QK^T, AV) on the padded token grid. Norms, softmax, GELU, adds not counted.
-        """
-        channels, frames, height, width = shape
-        pt, ph, pw = self.patch_size
-        size = [-(-frames // pt), -(-height // ph), -(-width // pw)]
-        dim = self.stem_dim
-        total = 2 * size[0] * size[1] * size[2] * channels * pt * ph * pw * dim
-        hidden_ratio = self.mlp_ratio
-        for stage_index, depth in enumerate(self.depths):
-            tokens = size[0] * size[1] * size[2]
-            for block_index in range(depth):
-                shift = (0, 0, 0) if block_index % 2 == 0 else tuple(w // 2 for w in self.window_size)
-                window, _ = effective_window(tuple(size), self.window_size, shift)
-                padded = [s + (-s) % w for s, w in zip(size, window)]
-                padded_tokens = padded[0] * padded[1] * padded[2]
-                window_tokens = window[0] * window[1] * window[2]
-                total += 2 * padded_tokens * dim * 3 * dim + 2 * padded_tokens * dim * dim   # qkv + proj
-                total += 2 * 2 * padded_tokens * window_tokens * dim                          # QK^T + AV
-                total += 2 * 2 * tokens * dim * int(dim * hidden_ratio)                       # MLP
-            if stage_index < len(self.depths) - 1:
-                size = [size[0], -(-size[1] // 2), -(-size[2] // 2)]
-                total += 2 * size[0] * size[1] * size[2] * 4 * dim * 2 * dim                  # merging
-                dim *= 2
-        return int(total)  # classifier head excluded, as in forward_features
 
 
 def stswin_tiny_test(**kwargs) -> SpaceTimeSwin:

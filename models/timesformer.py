@@ -23,20 +23,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from models.layers import Attention, Tokens, call_packed, init_vit_weights, map_tokens
 from typed_config import ConfigError
 
 __all__ = [
-    "Attention",
     "DividedSpaceTimeBlock",
     "PretrainedUnavailable",
     "TimeSformer",
@@ -47,7 +46,6 @@ __all__ = [
     "read_checkpoint",
     "resolve_pretrained",
     "split_checkpoint",
-    "slow_fast_features",
     "timesformer_tiny_patch16",
     "timesformer_small_patch16",
     "timesformer_base_patch16",
@@ -56,81 +54,6 @@ __all__ = [
 SpaceInterp = Literal["nearest", "bicubic"]
 TimeInterp = Literal["nearest", "linear"]
 TemporalInit = Literal["fresh", "copy"]
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``; on a CPU in bf16 / fp16 through its math backend.
-
-    PyTorch's fused CPU attention kernel is slow in bf16: in a ViT-S SVT step under bf16 autocast its
-    backward took 38% of the step, and the math backend (matmuls on AMX + softmax) made the whole
-    step 1.7x faster (`bench.py model --dtype bfloat16`). In fp32 and on GPUs the fused kernels win.
-    """
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over the token axis of ``(B, N, D)`` via ``F.scaled_dot_product_attention``.
-
-    Args:
-        dim: token width.
-        num_heads: heads; must divide ``dim``.
-        qkv_bias: bias in the fused qkv projection (timm ``qkv``).
-        attn_drop: attention dropout (training only).
-        proj_drop: dropout after the output projection (timm ``proj``).
-    """
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
-
-    def forward_multi(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Attention for several ``(B_i, L_i, D)`` inputs: one qkv and one proj matmul over all tokens,
-        one attention call per distinct sequence length L. Equals ``[self(x) for x in xs]``."""
-        qkv = _map_tokens(self.qkv, xs)
-        outputs: list[torch.Tensor | None] = [None] * len(xs)
-        for indices in _group_by(lambda i: xs[i].shape[1], range(len(xs))):
-            batch = torch.cat([qkv[i] for i in indices]) if len(indices) > 1 else qkv[indices[0]]
-            q, k, v = rearrange(batch, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-            out = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-            out = rearrange(out, "b h n d -> b n (h d)")
-            for i, piece in zip(indices, torch.split(out, [xs[i].shape[0] for i in indices])):
-                outputs[i] = piece
-        return [self.proj_drop(y) for y in _map_tokens(self.proj, outputs)]  # type: ignore[arg-type]
-
-
-def _group_by(key, items) -> list[list[int]]:
-    groups: dict = {}
-    for item in items:
-        groups.setdefault(key(item), []).append(item)
-    return list(groups.values())
-
-
-def _map_tokens(module: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Apply a per-token module (Linear, MLP, norm) to all tokens of several tensors in one call.
-
-    One large matmul instead of one per tensor: the point of the packed multi-clip forward.
-    """
-    if len(xs) == 1:
-        return [module(xs[0])]
-    flat = torch.cat([rearrange(x, "... d -> (...) d") for x in xs])
-    out = torch.split(module(flat), [x[..., 0].numel() for x in xs])
-    return [piece.reshape(*x.shape[:-1], piece.shape[-1]) for piece, x in zip(out, xs)]
 
 
 class DividedSpaceTimeBlock(nn.Module):
@@ -162,51 +85,41 @@ class DividedSpaceTimeBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x: ``(B, 1 + T*N, D)`` laid out ``b (1 + (t n)) d``; returns the same shape."""
-        cls_token, patches = x[:, :1], x[:, 1:]
-        # Temporal attention: one sequence of T tokens per spatial location.
-        xt = rearrange(patches, "b (t n) d -> (b n) t d", t=num_frames)
-        res_temporal = self.drop_path(self.temporal_attn(self.temporal_norm1(xt)))
-        res_temporal = rearrange(res_temporal, "(b n) t d -> b (t n) d", b=x.shape[0])
-        patches = patches + self.temporal_fc(res_temporal)
+    def forward(self, x: Tokens, num_frames: int | Sequence[int]) -> torch.Tensor | list[torch.Tensor]:
+        """x: ``(B, 1 + T*N, D)`` laid out ``b (1 + (t n)) d``; returns the same shape.
 
-        # Spatial attention: one sequence of 1 + N tokens per frame, CLS copied into every frame.
-        xs = rearrange(patches, "b (t n) d -> (b t) n d", t=num_frames)
-        cls_per_frame = rearrange(cls_token.expand(-1, num_frames, -1), "b t d -> (b t) 1 d")
-        res_spatial = self.drop_path(self.attn(self.norm1(torch.cat((cls_per_frame, xs), dim=1))))
-        res_cls = rearrange(res_spatial[:, :1], "(b t) 1 d -> b t d", t=num_frames).mean(dim=1, keepdim=True)
-        res_patches = rearrange(res_spatial[:, 1:], "(b t) n d -> b (t n) d", t=num_frames)
-        x = torch.cat((cls_token, patches), dim=1) + torch.cat((res_cls, res_patches), dim=1)
-
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def forward_multi(self, xs: list[torch.Tensor], frames: list[int]) -> list[torch.Tensor]:
-        """The block on several clips at once (any T, any grid): ``xs[i]`` is ``(B_i, 1 + T_i*N_i, D)``.
-
-        Every matmul runs once over the tokens of all clips; attention runs once per distinct
-        sequence length. Equals ``[self(x, t) for x, t in zip(xs, frames)]`` (up to float rounding).
+        Also takes several clips at once (any T, any grid): a list of ``(B_i, 1 + T_i*N_i, D)`` with a
+        list of their ``T_i``. Every matmul then runs once over the tokens of all clips and attention
+        once per distinct sequence length; equals the block on each clip (up to float rounding).
         """
+        if isinstance(x, torch.Tensor):
+            return self._forward([x], [int(num_frames)])[0]  # type: ignore[arg-type]
+        return self._forward(list(x), [int(t) for t in num_frames])  # type: ignore[union-attr]
+
+    def _forward(self, xs: list[torch.Tensor], frames: list[int]) -> list[torch.Tensor]:
         cls_tokens = [x[:, :1] for x in xs]
         patches = [x[:, 1:] for x in xs]
+        # Temporal attention: one sequence of T tokens per spatial location. Drop path per (b n)
+        # sequence, as the official block (kahnchana/svt models/timesformer.py Block.forward).
         xt = [rearrange(p, "b (t n) d -> (b n) t d", t=t) for p, t in zip(patches, frames)]
-        res_temporal = self.temporal_attn.forward_multi(_map_tokens(self.temporal_norm1, xt))
+        res_temporal = call_packed(self.temporal_attn, map_tokens(self.temporal_norm1, xt))
         res_temporal = [rearrange(self.drop_path(r), "(b n) t d -> b (t n) d", b=x.shape[0])
                         for r, x in zip(res_temporal, xs)]
-        patches = [p + r for p, r in zip(patches, _map_tokens(self.temporal_fc, res_temporal))]
+        patches = [p + r for p, r in zip(patches, map_tokens(self.temporal_fc, res_temporal))]
 
+        # Spatial attention: one sequence of 1 + N tokens per frame, CLS copied into every frame.
         xs_spatial = []
         for cls_token, p, t in zip(cls_tokens, patches, frames):
             cls_per_frame = rearrange(cls_token.expand(-1, t, -1), "b t d -> (b t) 1 d")
             xs_spatial.append(torch.cat((cls_per_frame, rearrange(p, "b (t n) d -> (b t) n d", t=t)), dim=1))
-        res_spatial = self.attn.forward_multi(_map_tokens(self.norm1, xs_spatial))
+        res_spatial = call_packed(self.attn, map_tokens(self.norm1, xs_spatial))
         outputs = []
         for cls_token, p, r, t in zip(cls_tokens, patches, res_spatial, frames):
             r = self.drop_path(r)
             res_cls = rearrange(r[:, :1], "(b t) 1 d -> b t d", t=t).mean(dim=1, keepdim=True)
             res_patches = rearrange(r[:, 1:], "(b t) n d -> b (t n) d", t=t)
             outputs.append(torch.cat((cls_token, p), dim=1) + torch.cat((res_cls, res_patches), dim=1))
-        mlp_out = _map_tokens(lambda y: self.mlp(self.norm2(y)), outputs)
+        mlp_out = map_tokens(lambda y: self.mlp(self.norm2(y)), outputs)
         return [x + self.drop_path(m) for x, m in zip(outputs, mlp_out)]
 
 
@@ -272,6 +185,9 @@ class TimeSformer(nn.Module):
         norm_layer: normalisation type (timm uses LayerNorm eps 1e-6).
     """
 
+    # forward_features takes a list of clips of any shapes and packs them (MultiViewRunner(packed=True))
+    packs_clips = True
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, num_frames: int = 8, drop_rate: float = 0.0,
@@ -301,8 +217,9 @@ class TimeSformer(nn.Module):
         self.time_interp = time_interp
         self.grad_checkpointing = grad_checkpointing
 
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        # timm's per-image patch embedding (same ``patch_embed.proj`` names as timm / DINO ViTs); any H, W
+        # that are multiples of the patch (``strict_img_size=False``), tokens flattened to ``(gh gw)``.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size ** 2, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
@@ -322,7 +239,7 @@ class TimeSformer(nn.Module):
         """timm ViT init; ``time_embed`` starts at zero and every ``temporal_fc`` at zero (TimeSformer)."""
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(init_vit_weights)
+        init_vit_weights(self)
         for block in self.blocks:
             # The official code zeroes blocks 1.. only; zeroing all makes a fresh model an exact
             # ViT at init, which the image-weight loading relies on.
@@ -343,10 +260,8 @@ class TimeSformer(nn.Module):
         batch, _, num_frames, height, width = x.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"TimeSformer: H={height}, W={width} must be multiples of patch {self.patch_size}")
-        frames = rearrange(x, "b c t h w -> (b t) c h w")
-        tokens = self.patch_embed.proj(frames)
-        grid_hw = tokens.shape[-2:]
-        tokens = rearrange(tokens, "bt d gh gw -> bt (gh gw) d")
+        tokens = self.patch_embed(rearrange(x, "b c t h w -> (b t) c h w"))   # (b t) (gh gw) d
+        grid_hw = self.patch_embed.dynamic_feat_size((height, width))
         pos_embed = interpolate_pos_embed(self.pos_embed, grid_hw, self.space_interp)
         # CLS gets its position embedding once (official code adds it per frame, then keeps frame 0's).
         tokens = self.pos_drop(tokens + pos_embed[:, 1:])
@@ -356,80 +271,44 @@ class TimeSformer(nn.Module):
         tokens = self.time_drop(rearrange(tokens, "b t n d -> b (t n) d"))
         return torch.cat((cls_token.expand(batch, -1, -1), tokens), dim=1), num_frames
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """All normalised tokens ``(B, 1 + T*N, D)`` (CLS first, then ``(t n)``)."""
-        tokens, num_frames = self.embed(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, num_frames, use_reentrant=False)
-            else:
-                tokens = block(tokens, num_frames)
-        return self.norm(tokens)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """CLS feature ``(B, embed_dim)`` of a ``(B, C, T, H, W)`` clip."""
-        return self.forward_tokens(x)[:, 0]
-
-    def forward_features_multi(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
-        """CLS features of several clips of any shapes in one packed pass (one matmul per layer for all).
-
-        Equals ``[self.forward_features(c) for c in clips]`` up to float rounding; used by
-        ``MultiViewRunner(packed=True)`` so SVT's views of different T and size share every matmul.
-        """
+    def _blocks(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Embedded clips through every block (packed when there are several); un-normalised tokens."""
         embedded = [self.embed(c) for c in clips]
-        tokens = [e[0] for e in embedded]
-        frames = [e[1] for e in embedded]
+        tokens, frames = [e[0] for e in embedded], [e[1] for e in embedded]
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block.forward_multi, tokens, frames, use_reentrant=False)
+                tokens = checkpoint(call_packed, block, tokens, frames, use_reentrant=False)
             else:
-                tokens = block.forward_multi(tokens, frames)
-        return [self.norm(t[:, 0]) for t in tokens]
+                tokens = call_packed(block, tokens, frames)
+        return tokens
+
+    def forward_tokens(self, x: Tokens) -> torch.Tensor | list[torch.Tensor]:
+        """All normalised tokens ``(B, 1 + T*N, D)`` (CLS first, then ``(t n)``); a list for a list of clips."""
+        if isinstance(x, torch.Tensor):
+            return self.norm(self._blocks([x])[0])
+        return map_tokens(self.norm, self._blocks(list(x)))
+
+    def forward_features(self, x: Tokens) -> torch.Tensor | list[torch.Tensor]:
+        """CLS feature ``(B, embed_dim)`` of a ``(B, C, T, H, W)`` clip.
+
+        A list of clips of any shapes (SVT's views: different T and size) gives a list of features from
+        one packed pass: every matmul of every block runs once over the tokens of all clips, attention
+        once per sequence length. Equals the features of each clip alone up to float rounding;
+        ``MultiViewRunner(packed=True)`` calls it so.
+        """
+        if isinstance(x, torch.Tensor):
+            return self.norm(self._blocks([x])[0][:, 0])
+        return map_tokens(self.norm, [t[:, 0] for t in self._blocks(list(x))])
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return features if pre_logits else self.head(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def flops(self, shape: tuple[int, int, int, int]) -> int:
-        """Analytic matmul FLOPs (2 per multiply-add) of ``forward_features`` for one ``(C, T, H, W)`` sample.
-
-        Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts: the patch conv, every Linear,
-        and the two attention matmuls (QK^T, AV). Norms, softmax, GELU and adds are not counted.
-        """
-        channels, num_frames, height, width = shape
-        n = (height // self.patch_size) * (width // self.patch_size)
-        d, hidden = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
-        patch = 2 * num_frames * n * channels * self.patch_size ** 2 * d
-        tokens = 1 + num_frames * n
-        temporal_tokens = num_frames * n
-        spatial_tokens = num_frames * (1 + n)
-        per_block = (
-            2 * temporal_tokens * d * 3 * d + 2 * temporal_tokens * d * d      # temporal qkv + proj
-            + 2 * 2 * n * num_frames * num_frames * d                          # temporal QK^T + AV
-            + 2 * temporal_tokens * d * d                                      # temporal_fc
-            + 2 * spatial_tokens * d * 3 * d + 2 * spatial_tokens * d * d      # spatial qkv + proj
-            + 2 * 2 * num_frames * (1 + n) * (1 + n) * d                       # spatial QK^T + AV
-            + 2 * 2 * tokens * d * hidden                                      # MLP fc1 + fc2
-        )
-        return int(patch + self.depth * per_block)  # classifier head excluded, as in forward_features
-
-
-def init_vit_weights(module: nn.Module) -> None:
-    """timm's ViT init for Linear and LayerNorm layers (shared with the Space-Time Swin)."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def slow_fast_features(model: nn.Module, slow: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
-    """Slow-fast inference (SVT Fig. 3): the sum of the CLS features of a slow and a fast clip."""
-    return model.forward_features(slow) + model.forward_features(fast)
+    def forward(self, x: Tokens) -> torch.Tensor | list[torch.Tensor]:
+        """Classifier output of a clip (the features when ``num_classes=0``), or a list for a list of clips."""
+        features = self.forward_features(x)
+        if isinstance(features, torch.Tensor):
+            return self.forward_head(features)
+        return [self.forward_head(f) for f in features]
 
 
 # Keys of image / TimeSformer checkpoints that this model has no counterpart for; dropped.

@@ -55,7 +55,8 @@ def test_mocov3_vit_projector_and_predictor_end_in_affine_free_batchnorm():
 
 def _tiny_encoder(seed: int = 0):
     from tests.train_fixtures import TinyBackbone
-    from training.methods import ContrastiveEncoder, _teacher_from_student
+    from models import ContrastiveEncoder
+    from training.methods import _teacher_from_student
 
     torch.manual_seed(seed)
     student = ContrastiveEncoder(TinyBackbone(), MoCoProjector(12, mlp_dim=16, out_dim=8), MoCoPredictor(8, 16))

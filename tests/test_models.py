@@ -6,8 +6,9 @@ import timm
 import torch
 import torch.nn as nn
 
+from evaluation.features import slow_fast_features
 from models import (BYOLPredictor, BYOLProjector, DINOHead, MoCoPredictor, MoCoProjector, MultiViewRunner,
-                    SimSiamPredictor, SimSiamProjector, build_backbone, slow_fast_features)
+                    SimSiamPredictor, SimSiamProjector, build_backbone)
 from models.timesformer import checkpoint_filter_fn, interpolate_pos_embed, interpolate_time_embed, load_pretrained
 
 torch.set_num_threads(1)
@@ -245,7 +246,7 @@ def test_packed_runner_gradients_equal_the_per_view_loop(checkpointing):
 
 
 def test_packed_runner_needs_a_packing_backbone():
-    with pytest.raises(ValueError, match="forward_features_multi"):
+    with pytest.raises(ValueError, match="forward_features takes a list of clips"):
         MultiViewRunner(nn.Linear(2, 2), packed=True)
 
 
@@ -253,7 +254,7 @@ def test_packed_runner_needs_a_packing_backbone():
 def test_bf16_cpu_attention_matches_fp32_values_and_gradients(with_mask):
     """``attention`` takes the math backend for bf16 on a CPU (the fused kernel's backward is slow there);
     it must still be the same attention: compare with fp32 SDPA, forward and input gradients."""
-    from models.timesformer import attention
+    from models.layers import attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(6, 3, 17, 16, requires_grad=True) for _ in range(3))
     mask = torch.randn(1, 3, 17, 17) if with_mask else None
@@ -266,3 +267,61 @@ def test_bf16_cpu_attention_matches_fp32_values_and_gradients(with_mask):
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g.float(), w, rtol=0.1, atol=0.1)
+
+
+def test_one_forward_takes_a_tensor_or_a_list_of_clips():
+    """Attention, block and model each have one forward: a tensor gives a tensor, a list gives the list of
+    per-input results (computed packed: shared matmuls, attention per sequence length)."""
+    from models.layers import Attention
+
+    model = tiny_timesformer(embed_dim=16, depth=1, img_size=64)
+    gen = torch.Generator().manual_seed(3)
+    clips = [torch.randn(2, 3, t, s, s, generator=gen) for t, s in [(4, 64), (2, 32), (4, 32), (2, 32)]]
+    with torch.no_grad():
+        features = model.forward_features(clips)
+        outputs = model(clips)
+        for clip, feature, output in zip(clips, features, outputs):
+            torch.testing.assert_close(feature, model.forward_features(clip), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(output, model(clip), rtol=1e-5, atol=1e-6)
+        embedded = [model.embed(c) for c in clips]
+        block = model.blocks[0]
+        for got, (tokens, frames) in zip(block([e[0] for e in embedded], [e[1] for e in embedded]), embedded):
+            torch.testing.assert_close(got, block(tokens, frames), rtol=1e-5, atol=1e-6)
+        attn = Attention(16, num_heads=2).eval()
+        xs = [torch.randn(b, n, 16, generator=gen) for b, n in [(3, 5), (2, 7), (4, 5)]]
+        for got, x in zip(attn(xs), xs):
+            torch.testing.assert_close(got, attn(x), rtol=1e-5, atol=1e-6)
+        assert isinstance(attn(xs[0]), torch.Tensor)
+
+
+def test_contrastive_encoder_groups_its_backbone_passes_as_the_runner():
+    """ContrastiveEncoder is a MultiViewRunner: one backbone pass per clip shape, heads once per clip."""
+    from models import ContrastiveEncoder
+
+    calls = []
+    model = tiny_timesformer(embed_dim=16, depth=1, img_size=64)
+    original = model.forward_features
+    model.forward_features = lambda x: (calls.append(tuple(x.shape)), original(x))[1]  # count passes
+    encoder = ContrastiveEncoder(model, MoCoProjector(16, mlp_dim=16, out_dim=8), MoCoPredictor(8, 16)).eval()
+    assert isinstance(encoder, MultiViewRunner)
+    clips = [torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 2, 64, 64)]
+    with torch.no_grad():
+        predictions, projections = encoder(clips)
+        assert sorted(calls) == [(2, 3, 2, 64, 64), (4, 3, 4, 32, 32)]
+        for clip, p, z in zip(clips, predictions, projections):
+            torch.testing.assert_close(z, encoder.head(original(clip)), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(p, encoder.predictor(z))
+    assert {k.split(".")[0] for k in encoder.state_dict()} == {"backbone", "head", "predictor"}
+
+
+def test_patch_embeddings_are_timms_and_keep_the_checkpoint_names():
+    from timm.layers import PatchEmbed
+
+    from models.layers import PatchEmbed3D
+
+    timesformer, swin = tiny_timesformer(), build_backbone("stswin_tiny_test")
+    assert isinstance(timesformer.patch_embed, PatchEmbed) and isinstance(swin.patch_embed, PatchEmbed3D)
+    assert {k for k in timesformer.state_dict() if k.startswith("patch_embed.")} == {
+        "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert {k for k in swin.state_dict() if k.startswith("patch_embed.")} == {
+        "patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight", "patch_embed.norm.bias"}

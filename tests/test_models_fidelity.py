@@ -230,7 +230,7 @@ def test_float64_features_equal_the_official_forward_at_every_svt_view_size(svt_
     with torch.no_grad():
         want = [official_forward_features(backbone, clip) for clip in clips]
         got = [model.forward_features(clip) for clip in clips]
-        packed = model.forward_features_multi(clips)  # the packed multi-view path of training
+        packed = model.forward_features(clips)  # a list of clips: the packed multi-view path of training
     for (t, s), w, g, p in zip(SVT_VIEW_SIZES, want, got, packed):
         assert g.dtype == torch.float64
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=f"T={t} @ {s}")

@@ -127,3 +127,39 @@ def test_head_and_runner_flops_match_the_profiler():
         runner([torch.randn(1, *s) for s in shapes])
     assert views_flops(model, head, shapes) == counter.get_total_flops()
     assert forward_flops(runner, shapes[0]) == forward_flops(model, shapes[0]) + head_flops(head)
+
+
+def test_flops_count_a_backbone_without_a_formula_and_leave_it_alone():
+    """Any backbone is counted (on a hook-free meta copy): the engine's hooks do not run, the weights stay put."""
+    from tests.train_fixtures import TinyBackbone
+
+    torch.manual_seed(0)
+    model = TinyBackbone()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def refuse(module, args):
+        raise AssertionError("the counted model itself must not run")
+
+    handle = model.register_forward_pre_hook(refuse)
+    shape = (3, 4, 8, 8)
+    count = forward_flops(model, shape)
+    handle.remove()
+    assert count == _profiled_flops_per_sample(model.forward_features, torch.randn(2, *shape)) > 0
+    assert all(torch.equal(v, before[k]) and v.device.type == "cpu" for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="TinyBackbone does not run on the meta device"):
+        forward_flops(model, (5, 4, 8, 8))  # wrong channel count: one line naming the model and the input
+
+
+@pytest.mark.parametrize("name,shape,paper_gmacs", [
+    # LSTCL Table 4: TimeSformer 8x224^2, 0.59 TFLOPs for its 3 test views (196 G multiply-adds each).
+    ("timesformer_base_patch16", (3, 8, 224, 224), 196),
+    # Video Swin (Liu et al. 2022) Table 1, per 32x224^2 view: Swin-T 88G, Swin-S 166G, Swin-B 282G.
+    ("stswin_t", (3, 32, 224, 224), 88),
+    ("stswin_s", (3, 32, 224, 224), 166),
+    ("stswin_b", (3, 32, 224, 224), 282),
+])
+def test_full_size_flops_match_the_papers(name, shape, paper_gmacs):
+    """Papers count multiply-adds (fvcore); FlopCounterMode counts 2 per multiply-add."""
+    with torch.device("meta"):
+        model = build_backbone(name, num_frames=8) if name.startswith("timesformer") else build_backbone(name)
+    assert forward_flops(model, shape) / 2e9 == pytest.approx(paper_gmacs, rel=0.005)

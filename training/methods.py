@@ -4,8 +4,8 @@
 methods from models/ and objectives/:
 - SVT: student = MultiViewRunner(backbone, DINOHead) on all views; teacher (same structure, EMA)
   on the global views; ``objectives.SVTLoss`` (centering + sharpening, center in a buffer).
-- MoCo v3 / BYOL: query encoder = backbone + projector + predictor on both clips; momentum key
-  encoder = backbone + projector (EMA); symmetric loss.
+- MoCo v3 / BYOL: query encoder = ContrastiveEncoder(backbone, projector, predictor) on both clips;
+  momentum key encoder = backbone + projector (EMA); symmetric loss.
 - SimSiam: one encoder, no teacher; the stop-gradient branch is the student's own projection.
 """
 from __future__ import annotations
@@ -15,9 +15,11 @@ import math
 import torch
 import torch.nn as nn
 
+from models.flops import forward_flops
+from models.multiview import ContrastiveEncoder, MultiViewRunner
 from training.config import Config
 
-__all__ = ["SSLMethod", "SVTMethod", "ContrastiveEncoder", "TwoViewMethod", "build_method"]
+__all__ = ["SSLMethod", "SVTMethod", "TwoViewMethod", "build_method"]
 
 
 class SSLMethod:
@@ -90,15 +92,13 @@ def _throughput_counts(runner: nn.Module, backbone: nn.Module, shapes: list[tupl
     tubelet = tubelet[0] if isinstance(tubelet, (tuple, list)) else tubelet
     tokens = sum(math.ceil(t / tubelet) * (h // patch) * (w // patch) for _, t, h, w in shapes)
     try:
-        from models.flops import forward_flops
-
         cache: dict[tuple[int, ...], int] = {}
         flops = 0.0
         for shape, factor in [(s, 3.0) for s in shapes] + [(s, 1.0) for s in teacher_shapes]:
             if shape not in cache:
                 cache[shape] = forward_flops(runner, shape)
             flops += factor * cache[shape]
-    except (ImportError, ValueError):  # a model without a FLOP formula: MFU is not reported
+    except ValueError:  # a model that does not run on the meta device: MFU is not reported
         flops = 0.0
     return float(len(shapes)), float(tokens), flops
 
@@ -119,42 +119,6 @@ class SVTMethod(SSLMethod):
 
     def _flops_module(self) -> nn.Module:
         return self.teacher
-
-
-class ContrastiveEncoder(nn.Module):
-    """Backbone + projector (+ predictor) on a list of clips; returns (predictions, projections).
-
-    The backbone batches clips of equal shape (it has no batch statistics); the projector and the
-    predictor see one clip at a time, so their BatchNorms never mix clips.
-
-    Parameter names are ``backbone.*``, ``head.*`` (the projector) and ``predictor.*``, so exports
-    and evaluation find the backbone under the same prefix as SVT's. The momentum encoder is the same
-    class with ``predictor=None`` (an ``nn.Identity``): its names are a subset of the query encoder's
-    and the EMA pairs them by name.
-    """
-
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = projector
-        self.predictor = predictor if predictor is not None else nn.Identity()
-
-    def forward(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        from models.multiview import group_views_by_shape
-
-        # one backbone pass per group of equal-shape clips (short and long clips usually share one)
-        features: list[torch.Tensor | None] = [None] * len(views)
-        for group in group_views_by_shape(views):
-            sizes = [views[i].shape[0] for i in group]
-            group_features = self.backbone.forward_features(torch.cat([views[i] for i in group], dim=0))
-            for index, feature in zip(group, torch.split(group_features, sizes, dim=0)):
-                features[index] = feature
-        # Heads run once per clip: their BatchNorms normalise the short and the long clip each over its
-        # own batch, as MoCo v3 / BYOL / SimSiam forward each crop separately (a joint pass would mix
-        # the two clips' statistics, and each clip's output would depend on the other clip).
-        projections = [self.head(f) for f in features]
-        predictions = [self.predictor(z) for z in projections]
-        return predictions, projections
 
 
 class TwoViewMethod(SSLMethod):
@@ -178,8 +142,6 @@ class TwoViewMethod(SSLMethod):
         return _split_terms(self.objective(p1, p2, k1.float(), k2.float()))
 
     def _flops_module(self) -> nn.Module:
-        from models.multiview import MultiViewRunner
-
         source = self.teacher or self.student  # backbone + projector, as a runner for models.flops
         return MultiViewRunner(source.backbone, source.head)
 
