@@ -180,12 +180,3 @@ def write_timestamped_video(path: str | os.PathLike, pts: list[int], time_base: 
         for packet in stream.encode(None):
             container.mux(packet)
     return path
-
-
-def read_frames(path: str | os.PathLike) -> np.ndarray:
-    """Decode every frame of a video with PyAV as an ``(F, H, W, 3)`` uint8 RGB array."""
-    with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"{path}: no decodable video frames")
-    return np.stack(frames)
