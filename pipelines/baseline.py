@@ -35,9 +35,10 @@ TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 
 def decode_frames(data: bytes, frames: np.ndarray) -> torch.Tensor:
-    """Decode the listed (sorted) frame indices with PyAV; past-the-end indices repeat the last frame.
+    """Decode the listed (sorted) frame indices with PyAV. Returns ``(U, C, H, W)`` uint8.
 
-    Returns ``(U, C, H, W)`` uint8.
+    Raises ``ValueError`` when the stream ends before the last listed frame: plans stay within the
+    json's ``num_frames``, so that is a damaged member (the DALI graph's ``frames_check``).
     """
     wanted = set(int(f) for f in frames)
     last = int(frames[-1])
@@ -52,11 +53,10 @@ def decode_frames(data: bytes, frames: np.ndarray) -> torch.Tensor:
                 got[i] = frame.to_ndarray(format="rgb24")
             if i >= last:
                 break
-    if not got:
-        raise ValueError("no decodable frames")
-    newest = max(got)
-    # Indices past the last decodable frame repeat it, like DALI's pad_mode="edge".
-    stack = np.stack([got.get(int(f), got[newest]) for f in frames])
+    if last not in got:
+        raise ValueError(f"the decoder delivered fewer real frames than the plan needs "
+                         f"({len(got)} of the planned, up to frame {last})")
+    stack = np.stack([got[int(f)] for f in frames])
     return rearrange(torch.from_numpy(stack), "u h w c -> u c h w")
 
 
@@ -109,9 +109,10 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
             try:
                 yield self._views(sample, mean, std)
             except (av.error.FFmpegError, ValueError) as err:
-                # Same policy as the DALI loader: skip and report (counted per worker, in the log).
-                log.warning("baseline: skipping sample %s of %s: %s", sample.get("__key__"),
-                            sample.get("__url__"), err)
+                # Same policy as the DALI loader: skip and report. The record travels in the batch
+                # (see _collate) so the parent process counts it: workers are other processes.
+                yield {"failed": {"key": sample.get("__key__"), "shard": sample.get("__url__"),
+                                  "reason": str(err)}}
 
     def _views(self, sample: dict[str, Any], mean: torch.Tensor, std: torch.Tensor) -> dict[str, Any]:
         ld = self.loader
@@ -139,6 +140,14 @@ def _shuffled(items, buffer_size: int, rng: random.Random):
             yield buffer.pop(rng.randrange(len(buffer)))
     rng.shuffle(buffer)
     yield from buffer
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collation of the good samples; the failed ones' records go to ``batch["failed"]``."""
+    good = [s for s in samples if "failed" not in s]
+    batch = torch.utils.data.default_collate(good) if good else {"key": []}
+    batch["failed"] = [s["failed"] for s in samples if "failed" in s]
+    return batch
 
 
 def _worker_init(_: int) -> None:
@@ -177,6 +186,7 @@ class BaselineLoader:
         loader = torch.utils.data.DataLoader(
             _BaselineDataset(self, self.epoch), batch_size=self.batch_size,
             num_workers=self.cfg.num_threads, worker_init_fn=_worker_init, drop_last=self.cfg.drop_last,
+            collate_fn=_collate,
             # forkserver: workers must not inherit a parent's running threads (a DALI pipeline's,
             # torch's): fork() with them alive deadlocked a worker in the tests.
             multiprocessing_context="forkserver" if self.cfg.num_threads > 0 else None)
@@ -184,6 +194,13 @@ class BaselineLoader:
             if step < self._skip:
                 continue
             self._step = step + 1
+            for failed in batch.pop("failed"):
+                self.stats["decode_failures"] += 1
+                self.stats["skipped_keys"].append({"key": failed["key"], "shard": failed["shard"]})
+                log.warning("baseline: skipping sample %s of %s: %s", failed["key"], failed["shard"],
+                            failed["reason"])
+            if not batch["key"]:
+                continue
             self.stats["samples"] += len(batch["key"])
             self.stats["steps"] += 1
             yield batch

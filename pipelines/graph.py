@@ -9,20 +9,31 @@ graph holds no random state (every random parameter arrives per sample from ``vi
 so it can be rebuilt at any time -- after a decoder error, or on resume -- without changing results.
 
 Views graph, per batch:
-  encoded video --fn.decoders.video(frames=union of all views' frames, pad_mode="edge")--> FHWC
+  encoded video --fn.decoders.video(frames=union of all views' frames, pad_mode="constant")--> FHWC
   --per slot: fn.sequence_rearrange(new_order=positions)-->  (a gather; never a strided slice)
   --per view: resize(roi=crop box) -> color_twist -> [gaussian_blur] -> [solarize]
   -> crop_mirror_normalize(mirror, mean, std, layout CFHW)--> (C, T, H, W) per sample.
 Every op applies one parameter set to all frames of a sample, so augmentation is temporally
 consistent; parameters differ across views and samples because they are drawn per view and sample.
 The CPU and GPU variants differ only in the decoder's device string ("cpu" | "mixed").
+
+Missing frames: a member whose bytes are damaged mid-stream or truncated still decodes -- the demuxer
+stops at the damage and the decoder pads every later requested frame (verified on DALI 2.4 CPU: a
+VP9 WebM with its middle third overwritten gives 16 real frames of 60 and no error). The plan's
+frames never exceed the json's ``num_frames``, so a padded frame means a damaged sample. Padding is
+therefore a sentinel colour (``MISSING_FILL``) instead of a copy of the last frame, and the graph
+emits one extra output per sample, ``frames_check``: the largest channel distance of the last
+requested frame (the highest index: the union is sorted, padding only ever follows real frames)
+from the sentinel. 0 means the decoder ran out of real frames. Costs one frame's reduction.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
@@ -47,9 +58,20 @@ def reader_pipeline(paths: list[str], index_paths: list[str], shard_id: int, num
     return encoded, meta, source_info
 
 
+# Magenta: a whole frame of exactly (255, 0, 255) does not come out of real footage's YUV decode.
+MISSING_FILL = (255, 0, 255)
+
+
 def decode_union(encoded, frames, device: str):
-    """Decode each video once: exactly the union of its views' frames (edge-padded past the end)."""
-    return fn.decoders.video(encoded, device=device, frames=frames, pad_mode="edge")
+    """Decode each video once: exactly the union of its views' frames (``MISSING_FILL`` past the end)."""
+    return fn.decoders.video(encoded, device=device, frames=frames, pad_mode="constant",
+                             fill_value=list(MISSING_FILL))
+
+
+def frames_check(video):
+    """Per sample: distance of the last decoded frame from ``MISSING_FILL``; 0 = frames were missing."""
+    last = fn.cast(video[-1], dtype=types.INT16)
+    return fn.reductions.max(dmath.abs(last - types.Constant(np.array(MISSING_FILL, dtype=np.int16))))
 
 
 def solarize(video, threshold: int):
@@ -100,7 +122,8 @@ def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], de
                    aug: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...],
                    dtype: types.DALIDataType, predecoded: bool = False, until: str = "normalize"):
     """Decode once, then every view of the recipe. ``source`` returns one batch per call:
-    (encoded, frames, positions per slot..., params per view...).
+    (encoded, frames, positions per slot..., params per view...). Outputs: one per view, then
+    ``frames_check`` (not with ``predecoded``).
 
     ``predecoded`` (benchmarks of the view steps alone): ``source`` gives the decoded FHWC uint8
     frames in place of (encoded, frames). ``until``: see ``augment_view``.
@@ -116,8 +139,9 @@ def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], de
     else:
         video = decode_union(inputs[0], inputs[1], device)
     slot_frames = {slot: fn.sequence_rearrange(video, new_order=positions[slot]) for slot in slots}
-    return tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype, until)
-                 for v, p in zip(views, params))
+    outputs = tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype, until)
+                    for v, p in zip(views, params))
+    return outputs if predecoded else (*outputs, frames_check(video))
 
 
 @pipeline_def

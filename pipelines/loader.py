@@ -9,7 +9,10 @@ fresh reader with a seed from (seed, epoch, rank) and shard ``(shard_id + epoch)
 (ranks rotate through the data as DALI's own readers do), so an epoch's order depends only on those.
 Plans depend only on (seed, epoch, key), so a restored loader makes the same next batches.
 
-Corrupt samples: when the views pipeline raises (a video the decoder cannot read), every batch that
+Damaged samples: a member whose decode delivers fewer real frames than its plan needs (bytes
+damaged mid-stream, or truncated: the decoder pads instead of failing, see graph.py) is dropped from
+its batch after the run, logged with key and shard, counted in ``stats["decode_failures"]`` and
+remembered in ``bad_keys``. When the views pipeline raises (a video the decoder cannot read), every batch that
 was fed but not yet delivered is checked sample by sample with a one-sample decode pipeline; samples
 that fail are logged with key and shard, counted in ``stats`` and dropped from their batch (the
 batch comes out smaller), the views pipeline is rebuilt and the batches are fed again.
@@ -264,16 +267,41 @@ class DALILoader:
             batch = feeder.delivered()
             self._position = {"epoch": epoch, "step": batch.step + 1,
                               "reader_checkpoint": batch.reader_checkpoint}
-            if not batch.keys:
+            views, keep = outputs[:-1], self._check_frames(outputs[-1], batch)
+            if not keep:
                 continue
-            self.stats["samples"] += len(batch.keys)
+            self.stats["samples"] += len(keep)
             self.stats["steps"] += 1
-            yield self._to_torch(outputs, batch)
+            yield self._to_torch(views, batch, keep)
         # A completed epoch moves the position to the start of the next one.
         self.epoch = epoch + 1
         self._position = {"epoch": epoch + 1, "step": 0, "reader_checkpoint": None}
 
-    def _to_torch(self, outputs, batch: _Batch) -> dict[str, Any]:
+    def _check_frames(self, check, batch: _Batch) -> list[int]:
+        """Indices of the samples whose decode delivered every planned frame; the others (damaged
+        mid-stream or truncated members: graph.frames_check is 0) are reported, counted and
+        remembered as bad, like samples the decoder rejects outright."""
+        if self.device != "cpu":
+            check = check.as_cpu()
+        distance = np.array(check.as_tensor()).reshape(-1)
+        keep = []
+        for i, (key, shard, plan) in enumerate(zip(batch.keys, batch.shards, batch.plans)):
+            if distance[i] > 0:
+                keep.append(i)
+                continue
+            self._report_bad(key, shard, f"the decoder delivered fewer real frames than the plan needs "
+                                         f"(frame {int(plan.frames[-1])})")
+        return keep
+
+    def _report_bad(self, key: str, shard: str, reason: str) -> None:
+        self.bad_keys.add(key)
+        self.stats["decode_failures"] += 1
+        self.stats["skipped_keys"].append({"key": key, "shard": shard})
+        log.warning("skipping sample %s of %s: %s", key, shard, reason)
+
+    def _to_torch(self, outputs, batch: _Batch, keep: list[int]) -> dict[str, Any]:
+        whole = len(keep) == len(batch.keys)
+        index = None if whole else torch.tensor(keep, dtype=torch.long)
         out: dict[str, Any] = {}
         for view, tensor_list in zip(self.views, outputs):
             dense = tensor_list.as_tensor()  # (B, C, T, H, W): every sample of a view has one shape
@@ -286,9 +314,10 @@ class DALILoader:
                 tensor = torch.empty(dense.shape(), dtype=_dali_torch_dtype(self.cfg.dtype),
                                      device=torch.device("cuda", self._device_id()))
                 feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream())
+            tensor = tensor if whole else tensor.index_select(0, index.to(tensor.device))
             out[view.name] = tensor.to(TORCH_DTYPE[self.cfg.dtype])
-        out["label"] = torch.tensor(batch.labels, dtype=torch.long)
-        out["key"] = list(batch.keys)
+        out["label"] = torch.tensor([batch.labels[i] for i in keep], dtype=torch.long)
+        out["key"] = [batch.keys[i] for i in keep]
         return out
 
 
@@ -370,14 +399,11 @@ class _Feeder:
             for key, shard, encoded, plan in zip(batch.keys, batch.shards, batch.encoded, batch.plans):
                 if not _decodes(encoded, plan.frames, self.loader.device, self.loader._device_id()):
                     bad.add(key)
-                    self.loader.stats["decode_failures"] += 1
-                    self.loader.stats["skipped_keys"].append({"key": key, "shard": shard})
-                    log.warning("skipping sample %s of %s: the video decoder cannot read it", key, shard)
+                    self.loader._report_bad(key, shard, "the video decoder cannot read it")
         if not bad:
             err.add_note("pipelines: every pending sample decodes on its own, so this is not a "
                          "corrupt-sample error; not retrying")
             raise err
-        self.loader.bad_keys |= bad
         self.loader.stats["pipeline_rebuilds"] += 1
         self.replay.extendleft(reversed([b.drop(bad) for b in pending]))
 

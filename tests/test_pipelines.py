@@ -20,6 +20,7 @@ from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, f
 from pipelines import DataConfig, build_loader  # noqa: E402
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig  # noqa: E402
 from pipelines.loader import resolve_device  # noqa: E402
+from pipelines.views import plan_sample  # noqa: E402
 
 torch.set_num_threads(1)
 # Index videos: lengths cover long, short (< T of the largest view) and 1-frame clips.
@@ -276,3 +277,52 @@ def test_shards_written_by_shard_tools_load(tmp_path):
         assert len(batches) == 1 and sorted(batches[0]["key"]) == ["a_a0", "b_b0"], kind
         labels = dict(zip(batches[0]["key"], batches[0]["label"].tolist()))
         assert labels == {"a_a0": 0, "b_b0": 1}
+
+
+def damaged(data: bytes, kind: str) -> bytes:
+    """A member damaged inside an intact tar: its middle third overwritten, or cut to 30%."""
+    if kind == "truncated":
+        return data[:int(len(data) * 0.3)]
+    third = len(data) // 3
+    noise = np.random.default_rng(0).integers(0, 256, third, dtype=np.uint8).tobytes()
+    return data[:third] + noise + data[2 * third:]
+
+
+@pytest.fixture(scope="module")
+def damaged_shards(tmp_path_factory):
+    """Five good 60-frame index videos and two damaged members whose json says 60 frames."""
+    root = tmp_path_factory.mktemp("damaged")
+    videos = index_videos(root / "media", [60] * 5)
+    for kind, at in (("midcorrupt", 1), ("truncated", 4)):
+        source = index_videos(root / "media", [60], prefix=kind)[0]
+        videos.insert(at, FixtureVideo(kind, source.path, raw=damaged(source.path.read_bytes(), kind)))
+    return write_shards(root / "shards", videos, per_shard=4)
+
+
+@pytest.mark.parametrize("kind", ["dali", "baseline"])
+def test_damaged_members_are_reported_and_the_rest_trains(damaged_shards, kind, caplog):
+    """Issue 11.1: the decoder pads damaged members with frames it never decoded; both loaders must
+    notice (fewer real frames than the plan needs), report key + shard, count, and go on."""
+    cfg = config(damaged_shards, recipe="svt", shuffle=False)
+    loader = build_loader(cfg, batch_size=3, seed=0, loader=kind)
+    with caplog.at_level("WARNING"):
+        batches = list(loader)
+    keys = [k for batch in batches for k in batch["key"]]
+    assert sorted(keys) == [f"idx{i:03d}" for i in range(5)]
+    for batch in batches:
+        assert all(batch[name].shape[0] == len(batch["key"]) for name in loader.view_names)
+    assert loader.stats["decode_failures"] == 2
+    shard = {"midcorrupt": "test-train-000000.tar", "truncated": "test-train-000001.tar"}
+    assert sorted(loader.stats["skipped_keys"], key=lambda r: r["key"]) == [
+        {"key": key, "shard": str(damaged_shards / name)} for key, name in sorted(shard.items())]
+    for key, name in shard.items():
+        assert any(key in r.getMessage() and name in r.getMessage() for r in caplog.records), key
+    if kind == "dali":
+        # The views of the kept samples are real frames (nothing padded slips through).
+        metas = meta_of(damaged_shards)
+        for batch in batches:
+            for b, key in enumerate(batch["key"]):
+                plan = plan_sample(cfg, loader.views, seed=0, epoch=0, key=key, **{
+                    k: metas[key][k] for k in ("num_frames", "fps", "width", "height")})
+                got = frame_indices(batch["global_0"][b:b + 1], cfg)[0]
+                assert got == plan.view_frames(loader.views[0]).tolist()
