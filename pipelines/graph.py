@@ -1,12 +1,11 @@
-"""DALI graphs: a checkpointable reader graph and a decode-once views graph, built from shared pieces.
+"""DALI graphs: the decode-once views graph, fed by the loader through ``fn.external_source``.
 
-Why two graphs: ``fn.decoders.video`` does not implement checkpointing in DALI 2.4 (a pipeline that
-contains it fails to build with ``enable_checkpointing=True``), and a decoder error invalidates the
-whole pipeline object. So the reader (``fn.readers.webdataset`` named "Reader": sharding, shuffling,
-padded last batch) lives in a small checkpointable pipeline whose ``checkpoint()`` is the data
-position, and the decode + views graph is fed from it through ``fn.external_source``. The views
-graph holds no random state (every random parameter arrives per sample from ``views.plan_sample``),
-so it can be rebuilt at any time -- after a decoder error, or on resume -- without changing results.
+The loader reads samples itself (the global order, one positioned read per tar member: see
+order.py and loader.py) and hands each batch of encoded videos plus every random parameter to this
+graph. The graph holds no random state (every random parameter arrives per sample from
+``views.plan_sample``), so it can be rebuilt at any time -- after a decoder error (which invalidates
+the pipeline object), or on resume -- without changing results. ``fn.decoders.video`` has no
+checkpointing in DALI 2.4, which this split also sidesteps: the position lives in the loader.
 
 Views graph, per batch:
   encoded video --fn.decoders.video(frames=union of all views' frames, pad_mode="constant")--> FHWC
@@ -41,21 +40,6 @@ from .config import AugmentConfig
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, ViewSpec)
 
-READER_NAME = "Reader"
-VIDEO_EXTENSIONS = "webm;mp4"
-
-
-@pipeline_def(enable_checkpointing=True)
-def reader_pipeline(paths: list[str], index_paths: list[str], shard_id: int, num_shards: int,
-                    shuffle: bool, shuffle_buffer: int, reader_seed: int):
-    """Encoded video bytes, the sample's json and its source info ("shard.tar:offset:key.ext")."""
-    encoded, meta = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[VIDEO_EXTENSIONS, "json"],
-        missing_component_behavior="error", random_shuffle=shuffle, initial_fill=shuffle_buffer,
-        seed=reader_seed, shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
-        stick_to_shard=True, name=READER_NAME)
-    source_info = fn.get_property(encoded, key="source_info")
-    return encoded, meta, source_info
 
 
 # Magenta: a whole frame of exactly (255, 0, 255) does not come out of real footage's YUV decode.
