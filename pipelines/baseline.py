@@ -23,8 +23,8 @@ import torchvision.transforms.v2.functional as TF
 from einops import rearrange
 
 from .config import DataConfig
-from .loader import (_parse_meta, build_order, load_position, position_state, read_shard_set,
-                     record_replacement)
+from .loader import (_parse_meta, build_order, load_position, merge_positions, position_state,
+                     read_shard_set, record_replacement)
 from .order import MemberReader, read_sample_index
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
@@ -187,6 +187,10 @@ class BaselineLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_position(self, state)
+
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        return merge_positions(states)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch

@@ -218,6 +218,10 @@ class DALILoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_position(self, state)
 
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        return merge_positions(states)
+
     # ----------------------------------------------------------------- samples
     def _read(self, sample_id: int, position: int, epoch: int) -> _Sample:
         entry = self.index[sample_id]

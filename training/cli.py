@@ -77,12 +77,9 @@ def main(argv: list[str]) -> int:
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
-    if info.world_size > 1 and not cfg.data.drop_last:
-        # ranks must take the same number of equal-sized steps: DeepSpeed's collectives (and MoCo's
-        # key all-gather) would otherwise hang or fail on the shortest rank's last batch
-        cfg.data.drop_last = True
-        if info.rank == 0:
-            print(f"[train] data.drop_last set to true for {info.world_size} ranks (equal steps per rank)", flush=True)
+    # every rank takes the same number of equal-sized steps: the loaders slice one global order
+    # (pipelines/order.py), whose partial last step is filled, so drop_last stays the user's choice
+    # and the order does not depend on the world size
     loader = build_loader(cfg.data, batch_size=t.batch_size_per_gpu, shard_id=info.rank, num_shards=info.world_size,
                           seed=t.seed, loader=t.loader)
     method = build_method(cfg, list(loader.view_names))
