@@ -191,8 +191,7 @@ class Trainer:
                     print(f"[train] {ckpt_dir}: rank layout changed ({trainer_state['world_size']} ranks, ZeRO "
                           f"{trainer_state['zero_stage']}, {trainer_state['precision']} -> {self.dist.world_size} "
                           f"ranks, ZeRO {self.cfg.trainer.zero_stage}, {self.cfg.trainer.precision}); restored from "
-                          f"the portable state; the data continues at epoch {position['epoch']}, data step "
-                          f"{position['step']}", flush=True)
+                          f"the portable state; the data position carries over", flush=True)
         elif rank_state is not None:
             set_rng_state(rank_state["rng"])
             if rank_state["loader"] is not None:
@@ -359,4 +358,5 @@ class Trainer:
         stats = getattr(self.loader, "stats", None)
         if isinstance(stats, dict):
             record["decode_failures"] = int(stats.get("decode_failures", 0))
+            record["data_replacements"] = len(stats.get("replacements", []))
         return record
