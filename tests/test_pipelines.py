@@ -171,6 +171,10 @@ def test_resume_at_another_world_size_continues_the_order(twelve_shards):
         resumed.load_state_dict(state)
         resumed.set_epoch(0)
         assert _epoch_steps(resumed) == whole[r][1:]
+    # the baseline loader takes the same position (no replay)
+    resumed = build_loader(cfg, batch_size=2, shard_id=2, num_shards=3, seed=0, loader="baseline")
+    resumed.load_state_dict(state)
+    assert _epoch_steps(resumed) == whole[2][1:]
     wrong = build_loader(cfg, batch_size=2, shard_id=0, num_shards=2, seed=9)
     with pytest.raises(ValueError, match=r"global steps of 6 samples.*2 x 2 ranks = 4.*batch_size_per_gpu=3"):
         wrong.load_state_dict(state)
