@@ -1,6 +1,7 @@
 """Elastic exact data position (issue 14) through ``train.py``: real shards (one damaged member),
-real DALI, real DeepSpeed on gloo. A 2-rank run checkpoints mid-epoch; resumes from that checkpoint
-on 1 and on 3 ranks (global batch 6) train every later step on exactly the uninterrupted run's
+real DALI, real DeepSpeed on gloo. A 2-rank run checkpoints mid-epoch (at ZeRO-2 a second 2-rank
+run is SIGKILLed right after that checkpoint); resumes from that checkpoint on 1 and on 3 ranks
+(global batch 6) train every later step on exactly the uninterrupted run's
 samples (lineage.jsonl) with its losses, at ZeRO-2 and ZeRO-3 (fp32). A two-node torchrun launch
 (two agents, c10d rendezvous on this machine, one rank each) matches the one-agent 2-rank run."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,36 @@ def _train(shards: Path, out: Path, world: int, stage: int, resume: str | None =
         pytest.fail(f"train.py ({world} ranks) failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
 
 
+def _train_killed(shards: Path, out: Path, world: int, stage: int, after: int) -> bool:
+    """Train like ``_train`` and SIGKILL every process (ranks by pid: torchrun gives them their own
+    sessions) once the step-``after`` checkpoint is complete; False if the run had already ended."""
+    import psutil
+
+    args = ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), f"data.shards={shards}",
+            f"trainer.output_dir={out}", f"trainer.zero_stage={stage}",
+            f"trainer.batch_size_per_gpu={GLOBAL_BATCH // world}", *TINY]
+    agent = subprocess.Popen(_launch(args, world), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    try:
+        while agent.poll() is None and time.monotonic() < deadline:
+            if latest.is_file() and latest.read_text().strip() >= f"step_{after:08d}":
+                for proc in [*psutil.Process(agent.pid).children(recursive=True), psutil.Process(agent.pid)]:
+                    try:
+                        proc.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+                agent.wait(timeout=60)
+                return True
+            time.sleep(0.05)
+        assert agent.returncode == 0, "the run to be killed failed on its own"
+        return False
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
 def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
 
@@ -95,6 +127,12 @@ def test_resume_on_one_and_three_ranks_continues_the_data_exactly(elastic_shards
     epoch0 = {k for line in lineage[:2] for k in line["keys"]}
     assert len(epoch0) == 12                                                # 12 distinct samples
     checkpoint = reference / "checkpoints" / f"step_{CKPT:08d}"
+    if stage == 2:
+        # a run killed (SIGKILL) right after its mid-epoch checkpoint: resumes continue from that
+        killed = tmp_path / "killed"
+        _train_killed(elastic_shards, killed, world=2, stage=stage, after=CKPT)
+        checkpoint = killed / "checkpoints" / f"step_{CKPT:08d}"
+        assert (checkpoint / "trainer.pt").is_file()
     for world in (1, 3):
         resumed = tmp_path / f"resume_{world}"
         _train(elastic_shards, resumed, world=world, stage=stage, resume=str(checkpoint))
