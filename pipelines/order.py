@@ -12,7 +12,7 @@ of the epoch's sequence, so batch sizes never change.
 Spares: a sample that fails to decode is replaced by the first readable candidate of a sequence
 that depends only on ``(seed, epoch, position)``: the epoch's dropped tail, starting at
 ``position mod len(tail)`` (distinct failures take distinct spares while the tail lasts), then a
-seeded draw over the whole epoch. Because badness is a property of the bytes, every rank layout and
+seeded draw over the epoch's samples outside the position's own data step. Because badness is a property of the bytes, every rank layout and
 every resume picks the same spare, with no communication between ranks.
 
 Block shuffle (``block_shards > 0``, for storage where random reads are slow): the shard order is
@@ -98,17 +98,22 @@ class GlobalOrder:
         return int(self.permutation(epoch)[position % self.num_samples])
 
     def spare_candidates(self, epoch: int, position: int) -> Iterator[int]:
-        """Sample ids to try, in order, in place of the sample at ``position``."""
+        """Sample ids to try, in order, in place of the sample at ``position``: never one of its own
+        data step's samples (a duplicate inside a batch would, e.g., be its own negative in MoCo)."""
         perm = self.permutation(epoch)
-        own = int(perm[position % self.num_samples])
-        tail_start = self.steps * self.global_batch if self.drop_last else self.num_samples
+        n, g = self.num_samples, self.global_batch
+        first = position // g * g
+        step_samples = {int(perm[p % n]) for p in range(first, first + g)}
+        tail_start = self.steps * g if self.drop_last else n
         tail = perm[tail_start:]
         for k in range(len(tail)):
-            yield int(tail[(position + k) % len(tail)])
+            yield int(tail[(position + k) % len(tail)])   # never in a step of this epoch
         rng = np.random.default_rng([self.seed, epoch, position, _SPARE_STREAM])
-        for sample in rng.permutation(self.num_samples):
-            if sample != own:
-                yield int(sample)
+        order = [int(x) for x in rng.permutation(n)]
+        yield from (x for x in order if x not in step_samples)
+        # a data set no larger than a step: the step's other samples are all that is left
+        own = int(perm[position % n])
+        yield from (x for x in order if x in step_samples and x != own)
 
 
 @functools.lru_cache(maxsize=4)

@@ -68,12 +68,17 @@ def test_spares_depend_on_position_only_and_avoid_the_sample(order_world, epoch,
     again = list(GlobalOrder(**{f: getattr(order, f) for f in order.__dataclass_fields__}).spare_candidates(
         epoch, position))
     assert first == again
-    own = order.sample_at(epoch, position)
-    if order.drop_last and order.num_samples % order.global_batch:
-        tail = set(order.permutation(epoch)[order.steps * order.global_batch:].tolist())
+    g = order.global_batch
+    step = {order.sample_at(epoch, p) for p in range(position // g * g, position // g * g + g)}
+    tail = set()
+    if order.drop_last and order.num_samples % g:
+        tail = set(order.permutation(epoch)[order.steps * g:].tolist())
         assert set(first[:len(tail)]) == tail                 # the unused tail first
-    assert own not in first[len(first) - (order.num_samples - 1):]
-    assert set(first) | {own} == set(range(order.num_samples)) or order.num_samples == 1
+    outside = set(range(order.num_samples)) - step
+    drawn = first[len(tail):len(tail) + len(outside)]
+    assert set(drawn) == outside                              # samples of other data steps first
+    own = order.sample_at(epoch, position)
+    assert set(first[len(tail) + len(outside):]) == step - {own}   # then (tiny data sets) the step's
 
 
 def test_epochs_and_seeds_differ_and_world_size_must_divide():
