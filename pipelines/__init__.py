@@ -15,8 +15,9 @@ def build_loader(cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_sha
     Args:
         cfg: data configuration (shards folder, recipe, device, ...).
         batch_size: samples per step on this rank.
-        shard_id, num_shards: this rank and the number of ranks; ranks read disjoint samples.
-        seed: seed for shuffling, frame plans and augmentation.
+        shard_id, num_shards: this rank and the number of ranks; rank r takes slice r of every step
+            of the global order (pipelines/order.py), so the global batch is batch_size * num_shards.
+        seed: seed for the order, frame plans and augmentation.
         loader: ``dali`` (the fast path) or ``baseline`` (PyAV + torchvision via a torch DataLoader).
     """
     if loader == "dali":

@@ -4,28 +4,28 @@ The comparison point for ``bench.py data`` and a cross-check of the DALI graph: 
 shards, draws the same per-sample plans and view parameters (``views.plan_sample``: same seed, epoch
 and key give the same frames, crop boxes, flips and colour factors), decodes each video once with
 PyAV (up to the last needed frame) and builds every view with torchvision's functional ops.
-Sample order differs from the DALI reader's (a webdataset shuffle buffer), and resuming replays the
-epoch up to the saved step; it is a baseline, not the production path.
+It reads the same shards in the same global order (``order.GlobalOrder``, one positioned read per
+member) with the DALI loader's position, spares and resume (``loader.position_state``): a resume
+starts at the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
-import random
 from typing import Any, Iterator
 
 import av
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-import webdataset as wds
 from einops import rearrange
 
 from .config import DataConfig
-from .loader import read_shard_set, shard_range
+from .loader import (_parse_meta, build_order, load_position, merge_positions, position_state,
+                     read_shard_set, record_replacement)
+from .order import MemberReader, read_sample_index
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
 
@@ -35,9 +35,10 @@ TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 
 
 def decode_frames(data: bytes, frames: np.ndarray) -> torch.Tensor:
-    """Decode the listed (sorted) frame indices with PyAV; past-the-end indices repeat the last frame.
+    """Decode the listed (sorted) frame indices with PyAV. Returns ``(U, C, H, W)`` uint8.
 
-    Returns ``(U, C, H, W)`` uint8.
+    Raises ``ValueError`` when the stream ends before the last listed frame: plans stay within the
+    json's ``num_frames``, so that is a damaged member (the DALI graph's ``frames_check``).
     """
     wanted = set(int(f) for f in frames)
     last = int(frames[-1])
@@ -52,11 +53,10 @@ def decode_frames(data: bytes, frames: np.ndarray) -> torch.Tensor:
                 got[i] = frame.to_ndarray(format="rgb24")
             if i >= last:
                 break
-    if not got:
-        raise ValueError("no decodable frames")
-    newest = max(got)
-    # Indices past the last decodable frame repeat it, like DALI's pad_mode="edge".
-    stack = np.stack([got.get(int(f), got[newest]) for f in frames])
+    if last not in got:
+        raise ValueError(f"the decoder delivered fewer real frames than the plan needs "
+                         f"({len(got)} of the planned, up to frame {last})")
+    stack = np.stack([got[int(f)] for f in frames])
     return rearrange(torch.from_numpy(stack), "u h w c -> u c h w")
 
 
@@ -87,58 +87,65 @@ def make_view(frames_tchw: torch.Tensor, params: np.ndarray, view: ViewSpec, mea
 
 
 class _BaselineDataset(torch.utils.data.IterableDataset):
-    def __init__(self, loader: "BaselineLoader", epoch: int):
+    """Yields one collated rank batch per data step from ``start``; worker k of n builds the steps
+    ``start + k, start + k + n, ...`` so the DataLoader's round-robin delivers them in order."""
+
+    def __init__(self, loader: "BaselineLoader", epoch: int, start: int):
         self.loader = loader
         self.epoch = epoch
+        self.start = start
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ld = self.loader
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        lo, hi = shard_range(ld.shards.total, (ld.shard_id + self.epoch) % ld.num_shards, ld.num_shards)
-        samples = wds.DataPipeline(wds.SimpleShardList(ld.shards.paths), wds.tarfile_to_samples())
-        mean = torch.tensor(ld.cfg.mean).view(1, 3, 1, 1)
-        std = torch.tensor(ld.cfg.std).view(1, 3, 1, 1)
-        ordered = (s for i, s in enumerate(samples) if lo <= i < hi)
-        if ld.cfg.shuffle:
-            # Same order in every worker (seed without the worker id); workers then take whole batches
-            # in turn, so the DataLoader's round-robin yields full batches in one global order.
-            ordered = _shuffled(ordered, ld.cfg.shuffle_buffer, random.Random(ld.seed * 1000 + self.epoch))
-        mine = (s for j, s in enumerate(ordered) if (j // ld.batch_size) % num_workers == worker_id)
-        for sample in mine:
-            try:
-                yield self._views(sample, mean, std)
-            except (av.error.FFmpegError, ValueError) as err:
-                # Same policy as the DALI loader: skip and report (counted per worker, in the log).
-                log.warning("baseline: skipping sample %s of %s: %s", sample.get("__key__"),
-                            sample.get("__url__"), err)
+        self.reader = MemberReader()
+        self.bad = dict(ld.bad_keys)
+        self.mean = torch.tensor(ld.cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(ld.cfg.std).view(1, 3, 1, 1)
+        for step in range(self.start + worker_id, ld.order.steps, num_workers):
+            yield self._step(step)
 
-    def _views(self, sample: dict[str, Any], mean: torch.Tensor, std: torch.Tensor) -> dict[str, Any]:
+    def _step(self, step: int) -> dict[str, Any]:
         ld = self.loader
-        meta = json.loads(sample["json"])
-        data = next(sample[k] for k in VIDEO_KEYS if k in sample)
+        samples, failed, replaced = [], [], []
+        for position in ld.order.positions(step, ld.shard_id, ld.num_shards):
+            own = ld.order.sample_at(self.epoch, position)
+            for candidate in (own, *ld.order.spare_candidates(self.epoch, position)):
+                entry = ld.index[candidate]
+                if entry.key in self.bad:
+                    continue
+                try:
+                    samples.append(self._views(entry))
+                    break
+                except (av.error.FFmpegError, ValueError) as err:
+                    # Same policy as the DALI loader: report and take the position's next spare. The
+                    # record travels in the batch so the parent process counts it (workers are
+                    # other processes).
+                    self.bad[entry.key] = entry.shard
+                    failed.append({"key": entry.key, "shard": entry.shard, "reason": str(err)})
+            if candidate != own:
+                replaced.append({"position": position, "key": ld.index[own].key, "shard": ld.index[own].shard,
+                                 "spare": entry.key})
+        batch = torch.utils.data.default_collate(samples)
+        batch.update(failed=failed, replaced=replaced, data_step=(self.epoch, step))
+        return batch
+
+    def _views(self, entry) -> dict[str, Any]:
+        ld = self.loader
+        meta = _parse_meta(self.reader.read(entry.shard, entry.meta), entry.shard)
         plan: SamplePlan = plan_sample(ld.cfg, ld.views, seed=ld.seed, epoch=self.epoch, key=meta["key"],
                                        num_frames=int(meta["num_frames"]), fps=float(meta.get("fps", 30)),
                                        width=int(meta["width"]), height=int(meta["height"]))
-        decoded = decode_frames(data, plan.frames)
+        decoded = decode_frames(self.reader.read(entry.shard, entry.video), plan.frames)
         out: dict[str, Any] = {}
         for view in ld.views:
             frames = decoded[torch.from_numpy(plan.positions[view.slot]).long()]
-            out[view.name] = make_view(frames, plan.params[view.name], view, mean, std,
+            out[view.name] = make_view(frames, plan.params[view.name], view, self.mean, self.std,
                                        ld.cfg.augment.solarize_threshold).to(TORCH_DTYPE[ld.cfg.dtype])
         out["label"] = int(meta.get("label", -1))
         out["key"] = meta["key"]
         return out
-
-
-def _shuffled(items, buffer_size: int, rng: random.Random):
-    buffer = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= buffer_size:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 def _worker_init(_: int) -> None:
@@ -146,46 +153,65 @@ def _worker_init(_: int) -> None:
 
 
 class BaselineLoader:
-    """Same interface as ``DALILoader``; ``cfg.num_threads`` DataLoader worker processes."""
+    """Same interface, order and position as ``DALILoader``; ``cfg.num_threads`` DataLoader workers."""
+
+    position_is_global = True
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
         self.cfg, self.batch_size = cfg, batch_size
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.shards = read_shard_set(cfg.shards)
+        self.index = read_sample_index(self.shards.paths, self.shards.index_paths, self.shards.num_samples)
+        self.order = build_order(cfg, self.shards, batch_size * num_shards, seed)
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
         self.epoch = 0
-        self._skip = 0
         self._step = 0
-        self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "samples": 0, "steps": 0}
+        self._restored = False
+        self.bad_keys: dict[str, str] = {}
+        self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "replacements": [],
+                                      "samples": 0, "steps": 0}
 
     def __len__(self) -> int:
-        lo, hi = shard_range(self.shards.total, (self.shard_id + self.epoch) % self.num_shards, self.num_shards)
-        return (hi - lo) // self.batch_size if self.cfg.drop_last else -(-(hi - lo) // self.batch_size)
+        return self.order.steps
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._skip, self._step = epoch, 0, 0
+        if self._restored and epoch == self.epoch:
+            return
+        self._restored = False
+        self.epoch, self._step = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self._step, "seed": self.seed}
+        return position_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self._skip, self._step, self.seed = state["epoch"], state["step"], state["step"], state["seed"]
+        load_position(self, state)
+
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        return merge_positions(states)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        self._restored = False
         loader = torch.utils.data.DataLoader(
-            _BaselineDataset(self, self.epoch), batch_size=self.batch_size,
-            num_workers=self.cfg.num_threads, worker_init_fn=_worker_init, drop_last=self.cfg.drop_last,
+            _BaselineDataset(self, epoch, self._step), batch_size=None,
+            num_workers=self.cfg.num_threads, worker_init_fn=_worker_init,
             # forkserver: workers must not inherit a parent's running threads (a DALI pipeline's,
             # torch's): fork() with them alive deadlocked a worker in the tests.
             multiprocessing_context="forkserver" if self.cfg.num_threads > 0 else None)
-        for step, batch in enumerate(loader):
-            if step < self._skip:
-                continue
+        for batch in loader:
+            step = batch["data_step"][1]
+            for failed in batch.pop("failed"):
+                self.bad_keys[failed["key"]] = failed["shard"]
+                self.stats["decode_failures"] += 1
+                self.stats["skipped_keys"].append({"key": failed["key"], "shard": failed["shard"]})
+                log.warning("baseline: bad sample %s of %s: %s", failed["key"], failed["shard"], failed["reason"])
+            for r in batch.pop("replaced"):
+                record_replacement(self, epoch, step, r["position"], r["key"], r["shard"], r["spare"])
             self._step = step + 1
             self.stats["samples"] += len(batch["key"])
             self.stats["steps"] += 1
             yield batch
-        self._skip, self._step = 0, 0
-        self.epoch += 1
+        self.epoch, self._step = epoch + 1, 0

@@ -326,7 +326,7 @@ def first_batch(cfg, batch_size: int):
     """A DALI loader and its first reader batch, planned (keys, encoded videos, sample plans)."""
     from .loader import DALILoader, _Feeder
     loader = DALILoader(cfg, batch_size=batch_size)
-    return loader, _Feeder(loader, 0, 0, None)._read()
+    return loader, _Feeder(loader, 0, 0)._read()
 
 
 def predecoded_views_pipeline(loader, batch, frames: list, until: str = "normalize", **pipeline_kwargs):
@@ -362,7 +362,7 @@ def _decode_only_batches(cfg, batch_size: int):
     loader = DALILoader(cfg, batch_size=batch_size)
     epoch = 0
     while True:
-        feeder = _Feeder(loader, epoch, 0, None)
+        feeder = _Feeder(loader, epoch, 0)
 
         def source():
             batch = feeder._read()

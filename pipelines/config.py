@@ -199,8 +199,13 @@ class DataConfig:
         num_threads: DALI worker threads for decoding and augmentation (baseline: DataLoader workers).
         dtype: output dtype of the view tensors.
         mean, std: the backbone's normalization, in 0..1 units.
-        shuffle_buffer: samples in the reader's shuffle buffer (shards are pre-shuffled offline).
-        drop_last: drop the partial last batch and give every rank the same number of steps.
+        shuffle: each epoch a seeded permutation of every sample (pipelines/order.py); False keeps
+            manifest order.
+        shuffle_buffer: unused since the global order (kept so older configs still load).
+        block_shards: 0 = full permutation; k > 0 = block shuffle for slow random reads: shard order
+            permuted, then samples permuted within windows of k shards (less mixed batches).
+        drop_last: drop the partial last global step (its samples become the epoch's spares)
+            instead of filling it by wrapping to the start of the epoch's order.
         prefetch: batches the decode pipeline works ahead.
     """
 
@@ -213,6 +218,7 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     shuffle: bool = True
     shuffle_buffer: int = 64
+    block_shards: int = 0
     drop_last: bool = False
     prefetch: int = 2
     svt: SVTConfig = field(default_factory=SVTConfig)
@@ -227,6 +233,8 @@ class DataConfig:
             raise ValueError(f"data.device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"data.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.block_shards < 0:
+            raise ValueError(f"data.block_shards must be >= 0 (0 = full permutation), got {self.block_shards}")
         if self.num_threads < 1 or self.prefetch < 1 or self.shuffle_buffer < 1:
             raise ValueError("data.num_threads, data.prefetch and data.shuffle_buffer must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:

@@ -1,28 +1,38 @@
-"""DALI graphs: a checkpointable reader graph and a decode-once views graph, built from shared pieces.
+"""DALI graphs: the decode-once views graph, fed by the loader through ``fn.external_source``.
 
-Why two graphs: ``fn.decoders.video`` does not implement checkpointing in DALI 2.4 (a pipeline that
-contains it fails to build with ``enable_checkpointing=True``), and a decoder error invalidates the
-whole pipeline object. So the reader (``fn.readers.webdataset`` named "Reader": sharding, shuffling,
-padded last batch) lives in a small checkpointable pipeline whose ``checkpoint()`` is the data
-position, and the decode + views graph is fed from it through ``fn.external_source``. The views
-graph holds no random state (every random parameter arrives per sample from ``views.plan_sample``),
-so it can be rebuilt at any time -- after a decoder error, or on resume -- without changing results.
+The loader reads samples itself (the global order, one positioned read per tar member: see
+order.py and loader.py) and hands each batch of encoded videos plus every random parameter to this
+graph. The graph holds no random state (every random parameter arrives per sample from
+``views.plan_sample``), so it can be rebuilt at any time -- after a decoder error (which invalidates
+the pipeline object), or on resume -- without changing results. ``fn.decoders.video`` has no
+checkpointing in DALI 2.4, which this split also sidesteps: the position lives in the loader.
 
 Views graph, per batch:
-  encoded video --fn.decoders.video(frames=union of all views' frames, pad_mode="edge")--> FHWC
+  encoded video --fn.decoders.video(frames=union of all views' frames, pad_mode="constant")--> FHWC
   --per slot: fn.sequence_rearrange(new_order=positions)-->  (a gather; never a strided slice)
   --per view: resize(roi=crop box) -> color_twist -> [gaussian_blur] -> [solarize]
   -> crop_mirror_normalize(mirror, mean, std, layout CFHW)--> (C, T, H, W) per sample.
 Every op applies one parameter set to all frames of a sample, so augmentation is temporally
 consistent; parameters differ across views and samples because they are drawn per view and sample.
 The CPU and GPU variants differ only in the decoder's device string ("cpu" | "mixed").
+
+Missing frames: a member whose bytes are damaged mid-stream or truncated still decodes -- the demuxer
+stops at the damage and the decoder pads every later requested frame (verified on DALI 2.4 CPU: a
+VP9 WebM with its middle third overwritten gives 16 real frames of 60 and no error). The plan's
+frames never exceed the json's ``num_frames``, so a padded frame means a damaged sample. Padding is
+therefore a sentinel colour (``MISSING_FILL``) instead of a copy of the last frame, and the graph
+emits one extra output per sample, ``frames_check``: the largest channel distance of the last
+requested frame (the highest index: the union is sorted, padding only ever follows real frames)
+from the sentinel. 0 means the decoder ran out of real frames. Costs one frame's reduction.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
@@ -30,26 +40,22 @@ from .config import AugmentConfig
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, ViewSpec)
 
-READER_NAME = "Reader"
-VIDEO_EXTENSIONS = "webm;mp4"
 
 
-@pipeline_def(enable_checkpointing=True)
-def reader_pipeline(paths: list[str], index_paths: list[str], shard_id: int, num_shards: int,
-                    shuffle: bool, shuffle_buffer: int, reader_seed: int):
-    """Encoded video bytes, the sample's json and its source info ("shard.tar:offset:key.ext")."""
-    encoded, meta = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[VIDEO_EXTENSIONS, "json"],
-        missing_component_behavior="error", random_shuffle=shuffle, initial_fill=shuffle_buffer,
-        seed=reader_seed, shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
-        stick_to_shard=True, name=READER_NAME)
-    source_info = fn.get_property(encoded, key="source_info")
-    return encoded, meta, source_info
+# Magenta: a whole frame of exactly (255, 0, 255) does not come out of real footage's YUV decode.
+MISSING_FILL = (255, 0, 255)
 
 
 def decode_union(encoded, frames, device: str):
-    """Decode each video once: exactly the union of its views' frames (edge-padded past the end)."""
-    return fn.decoders.video(encoded, device=device, frames=frames, pad_mode="edge")
+    """Decode each video once: exactly the union of its views' frames (``MISSING_FILL`` past the end)."""
+    return fn.decoders.video(encoded, device=device, frames=frames, pad_mode="constant",
+                             fill_value=list(MISSING_FILL))
+
+
+def frames_check(video):
+    """Per sample: distance of the last decoded frame from ``MISSING_FILL``; 0 = frames were missing."""
+    last = fn.cast(video[-1], dtype=types.INT16)
+    return fn.reductions.max(dmath.abs(last - types.Constant(np.array(MISSING_FILL, dtype=np.int16))))
 
 
 def solarize(video, threshold: int):
@@ -100,7 +106,8 @@ def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], de
                    aug: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...],
                    dtype: types.DALIDataType, predecoded: bool = False, until: str = "normalize"):
     """Decode once, then every view of the recipe. ``source`` returns one batch per call:
-    (encoded, frames, positions per slot..., params per view...).
+    (encoded, frames, positions per slot..., params per view...). Outputs: one per view, then
+    ``frames_check`` (not with ``predecoded``).
 
     ``predecoded`` (benchmarks of the view steps alone): ``source`` gives the decoded FHWC uint8
     frames in place of (encoded, frames). ``until``: see ``augment_view``.
@@ -116,8 +123,9 @@ def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], de
     else:
         video = decode_union(inputs[0], inputs[1], device)
     slot_frames = {slot: fn.sequence_rearrange(video, new_order=positions[slot]) for slot in slots}
-    return tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype, until)
-                 for v, p in zip(views, params))
+    outputs = tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype, until)
+                    for v, p in zip(views, params))
+    return outputs if predecoded else (*outputs, frames_check(video))
 
 
 @pipeline_def

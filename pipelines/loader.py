@@ -1,18 +1,24 @@
-"""DALI-backed loader: dict of view tensors per step, exact resume, rank sharding, corrupt-sample skip.
+"""DALI-backed loader: dict of view tensors per step, one global sample order, elastic exact resume.
 
-Data flow per step: the reader pipeline (checkpointable) yields a batch of encoded videos + json;
-this module draws each sample's plan (``views.plan_sample``) and feeds the views pipeline through its
-external source; the views pipeline decodes each video once and emits every view.
+Data flow per step: this module takes the rank's slice of the data step from the global order
+(``order.GlobalOrder``: a seeded permutation per epoch, independent of the world size), reads each
+sample's json and video with one positioned read per member (offsets from the DALI ``.idx``), draws
+its plan (``views.plan_sample``) and feeds the views pipeline through its external source; the views
+pipeline decodes each video once and emits every view.
 
-Position: ``(epoch, step, reader checkpoint after the last delivered batch)``. Each epoch builds a
-fresh reader with a seed from (seed, epoch, rank) and shard ``(shard_id + epoch) % num_shards``
-(ranks rotate through the data as DALI's own readers do), so an epoch's order depends only on those.
-Plans depend only on (seed, epoch, key), so a restored loader makes the same next batches.
+Position: ``(epoch, data step)`` plus the keys found bad so far -- the same value on every rank, so
+a run saved on W ranks resumes on any W' that divides the global batch, at the next data step, with
+the same samples (``position_is_global``). Plans depend only on (seed, epoch, key).
 
-Corrupt samples: when the views pipeline raises (a video the decoder cannot read), every batch that
-was fed but not yet delivered is checked sample by sample with a one-sample decode pipeline; samples
-that fail are logged with key and shard, counted in ``stats`` and dropped from their batch (the
-batch comes out smaller), the views pipeline is rebuilt and the batches are fed again.
+Bad samples keep batch sizes fixed: each is replaced by the first readable spare of its position
+(``GlobalOrder.spare_candidates``), logged with key, shard and step, counted, and its key kept in
+``bad_keys`` (part of the position), so a resume makes the same replacement without decoding it.
+A sample is bad when the decoder raises on it, or when its decode delivers fewer real frames than
+its plan needs (damaged mid-stream or truncated: the decoder pads instead of failing, see graph.py's
+``frames_check``). When the views pipeline raises, every batch fed but not yet delivered is checked
+sample by sample with a one-sample decode pipeline, bad samples are replaced in those batches, the
+pipeline is rebuilt and they are fed again. A padded sample is found after its batch ran; its spare
+goes through a one-sample views pipeline and is put in its place.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from .config import DataConfig
-from .graph import decode_only_pipeline, reader_pipeline, views_pipeline
+from .graph import decode_only_pipeline, views_pipeline
+from .order import GlobalOrder, IndexedSample, MemberReader, read_sample_index
 from .views import SamplePlan, plan_sample, recipe_views
 
 log = logging.getLogger(__name__)
@@ -109,47 +116,60 @@ def check_codec(shards: ShardSet, device: str) -> None:
         raise ValueError(f"{shards.folder / 'manifest.json'}: unknown codec {shards.codec!r} (vp9 | h264)")
 
 
-def shard_range(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """Sample range DALI's readers give to ``shard_id`` of ``num_shards``."""
-    return total * shard_id // num_shards, total * (shard_id + 1) // num_shards
+def build_order(cfg: DataConfig, shards: ShardSet, global_batch: int, seed: int) -> GlobalOrder:
+    """The loaders' global order over ``shards`` (the DALI and the baseline loader share it)."""
+    return GlobalOrder(shards.total, global_batch, seed=seed, drop_last=cfg.drop_last, shuffle=cfg.shuffle,
+                       shard_sizes=tuple(shards.num_samples), block_shards=cfg.block_shards)
+
+
+@dataclass
+class _Sample:
+    """One sample read and planned: what the views graph needs, and where it came from."""
+
+    position: int
+    key: str
+    shard: str
+    label: int
+    encoded: np.ndarray
+    plan: SamplePlan
 
 
 @dataclass
 class _Batch:
-    """One reader batch on its way through the views pipeline."""
+    """One rank batch of a data step on its way through the views pipeline."""
 
     step: int
-    keys: list[str]
-    shards: list[str]
-    labels: list[int]
-    encoded: list[np.ndarray]
-    plans: list[SamplePlan]
-    reader_checkpoint: str
+    samples: list[_Sample]
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.samples]
+
+    @property
+    def plans(self) -> list[SamplePlan]:
+        return [s.plan for s in self.samples]
 
     def decode_inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The decoder's external-source inputs: encoded videos and the frames each must give."""
-        return self.encoded, [p.frames for p in self.plans]
+        return [s.encoded for s in self.samples], [s.plan.frames for s in self.samples]
 
     def view_inputs(self, slots: list[str], views: list) -> list[list[np.ndarray]]:
         """The views' external-source inputs: frame positions per slot, then parameters per view."""
-        positions = [[p.positions[slot] for p in self.plans] for slot in slots]
-        return positions + [[p.params[v.name] for p in self.plans] for v in views]
-
-    def drop(self, bad: set[str]) -> "_Batch":
-        keep = [i for i, k in enumerate(self.keys) if k not in bad]
-        columns = (self.keys, self.shards, self.labels, self.encoded, self.plans)
-        return _Batch(self.step, *([column[i] for i in keep] for column in columns), self.reader_checkpoint)
+        positions = [[s.plan.positions[slot] for s in self.samples] for slot in slots]
+        return positions + [[s.plan.params[v.name] for s in self.samples] for v in views]
 
 
 class DALILoader:
-    """Iterable of ``{view_name: (B, C, T, H, W), "label": (B,), "key": [str]}`` dicts.
+    """Iterable of ``{view_name: (B, C, T, H, W), "label": (B,), "key": [str], "data_step": (epoch, step)}``.
 
     Args:
         cfg: data configuration.
-        batch_size: samples per step per rank.
-        shard_id, num_shards: this rank and the world size; ranks read disjoint samples.
-        seed: base seed for shuffling, frame plans and augmentation.
+        batch_size: samples per step per rank; the global batch is ``batch_size * num_shards``.
+        shard_id, num_shards: this rank and the world size; rank r takes slice r of every data step.
+        seed: base seed for the order, frame plans and augmentation.
     """
+
+    position_is_global = True
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
@@ -163,95 +183,96 @@ class DALILoader:
         self.shards = read_shard_set(cfg.shards)
         self.device = resolve_device(cfg.device)
         check_codec(self.shards, self.device)
-        if self.shards.total < num_shards:
-            raise ValueError(f"{cfg.shards}: {self.shards.total} samples cannot feed {num_shards} ranks")
+        self.index: list[IndexedSample] = read_sample_index(self.shards.paths, self.shards.index_paths,
+                                                            self.shards.num_samples)
+        self.order = build_order(cfg, self.shards, batch_size * num_shards, seed)
+        self.reader = MemberReader()
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
         self.slots = list(dict.fromkeys(v.slot for v in self.views))
         self.epoch = 0
-        self._resume: dict[str, Any] | None = None
-        self._position: dict[str, Any] = {"epoch": 0, "step": 0, "reader_checkpoint": None}
-        self.bad_keys: set[str] = set()
-        self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "samples": 0,
-                                      "steps": 0, "pipeline_rebuilds": 0}
+        self._step = 0                       # next data step of self.epoch
+        self._restored = False
+        self.bad_keys: dict[str, str] = {}   # key -> shard, found bad on any rank so far
+        self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "replacements": [],
+                                      "samples": 0, "steps": 0, "pipeline_rebuilds": 0}
 
-    # ----------------------------------------------------------------- epoch bookkeeping
-    def _epoch_shard(self, epoch: int) -> int:
-        return (self.shard_id + epoch) % self.num_shards
-
-    def _shard_size(self, shard: int) -> int:
-        lo, hi = shard_range(self.shards.total, shard, self.num_shards)
-        return hi - lo
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        if self.cfg.drop_last:
-            smallest = min(self._shard_size(s) for s in range(self.num_shards))
-            return smallest // self.batch_size
-        return -(-self._shard_size(self._epoch_shard(epoch)) // self.batch_size)
+    # ----------------------------------------------------------------- position
+    def steps_in_epoch(self, epoch: int = 0) -> int:
+        return self.order.steps
 
     def __len__(self) -> int:
-        return self.steps_in_epoch(self.epoch)
+        return self.order.steps
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` on the next iteration (new shuffle order, new plans, rotated shard)."""
-        self.epoch = epoch
-        if self._resume is not None and self._resume["epoch"] == epoch:
+        """Start ``epoch`` on the next iteration (a new permutation, new plans)."""
+        if self._restored and epoch == self.epoch:
             return  # a restored position inside this epoch: keep it (trainers call set_epoch each epoch)
-        self._resume = None
-        self._position = {"epoch": epoch, "step": 0, "reader_checkpoint": None}
+        self._restored = False
+        self.epoch, self._step = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Picklable position after the last delivered batch."""
-        return {"epoch": self._position["epoch"], "step": self._position["step"],
-                "reader_checkpoint": self._position["reader_checkpoint"], "seed": self.seed,
-                "shard_id": self.shard_id, "num_shards": self.num_shards,
-                "bad_keys": sorted(self.bad_keys)}
+        """The position after the last delivered batch: picklable, the same on every rank."""
+        return position_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["shard_id"], state["num_shards"]) != (self.shard_id, self.num_shards):
-            raise ValueError(f"loader state is for shard {state['shard_id']} of {state['num_shards']}, "
-                             f"this loader is shard {self.shard_id} of {self.num_shards}")
-        self.seed = state["seed"]
-        self.epoch = state["epoch"]
-        self.bad_keys = set(state.get("bad_keys", []))
-        self._position = {k: state[k] for k in ("epoch", "step", "reader_checkpoint")}
-        self._resume = dict(self._position)
+        load_position(self, state)
+
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        return merge_positions(states)
+
+    # ----------------------------------------------------------------- samples
+    def _read(self, sample_id: int, position: int, epoch: int) -> _Sample:
+        entry = self.index[sample_id]
+        record = _parse_meta(self.reader.read(entry.shard, entry.meta), entry.shard)
+        if record["key"] != entry.key:
+            raise ValueError(f"{entry.shard}: member {entry.key}.json names key {record['key']!r}")
+        encoded = np.frombuffer(self.reader.read(entry.shard, entry.video), dtype=np.uint8)
+        plan = plan_sample(self.cfg, self.views, seed=self.seed, epoch=epoch, key=entry.key,
+                           num_frames=int(record["num_frames"]), fps=float(record.get("fps", 30.0)),
+                           width=int(record["width"]), height=int(record["height"]))
+        return _Sample(position, entry.key, entry.shard, int(record.get("label", -1)), encoded, plan)
+
+    def _sample_at(self, epoch: int, step: int, position: int) -> _Sample:
+        """The sample at ``position``, or its first spare not known to be bad (the replacement is
+        logged and counted)."""
+        sample_id = self.order.sample_at(epoch, position)
+        entry = self.index[sample_id]
+        if entry.key not in self.bad_keys:
+            return self._read(sample_id, position, epoch)
+        for spare in self.order.spare_candidates(epoch, position):
+            if self.index[spare].key not in self.bad_keys:
+                record_replacement(self, epoch, step, position, entry.key, entry.shard, self.index[spare].key)
+                return self._read(spare, position, epoch)
+        raise RuntimeError(f"{self.cfg.shards}: every sample is bad, no spare left")
+
+    def _report_bad(self, key: str, shard: str, reason: str) -> None:
+        self.bad_keys[key] = shard
+        self.stats["decode_failures"] += 1
+        self.stats["skipped_keys"].append({"key": key, "shard": shard})
+        log.warning("bad sample %s of %s: %s", key, shard, reason)
 
     # ----------------------------------------------------------------- pipelines
-    def _reader_seed(self, epoch: int) -> int:
-        return (self.seed * 1_000_003 + epoch * 7_919 + self.shard_id * 104_729) % (2**31 - 1)
-
-    def _build_reader(self, epoch: int, checkpoint: str | None):
-        pipe = reader_pipeline(
-            self.shards.paths, self.shards.index_paths, self._epoch_shard(epoch), self.num_shards,
-            self.cfg.shuffle, self.cfg.shuffle_buffer, self._reader_seed(epoch),
-            batch_size=self.batch_size, num_threads=1, device_id=None, seed=self._reader_seed(epoch),
-            prefetch_queue_depth=2, checkpoint=checkpoint)
-        pipe.build()
-        return pipe
-
     def _device_id(self) -> int | None:
         return torch.cuda.current_device() if self.device == "mixed" else None
 
-    def _build_views(self, source):
+    def _build_views(self, source, batch_size: int | None = None, prefetch: int | None = None):
         pipe = views_pipeline(
             source, self.views, self.slots, self.device, self.cfg.augment, tuple(self.cfg.mean),
-            tuple(self.cfg.std), DALI_OUTPUT_DTYPE[self.cfg.dtype], batch_size=self.batch_size,
+            tuple(self.cfg.std), DALI_OUTPUT_DTYPE[self.cfg.dtype], batch_size=batch_size or self.batch_size,
             num_threads=self.cfg.num_threads, device_id=self._device_id(), seed=self.seed,
-            prefetch_queue_depth=self.cfg.prefetch, exec_dynamic=True)
+            prefetch_queue_depth=prefetch or self.cfg.prefetch, exec_dynamic=True)
         pipe.build()
         return pipe
 
     # ----------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = self.epoch
-        resume = self._resume if self._resume and self._resume["epoch"] == epoch else None
-        self._resume = None
-        start_step = resume["step"] if resume else 0
-        checkpoint = resume["reader_checkpoint"] if resume else None
-        feeder = _Feeder(self, epoch, start_step, checkpoint)
-        pipe = self._build_views(feeder)
-        while True:
+        epoch, start = self.epoch, self._step
+        self._restored = False
+        feeder = _Feeder(self, epoch, start)
+        pipe = self._build_views(feeder) if start < self.order.steps else None
+        while pipe is not None:
             try:
                 outputs = pipe.run()
             except StopIteration:
@@ -262,16 +283,50 @@ class DALILoader:
                 pipe = self._build_views(feeder)
                 continue
             batch = feeder.delivered()
-            self._position = {"epoch": epoch, "step": batch.step + 1,
-                              "reader_checkpoint": batch.reader_checkpoint}
-            if not batch.keys:
-                continue
-            self.stats["samples"] += len(batch.keys)
+            out = self._to_torch(outputs[:-1], batch)
+            self._repair(out, outputs[-1], batch, epoch)
+            self._step = batch.step + 1
+            self.stats["samples"] += len(batch.samples)
             self.stats["steps"] += 1
-            yield self._to_torch(outputs, batch)
+            yield out
         # A completed epoch moves the position to the start of the next one.
-        self.epoch = epoch + 1
-        self._position = {"epoch": epoch + 1, "step": 0, "reader_checkpoint": None}
+        self.epoch, self._step = epoch + 1, 0
+
+    def _repair(self, out: dict[str, Any], check, batch: _Batch, epoch: int) -> None:
+        """Replace the samples whose decode lacked planned frames (``frames_check`` 0) by spares."""
+        if self.device != "cpu":
+            check = check.as_cpu()
+        distance = np.array(check.as_tensor()).reshape(-1)
+        for i in np.flatnonzero(distance == 0):
+            bad = batch.samples[i]
+            self._report_bad(bad.key, bad.shard, f"the decoder delivered fewer real frames than the plan "
+                                                 f"needs (frame {int(bad.plan.frames[-1])})")
+            spare, views = self._decode_spare(epoch, batch.step, bad.position)
+            batch.samples[i] = spare
+            for name in self.view_names:
+                out[name] = out[name].clone()   # DALI's output memory: write into a copy
+                out[name][i] = views[name][0]
+            out["label"][i] = spare.label
+            out["key"][i] = spare.key
+
+    def _decode_spare(self, epoch: int, step: int, position: int) -> tuple[_Sample, dict[str, torch.Tensor]]:
+        """The first spare of ``position`` that decodes with all its frames, and its views."""
+        while True:
+            sample = self._sample_at(epoch, step, position)
+            one = _Batch(step, [sample])
+            pipe = self._build_views(_OneShot(one, self), batch_size=1, prefetch=1)
+            try:
+                outputs = pipe.run()
+            except RuntimeError:
+                self._report_bad(sample.key, sample.shard, "the video decoder cannot read it")
+                continue
+            finally:
+                del pipe
+            if np.array((outputs[-1].as_cpu() if self.device != "cpu" else outputs[-1]).as_tensor()).min() == 0:
+                self._report_bad(sample.key, sample.shard, "the decoder delivered fewer real frames than the "
+                                                           "plan needs")
+                continue
+            return sample, self._to_torch(outputs[:-1], one)
 
     def _to_torch(self, outputs, batch: _Batch) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -287,8 +342,9 @@ class DALILoader:
                                      device=torch.device("cuda", self._device_id()))
                 feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream())
             out[view.name] = tensor.to(TORCH_DTYPE[self.cfg.dtype])
-        out["label"] = torch.tensor(batch.labels, dtype=torch.long)
-        out["key"] = list(batch.keys)
+        out["label"] = torch.tensor([s.label for s in batch.samples], dtype=torch.long)
+        out["key"] = batch.keys
+        out["data_step"] = (self.epoch, batch.step)
         return out
 
 
@@ -296,90 +352,124 @@ def _dali_torch_dtype(dtype: str) -> torch.dtype:
     return torch.float32 if dtype == "float32" else torch.float16
 
 
+# ----------------------------------------------------------------- position (shared with the baseline)
+def position_state(loader) -> dict[str, Any]:
+    """A loader's portable position: ``(epoch, data step)``, the order's definition, bad keys."""
+    o = loader.order
+    return {"epoch": loader.epoch, "step": loader._step, "global_batch": o.global_batch, "seed": loader.seed,
+            "num_samples": o.num_samples, "shuffle": o.shuffle, "drop_last": o.drop_last,
+            "block_shards": o.block_shards, "bad_keys": dict(sorted(loader.bad_keys.items()))}
+
+
+def merge_positions(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One position from every rank's (same epoch and step; bad keys found on any rank)."""
+    merged = dict(states[0])
+    merged["bad_keys"] = dict(sorted({k: v for s in states for k, v in s["bad_keys"].items()}.items()))
+    return merged
+
+
+def load_position(loader, state: dict[str, Any]) -> None:
+    """Continue at ``state``'s position; refuses a position from another order or global batch."""
+    o = loader.order
+    if "global_batch" not in state:
+        raise ValueError("the checkpoint's data position predates the global sample order (per-rank "
+                         "reader checkpoints); it cannot continue this loader")
+    if state["global_batch"] != o.global_batch:
+        w = loader.num_shards
+        hint = (f"set trainer.batch_size_per_gpu={state['global_batch'] // w}" if state["global_batch"] % w == 0
+                else f"the global batch of {state['global_batch']} does not divide over {w} ranks")
+        raise ValueError(f"the checkpoint's data position counts global steps of {state['global_batch']} samples; "
+                         f"this run's global batch is {loader.batch_size} x {w} ranks = {o.global_batch}: {hint}")
+    mine = {"num_samples": o.num_samples, "shuffle": o.shuffle, "drop_last": o.drop_last,
+            "block_shards": o.block_shards}
+    theirs = {k: state[k] for k in mine}
+    if mine != theirs:
+        raise ValueError(f"the checkpoint's data order {theirs} differs from this run's {mine} "
+                         f"(data.shards, data.shuffle, data.drop_last, data.block_shards)")
+    loader.seed = state["seed"]
+    loader.order = GlobalOrder(o.num_samples, o.global_batch, seed=state["seed"], drop_last=o.drop_last,
+                               shuffle=o.shuffle, shard_sizes=o.shard_sizes, block_shards=o.block_shards)
+    loader.epoch, loader._step = state["epoch"], state["step"]
+    loader.bad_keys = dict(state.get("bad_keys", {}))
+    loader._restored = True
+
+
+def record_replacement(loader, epoch: int, step: int, position: int, key: str, shard: str, spare: str) -> None:
+    """Log and count one replacement; both loaders use it (the same fields everywhere)."""
+    record = {"epoch": epoch, "step": step, "position": position, "key": key, "shard": shard, "spare": spare}
+    loader.stats["replacements"].append(record)
+    log.warning("data step %d (epoch %d): sample %s of %s replaced by spare %s", step, epoch, key, shard, spare)
+
+
+class _OneShot:
+    """External source that gives one batch, then ends (spares' one-sample views pipeline)."""
+
+    def __init__(self, batch: _Batch, loader: DALILoader):
+        self.batch, self.loader, self.done = batch, loader, False
+
+    def __call__(self):
+        if self.done:
+            raise StopIteration
+        self.done = True
+        return (*self.batch.decode_inputs(), *self.batch.view_inputs(self.loader.slots, self.loader.views))
+
+
 class _Feeder:
-    """External-source callback of the views pipeline: pulls reader batches and plans them.
+    """External-source callback of the views pipeline: reads the rank's slice of each data step.
 
     Keeps every batch fed but not yet delivered, so that after a pipeline rebuild they are fed again
-    in the same order.
+    in the same order (their bad samples replaced).
     """
 
-    def __init__(self, loader: DALILoader, epoch: int, start_step: int, checkpoint: str | None):
+    def __init__(self, loader: DALILoader, epoch: int, start_step: int):
         self.loader = loader
         self.epoch = epoch
         self.next_step = start_step
-        self.steps = loader.steps_in_epoch(epoch)
-        self.shard_size = loader._shard_size(loader._epoch_shard(epoch))
-        self.reader = loader._build_reader(epoch, checkpoint) if start_step < self.steps else None
+        self.steps = loader.order.steps
         self.in_flight: collections.deque[_Batch] = collections.deque()
         self.replay: collections.deque[_Batch] = collections.deque()
 
     def __call__(self):
-        while True:
-            batch = self.replay.popleft() if self.replay else self._read()
-            self.in_flight.append(batch)
-            if batch.keys:
-                return self._feed(batch)
-            # Every sample of this batch was bad: deliver it as "nothing" without running the graph.
-            # (Cannot feed an empty batch; it is popped when the next real batch is delivered.)
+        batch = self.replay.popleft() if self.replay else self._read()
+        self.in_flight.append(batch)
+        return self._feed(batch)
 
     def _read(self) -> _Batch:
         if self.next_step >= self.steps:
             raise StopIteration
-        encoded, meta, source_info = self.reader.run()
-        checkpoint = self.reader.checkpoint()
         step = self.next_step
         self.next_step += 1
-        # The last batch of a shard is padded by repeating its last sample: cut the padding off.
-        real = min(self.loader.batch_size, self.shard_size - step * self.loader.batch_size)
-        batch = _Batch(step, [], [], [], [], [], checkpoint)
-        for i in range(real):
-            info = np.array(source_info[i]).tobytes().decode(errors="replace")
-            shard = info.split(":")[0]
-            record = _parse_meta(np.array(meta[i]).tobytes(), shard)
-            key = record["key"]
-            if key in self.loader.bad_keys:
-                continue
-            batch.keys.append(key)
-            batch.shards.append(shard)
-            batch.labels.append(int(record.get("label", -1)))
-            batch.encoded.append(np.array(encoded[i]))
-            batch.plans.append(plan_sample(
-                self.loader.cfg, self.loader.views, seed=self.loader.seed, epoch=self.epoch, key=key,
-                num_frames=int(record["num_frames"]), fps=float(record.get("fps", 30.0)),
-                width=int(record["width"]), height=int(record["height"])))
-        return batch
+        ld = self.loader
+        positions = ld.order.positions(step, ld.shard_id, ld.num_shards)
+        return _Batch(step, [ld._sample_at(self.epoch, step, p) for p in positions])
 
     def _feed(self, batch: _Batch):
         return (*batch.decode_inputs(), *batch.view_inputs(self.loader.slots, self.loader.views))
 
     def delivered(self) -> _Batch:
-        """The batch whose views the pipeline just returned (skipping all-bad batches before it)."""
-        batch = self.in_flight.popleft()
-        while not batch.keys:
-            self.loader._position = {"epoch": self.epoch, "step": batch.step + 1,
-                                     "reader_checkpoint": batch.reader_checkpoint}
-            batch = self.in_flight.popleft()
-        return batch
+        """The batch whose views the pipeline just returned."""
+        return self.in_flight.popleft()
 
     def recover(self, err: Exception) -> None:
-        """After a decoder error: find the bad samples among undelivered batches, drop, re-feed."""
+        """After a decoder error: find the bad samples among undelivered batches, replace, re-feed."""
         pending = list(self.in_flight)
         self.in_flight.clear()
-        bad: set[str] = set()
+        ld = self.loader
+        found = False
         for batch in pending:
-            for key, shard, encoded, plan in zip(batch.keys, batch.shards, batch.encoded, batch.plans):
-                if not _decodes(encoded, plan.frames, self.loader.device, self.loader._device_id()):
-                    bad.add(key)
-                    self.loader.stats["decode_failures"] += 1
-                    self.loader.stats["skipped_keys"].append({"key": key, "shard": shard})
-                    log.warning("skipping sample %s of %s: the video decoder cannot read it", key, shard)
-        if not bad:
+            for i, sample in enumerate(batch.samples):
+                if sample.key in ld.bad_keys or not _decodes(sample.encoded, sample.plan.frames, ld.device,
+                                                             ld._device_id()):
+                    if sample.key not in ld.bad_keys:
+                        ld._report_bad(sample.key, sample.shard, "the video decoder cannot read it")
+                        found = True
+                    batch.samples[i] = ld._sample_at(self.epoch, batch.step, sample.position)
+        if not found:
             err.add_note("pipelines: every pending sample decodes on its own, so this is not a "
                          "corrupt-sample error; not retrying")
             raise err
-        self.loader.bad_keys |= bad
-        self.loader.stats["pipeline_rebuilds"] += 1
-        self.replay.extendleft(reversed([b.drop(bad) for b in pending]))
+        ld.stats["pipeline_rebuilds"] += 1
+        self.replay.extendleft(reversed(pending))
 
 
 def _parse_meta(raw: bytes, shard: str) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> No
     seen = []
     # All steps are collected first: the zero-copy outputs of early steps must survive later steps.
     for batch in list(loader):
-        assert set(batch) == set(loader.view_names) | {"label", "key"}
+        assert set(batch) == set(loader.view_names) | {"label", "key", "data_step"}
         for b, key in enumerate(batch["key"]):
             m = metas[key]
             plan = plan_sample(cfg, loader.views, seed=seed, epoch=0, key=key, num_frames=m["num_frames"],
@@ -142,4 +142,4 @@ def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> No
                 assert got == plan.view_frames(view).tolist(), (key, view.name)
             assert batch["label"][b].item() == m["label"]
         seen += batch["key"]
-    assert sorted(seen) == sorted(metas)                     # one epoch, every sample once
+    assert set(seen) == set(metas)              # one epoch: every sample (a partial last step wraps)

@@ -76,14 +76,19 @@ def test_h264_shards_decode_on_mixed(tmp_path):
     assert all(i >= 0 for row in frame_indices(batch["short"], cfg) for i in row)
 
 
-def test_mixed_corrupt_sample_is_skipped_and_reported(tmp_path):
-    videos = index_videos(tmp_path / "media", [30, 40, 50], width=WIDTH, height=HEIGHT)
+def test_mixed_corrupt_and_truncated_samples_are_replaced_and_reported(tmp_path):
+    """Undecodable and truncated members on NVDEC: the same frames_check and spares as on the CPU."""
+    videos = index_videos(tmp_path / "media", [30, 40, 50, 60], width=WIDTH, height=HEIGHT)
     videos.insert(1, FixtureVideo("broken", videos[0].path, raw=b"\x1aE\xdf\xa3 this is not a video" * 50))
+    cut = videos[4].path.read_bytes()
+    videos.insert(3, FixtureVideo("cut", videos[4].path, raw=cut[:int(len(cut) * 0.3)]))
     shards = write_shards(tmp_path / "shards", videos, per_shard=2, meta_override={"broken": {"num_frames": 30}})
     loader = build_loader(config(shards, "mixed", recipe="lstcl", shuffle=False), batch_size=2, seed=0)
-    keys = [k for batch in loader for k in batch["key"]]
-    assert sorted(keys) == sorted(v.key for v in videos if v.key != "broken")
-    assert loader.stats["decode_failures"] == 1
+    steps = [batch["key"] for batch in loader]
+    assert [len(k) for k in steps] == [2, 2, 2]
+    assert {k for keys in steps for k in keys} == {v.key for v in videos if v.key not in ("broken", "cut")}
+    assert loader.stats["decode_failures"] == 2
+    assert sorted(r["key"] for r in loader.stats["replacements"]) == ["broken", "cut"]
 
 
 def test_models_on_cuda_grouped_equals_loop_and_bf16_is_close():

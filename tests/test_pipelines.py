@@ -20,6 +20,7 @@ from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, f
 from pipelines import DataConfig, build_loader  # noqa: E402
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig  # noqa: E402
 from pipelines.loader import resolve_device  # noqa: E402
+from pipelines.views import plan_sample  # noqa: E402
 
 torch.set_num_threads(1)
 # Index videos: lengths cover long, short (< T of the largest view) and 1-frame clips.
@@ -126,16 +127,60 @@ def test_determinism_under_a_seed(index_shards):
     assert a["key"] != c["key"] or not torch.equal(a["global_0"], c["global_0"])
 
 
-def test_two_ranks_cover_an_epoch_exactly_once(index_shards):
-    cfg = config(index_shards, recipe="lstcl")
-    keys = []
-    for rank in range(2):
-        loader = build_loader(cfg, batch_size=2, shard_id=rank, num_shards=2, seed=1)
-        rank_keys = [k for batch in loader for k in batch["key"]]
-        assert loader.stats["steps"] == -(-len(rank_keys) // 2)
-        keys.append(rank_keys)
-    assert not set(keys[0]) & set(keys[1])
-    assert sorted(keys[0] + keys[1]) == sorted(meta_of(index_shards))
+@pytest.fixture(scope="module")
+def twelve_shards(tmp_path_factory):
+    """12 short index videos in shards of 5, 5 and 2: a global batch of 6 divides the epoch."""
+    root = tmp_path_factory.mktemp("twelve")
+    return write_shards(root / "shards", index_videos(root / "media", [12 + i for i in range(12)]), per_shard=5)
+
+
+def _epoch_steps(loader) -> list[list[str]]:
+    return [batch["key"] for batch in loader]
+
+
+def test_one_global_order_at_every_world_size(twelve_shards):
+    """Issue 14: an epoch is one permutation; data step s holds the same 6 samples at W = 1, 2, 3
+    (rank r the r-th slice), every sample exactly once, and the baseline loader takes the same order."""
+    cfg = config(twelve_shards, recipe="lstcl")
+    runs = {}
+    for world in (1, 2, 3):
+        ranks = [_epoch_steps(build_loader(cfg, batch_size=6 // world, shard_id=r, num_shards=world, seed=4))
+                 for r in range(world)]
+        assert {len(steps) for steps in ranks} == {2}
+        runs[world] = [sum((ranks[r][s] for r in range(world)), []) for s in range(2)]
+        flat = sum(runs[world], [])
+        assert sorted(flat) == sorted(meta_of(twelve_shards))          # exactly once
+    assert runs[1] == runs[2] == runs[3]
+    base = [sum((_epoch_steps(build_loader(cfg, batch_size=3, shard_id=r, num_shards=2, seed=4,
+                                           loader="baseline"))[s] for r in range(2)), []) for s in range(2)]
+    assert base == runs[1]
+
+
+def test_resume_at_another_world_size_continues_the_order(twelve_shards):
+    """A position saved on 2 ranks continues on 3 ranks at the next data step with the same samples."""
+    cfg = config(twelve_shards, recipe="lstcl")
+    whole = [_epoch_steps(build_loader(cfg, batch_size=2, shard_id=r, num_shards=3, seed=9)) for r in range(3)]
+    loader = build_loader(cfg, batch_size=3, shard_id=1, num_shards=2, seed=9)
+    it = iter(loader)
+    next(it)
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    it.close()
+    assert (state["epoch"], state["step"], state["global_batch"]) == (0, 1, 6)
+    for r in range(3):
+        resumed = build_loader(cfg, batch_size=2, shard_id=r, num_shards=3, seed=0)
+        resumed.load_state_dict(state)
+        resumed.set_epoch(0)
+        assert _epoch_steps(resumed) == whole[r][1:]
+    # the baseline loader takes the same position (no replay)
+    resumed = build_loader(cfg, batch_size=2, shard_id=2, num_shards=3, seed=0, loader="baseline")
+    resumed.load_state_dict(state)
+    assert _epoch_steps(resumed) == whole[2][1:]
+    wrong = build_loader(cfg, batch_size=2, shard_id=0, num_shards=2, seed=9)
+    with pytest.raises(ValueError, match=r"global steps of 6 samples.*2 x 2 ranks = 4.*batch_size_per_gpu=3"):
+        wrong.load_state_dict(state)
+    odd = build_loader(cfg, batch_size=1, shard_id=0, num_shards=4, seed=9)
+    with pytest.raises(ValueError, match="6 does not divide over 4 ranks"):
+        odd.load_state_dict(state)
 
 
 def test_resume_gives_the_same_next_batches(index_shards):
@@ -168,21 +213,29 @@ def test_set_epoch_reshuffles(index_shards):
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
 
 
-def test_corrupt_sample_is_skipped_and_reported(tmp_path, index_shards):
+def test_corrupt_sample_is_replaced_and_reported(tmp_path, index_shards):
     videos = index_videos(tmp_path / "media", [30, 40, 50, 60, 70])
     videos.insert(2, FixtureVideo("broken", videos[0].path, raw=b"\x1aE\xdf\xa3 this is not a video" * 50))
     shards = write_shards(tmp_path / "shards", videos, per_shard=3,
                           meta_override={"broken": {"num_frames": 30}})
     cfg = config(shards, recipe="lstcl", shuffle=False)
     loader = build_loader(cfg, batch_size=2, seed=0)
-    keys = [k for batch in loader for k in batch["key"]]
-    assert sorted(keys) == sorted(v.key for v in videos if v.key != "broken")
+    steps = _epoch_steps(loader)
+    assert [len(k) for k in steps] == [2, 2, 2]                  # the batch keeps its size
+    keys = sum(steps, [])
+    assert "broken" not in keys and set(keys) == {v.key for v in videos if v.key != "broken"}
     assert loader.stats["decode_failures"] == 1
     assert loader.stats["skipped_keys"] == [{"key": "broken", "shard": str(shards / "test-train-000000.tar")}]
-    # The bad key is remembered: the next epoch skips it without a pipeline failure.
+    (record,) = loader.stats["replacements"]
+    assert (record["key"], record["step"], record["position"]) == ("broken", 1, 2)
+    assert keys[2] == record["spare"]
+    # The bad key is part of the position: the epoch again (as after a resume) replaces it by the
+    # same spare without a pipeline failure.
     rebuilds = loader.stats["pipeline_rebuilds"]
-    assert len([k for batch in loader for k in batch["key"]]) == 5
+    loader.set_epoch(0)
+    assert _epoch_steps(loader) == steps
     assert loader.stats["pipeline_rebuilds"] == rebuilds
+    assert loader.state_dict()["bad_keys"] == {"broken": str(shards / "test-train-000000.tar")}
 
 
 def test_h264_shards_on_cpu_fail_at_build(tmp_path, index_shards):
@@ -276,3 +329,60 @@ def test_shards_written_by_shard_tools_load(tmp_path):
         assert len(batches) == 1 and sorted(batches[0]["key"]) == ["a_a0", "b_b0"], kind
         labels = dict(zip(batches[0]["key"], batches[0]["label"].tolist()))
         assert labels == {"a_a0": 0, "b_b0": 1}
+
+
+def damaged(data: bytes, kind: str) -> bytes:
+    """A member damaged inside an intact tar: its middle third overwritten, or cut to 30%."""
+    if kind == "truncated":
+        return data[:int(len(data) * 0.3)]
+    third = len(data) // 3
+    noise = np.random.default_rng(0).integers(0, 256, third, dtype=np.uint8).tobytes()
+    return data[:third] + noise + data[2 * third:]
+
+
+@pytest.fixture(scope="module")
+def damaged_shards(tmp_path_factory):
+    """Five good 60-frame index videos and two damaged members whose json says 60 frames."""
+    root = tmp_path_factory.mktemp("damaged")
+    videos = index_videos(root / "media", [60] * 5)
+    for kind, at in (("midcorrupt", 1), ("truncated", 4)):
+        source = index_videos(root / "media", [60], prefix=kind)[0]
+        videos.insert(at, FixtureVideo(kind, source.path, raw=damaged(source.path.read_bytes(), kind)))
+    return write_shards(root / "shards", videos, per_shard=4)
+
+
+def test_damaged_members_are_replaced_identically_by_both_loaders(damaged_shards, caplog):
+    """Issue 11.1: the decoder pads damaged members with frames it never decoded; both loaders must
+    notice (fewer real frames than the plan needs), report key + shard, count, and keep the batch
+    full with the same spare (issue 14)."""
+    cfg = config(damaged_shards, recipe="svt", shuffle=False)
+    shard = {"midcorrupt": "test-train-000000.tar", "truncated": "test-train-000001.tar"}
+    steps = {}
+    for kind in ("dali", "baseline"):
+        loader = build_loader(cfg, batch_size=3, seed=0, loader=kind)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            batches = list(loader)
+        steps[kind] = [b["key"] for b in batches]
+        assert [len(k) for k in steps[kind]] == [3, 3, 3], kind
+        keys = set(sum(steps[kind], []))
+        assert keys == {f"idx{i:03d}" for i in range(5)}, kind
+        for batch in batches:
+            assert all(batch[name].shape[0] == 3 for name in loader.view_names)
+        assert loader.stats["decode_failures"] == 2
+        assert sorted(loader.stats["skipped_keys"], key=lambda r: r["key"]) == [
+            {"key": key, "shard": str(damaged_shards / name)} for key, name in sorted(shard.items())]
+        # 7 samples in steps of 3: the last step wraps to the start, so midcorrupt comes twice.
+        assert sorted(r["key"] for r in loader.stats["replacements"]) == ["midcorrupt", "midcorrupt", "truncated"]
+        for key, name in shard.items():
+            assert any(key in r.getMessage() and name in r.getMessage() for r in caplog.records), key
+        if kind == "dali":
+            # The views are real frames (nothing padded slips through), spares included.
+            metas = meta_of(damaged_shards)
+            for batch in batches:
+                for b, key in enumerate(batch["key"]):
+                    plan = plan_sample(cfg, loader.views, seed=0, epoch=0, key=key, **{
+                        k: metas[key][k] for k in ("num_frames", "fps", "width", "height")})
+                    got = frame_indices(batch["global_0"][b:b + 1], cfg)[0]
+                    assert got == plan.view_frames(loader.views[0]).tolist()
+    assert steps["dali"] == steps["baseline"]

@@ -122,7 +122,13 @@ def portable_state(engine) -> dict:
             params[name] = param.detach().float().cpu().clone()
             if param in inner.state:
                 moments[name] = {k: inner.state[param][k].detach().cpu().clone() for k in ADAM_KEYS}
-    frozen = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    import deepspeed
+
+    frozen_params = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+    # ZeRO-3 partitions frozen parameters too (DINO's weight-normed last layer keeps weight_g fixed):
+    # gather them (collective), or the file holds this rank's empty partition
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen_params if hasattr(p, "ds_id")]):
+        frozen = {n: p.detach().float().cpu().clone() for n, p in frozen_params}
     buffers = {n: b.detach().cpu().clone() for n, b in module.named_buffers()}
     return {"params": params, "moments": moments, "frozen_params": frozen, "buffers": buffers,
             "adam_step": _adam_step_count(engine), "adam_steps_by_group": _adam_steps_by_group(engine)}
@@ -168,6 +174,28 @@ def _link_optimizer_state(engine) -> None:
         link()
 
 
+def _set_zero3_full(engine, param, value: torch.Tensor, key: str | None = None) -> None:
+    """ZeRO-3 ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` for any world size.
+
+    DeepSpeed 0.19.8's ``set_full_hp_param`` narrows the flat value at ``partition numel x rank``,
+    but partitions are padded: a parameter whose size does not divide by the world size (32 values
+    on 3 ranks: partitions of 11) fails on the last rank ("start (22) + length (11) exceeds
+    dimension size (32)"). Same copy here, from the value padded to ``partition x world``.
+    """
+    optimizer = engine.optimizer
+    partition, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                               optim_state_key=key)
+    n = partition.numel()
+    flat = value.detach().flatten().to(partition.device, partition.dtype)
+    world = dist.get_world_size(group=getattr(param, "ds_process_group", None))
+    padded = torch.zeros(n * world, dtype=flat.dtype, device=flat.device)
+    padded[:flat.numel()] = flat
+    rank = optimizer._get_param_partition_rank(param)
+    partition.data.copy_(padded[n * rank:n * (rank + 1)])
+    if optimizer._swappable_optimizer_subgroup(group):
+        optimizer._optimizer_states_and_gradient_swap_out(group)
+
+
 @torch.no_grad()
 def load_portable_state(engine, state: dict) -> None:
     """Writes a portable state into an engine of any ZeRO stage / world size (call on every rank)."""
@@ -187,7 +215,11 @@ def load_portable_state(engine, state: dict) -> None:
         if not param.requires_grad:
             continue
         value = state["params"][name]
-        if _is_zero_param(param):
+        if hasattr(param, "ds_id"):
+            _set_zero3_full(engine, param, value)
+            for key in ADAM_KEYS if state["moments"] else ():
+                _set_zero3_full(engine, param, state["moments"][name][key], key)
+        elif _is_zero_param(param):
             safe_set_full_fp32_param(param, value.to(param.device))
             for key in ADAM_KEYS if state["moments"] else ():
                 safe_set_full_optimizer_state(param, state["moments"][name][key].to(param.device), key)

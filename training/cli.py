@@ -106,12 +106,9 @@ def _train(cfg, args) -> int:
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
-    if info.world_size > 1 and not cfg.data.drop_last:
-        # ranks must take the same number of equal-sized steps: DeepSpeed's collectives (and MoCo's
-        # key all-gather) would otherwise hang or fail on the shortest rank's last batch
-        cfg.data.drop_last = True
-        if info.rank == 0:
-            print(f"[train] data.drop_last set to true for {info.world_size} ranks (equal steps per rank)", flush=True)
+    # every rank takes the same number of equal-sized steps: the loaders slice one global order
+    # (pipelines/order.py), whose partial last step is filled, so drop_last stays the user's choice
+    # and the order does not depend on the world size
     run_dir = Path(t.output_dir)
     if info.rank == 0:  # before the model is built: an output folder that cannot be written fails at once
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
 from training.engine import DistInfo, build_engine, clip_gradients_per_parameter, set_hyperparameters
+from training.lineage import LineageWriter
 from training.methods import SSLMethod
 from training.metrics import MetricsWriter, read_jsonl, summarize
 from training.teacher import EMATeacher
@@ -146,12 +147,28 @@ class Trainer:
             "backbone_prefix": self.method.backbone_prefix,
         }
 
+    def _data_position(self) -> dict | None:
+        """A global-order loader's position, one value for the whole run (collective): every rank's
+        state gathered and merged, so samples found bad on any rank are part of it."""
+        if not getattr(self.loader, "position_is_global", False):
+            return None
+        state = self.loader.state_dict()
+        if self.dist.world_size > 1:
+            states = [None] * self.dist.world_size
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        merge = getattr(self.loader, "merge_states", None)
+        return merge(states) if merge is not None else states[0]
+
     def _rank_state(self) -> dict:
         return {"loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
                 "rng": rng_state(), "epoch": self._data.epoch}
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.engine, self.step, self._trainer_state(), self._rank_state())
+        trainer_state = self._trainer_state()
+        trainer_state["data_position"] = self._data_position()
+        return self.checkpoints.save(self.engine, self.step, trainer_state, self._rank_state())
 
     def restore(self, ckpt_dir: Path) -> None:
         trainer_state, rank_state = self.checkpoints.load(self.engine, ckpt_dir, zero_stage=self.cfg.trainer.zero_stage,
@@ -162,7 +179,21 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.load_state_dict(trainer_state["teacher"])
         self.method.objective.load_state_dict(trainer_state["objective"], strict=True)
-        if rank_state is not None:
+        position = trainer_state.get("data_position")
+        if position is not None and getattr(self.loader, "position_is_global", False):
+            # one portable data position for every rank layout: (epoch, data step, bad samples)
+            self.loader.load_state_dict(position)
+            self._fresh_epoch = False
+            if rank_state is not None:
+                set_rng_state(rank_state["rng"])
+            else:
+                self._reseed()
+                if self.dist.rank == 0:
+                    print(f"[train] {ckpt_dir}: rank layout changed ({trainer_state['world_size']} ranks, ZeRO "
+                          f"{trainer_state['zero_stage']}, {trainer_state['precision']} -> {self.dist.world_size} "
+                          f"ranks, ZeRO {self.cfg.trainer.zero_stage}, {self.cfg.trainer.precision}); restored from "
+                          f"the portable state; the data position carries over", flush=True)
+        elif rank_state is not None:
             set_rng_state(rank_state["rng"])
             if rank_state["loader"] is not None:
                 self.loader.load_state_dict(rank_state["loader"])
@@ -217,6 +248,8 @@ class Trainer:
         writer = MetricsWriter(self.run_dir, enabled=self.dist.rank == 0, total_steps=self.total_steps,
                                start_step=self.step, tensorboard=t.tensorboard, progress_bar=t.progress_bar,
                                append=ckpt is not None)
+        self._lineage = LineageWriter(self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
+                                      resume_step=self.step if ckpt is not None else None)
         if ckpt is not None:
             writer.message(f"[train] resumed from {ckpt} at step {self.step}")
         try:
@@ -229,6 +262,7 @@ class Trainer:
                     writer.message(f"[train] checkpoint {path}")
         finally:
             writer.close()
+            self._lineage.close()
         summary = summarize(read_jsonl(writer.jsonl_path)) if self.dist.rank == 0 else {}
         summary.update(checkpoint=str(find_latest(self.run_dir / "checkpoints")), tensorboard=str(writer.tb_dir),
                        metrics=str(writer.jsonl_path))
@@ -253,8 +287,12 @@ class Trainer:
         views_per_sample = tokens_per_sample = flops_per_sample = 0.0
         while micro_done < t.grad_accum_steps:
             wait_start = time.perf_counter()
+            stats = getattr(self.loader, "stats", None)
+            seen = len(stats.get("replacements", [])) if isinstance(stats, dict) else 0
             batch = next(self._data)
             data_wait += time.perf_counter() - wait_start
+            replaced = stats.get("replacements", [])[seen:] if isinstance(stats, dict) else []
+            self._lineage.write(s + 1, batch, replaced)
             student_views, teacher_views = self.method.split_views(batch, self.dist.device, self.bf16)
             with torch.no_grad():
                 # the teacher keeps fp32 weights (EMA precision) and runs in fp32: autocast would
@@ -328,4 +366,5 @@ class Trainer:
         stats = getattr(self.loader, "stats", None)
         if isinstance(stats, dict):
             record["decode_failures"] = int(stats.get("decode_failures", 0))
+            record["data_replacements"] = len(stats.get("replacements", []))
         return record

@@ -1,0 +1,65 @@
+"""Data lineage: one compact JSONL line per data step, the sample keys every rank trained on.
+
+``<run_dir>/lineage.jsonl``, written by rank 0 (keys gathered from every rank, in rank order, so a
+line is the data step's global batch whatever the world size)::
+
+    {"step": 3, "epoch": 0, "data_step": 5, "keys": ["k1", ...], "replaced": [{"key": ..., "spare": ...}]}
+
+``step`` is the optimizer step the micro-batch belongs to (1-based, as in metrics.jsonl);
+``replaced`` appears only when a bad sample was replaced by a spare in that data step. A resumed
+run first drops the lines after its checkpoint's step, so every step appears once and the file is
+the whole run's data order: comparable line by line with another run's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+__all__ = ["LineageWriter", "read_lineage"]
+
+
+class LineageWriter:
+    def __init__(self, run_dir: Path, *, rank: int, world_size: int, resume_step: int | None) -> None:
+        self.path = Path(run_dir) / "lineage.jsonl"
+        self.rank, self.world_size = rank, world_size
+        self._file = None
+        if rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+        self._file = open(self.path, "a" if resume_step is not None else "w", buffering=1)
+
+    def write(self, step: int, batch: dict, replaced: list[dict]) -> None:
+        """Collective: every rank calls it once per micro-batch it draws."""
+        mine = {"keys": list(batch.get("key", [])), "data_step": batch.get("data_step"), "replaced": replaced}
+        gathered = [None] * self.world_size if self.world_size > 1 else [mine]
+        if self.world_size > 1:
+            dist.all_gather_object(gathered, mine)
+        if self._file is None:
+            return
+        data_step = gathered[0]["data_step"]
+        line = {"step": step}
+        if data_step is not None:
+            line.update(epoch=int(data_step[0]), data_step=int(data_step[1]))
+        line["keys"] = [k for g in gathered for k in g["keys"]]
+        replaced_all = [{"key": r["key"], "shard": r["shard"], "spare": r["spare"]} for g in gathered
+                        for r in g["replaced"]]
+        if replaced_all:
+            line["replaced"] = replaced_all
+        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_lineage(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
