@@ -63,7 +63,7 @@ def test_kinetics_run_quarantines_every_bad_kind_and_keeps_the_invariant(kinetic
     assert sum(s["num_samples"] for s in manifest["shards"]) == len(sample_ids)
     assert all(set(s) >= {"path", "idx_path", "num_samples", "keys"} for s in manifest["shards"])
     assert not (out / ".work").exists() and not list(out.glob("*.tmp"))
-    report = verify_shards(out)
+    report = verify_shards(out, decoder="dali")
     assert report["ok"], report["problems"]
     assert report["decoded_with"] == "dali (cpu)" and report["videos_decoded"] == len(sample_ids)
     assert report["invariant"] == f"sources listed again: {len(expected)} inputs"
@@ -316,7 +316,7 @@ def test_verify_decodes_with_dali_and_reports_wrong_frame_counts_and_corrupt_vid
     # Same length edit inside the tar: one json now claims 17 frames (the index stays valid).
     assert pristine.count(b'"num_frames":16') == 2
     tar.write_bytes(pristine.replace(b'"num_frames":16', b'"num_frames":17', 1))
-    report = verify_shards(out)
+    report = verify_shards(out, decoder="dali")
     assert not report["ok"] and report["decoded_with"] == "dali (cpu)"
     assert any("decoded 16 frames, its json says 17" in p for p in report["problems"]), report["problems"]
     # Overwrite one video's bytes with garbage of the same length: DALI cannot decode it.
@@ -325,7 +325,7 @@ def test_verify_decodes_with_dali_and_reports_wrong_frame_counts_and_corrupt_vid
     corrupt = bytearray(pristine)
     corrupt[offset:offset + size] = b"\x00garbage" * (size // 8) + b"\x00" * (size % 8)
     tar.write_bytes(bytes(corrupt))
-    report = verify_shards(out)
+    report = verify_shards(out, decoder="dali")
     assert not report["ok"] and any("DALI failed" in p for p in report["problems"]), report["problems"]
 
 
