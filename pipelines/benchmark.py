@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-shards", type=int, nargs="+", metavar="N",
                    help="instead of the modes: build the DALI loader over N small synthetic shards (2 samples "
                         "each) for each N, and time start-up (manifest + first batch) and the per-epoch rebuild "
-                        "(first batch of the next epoch); JSON in --out's folder: data_scale.json")
+                        "(first batch of the next epoch); JSON in --out's folder: data_scale.json, shard sets in "
+                        "its loader_scale/")
     p.add_argument("--out", type=Path, default=Path("runs/bench/data.json"))
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     return p
@@ -449,12 +450,13 @@ def loader_scale(args) -> int:
 
     torch.set_num_threads(1)
     # Untimed warm-up: the first DALI pipelines of a process pay one-off library start-up costs.
-    warm = ensure_many_shards(Path("runs/bench/loader_scale") / "n4", 4)
+    root = args.out.parent / "loader_scale"  # shard sets are built once per size and reused
+    warm = ensure_many_shards(root / "n4", 4)
     next(iter(DALILoader(dataclasses.replace(_bench_config(args), shards=str(warm)), batch_size=args.batch_size)))
     rows = []
     print(f"{'shards':>7} {'manifest s':>11} {'first batch s':>14} {'epoch rebuild s':>16} {'ms/shard (rebuild)':>19}")
     for num_shards in args.scale_shards:
-        folder = ensure_many_shards(Path("runs/bench/loader_scale") / f"n{num_shards}", num_shards)
+        folder = ensure_many_shards(root / f"n{num_shards}", num_shards)
         cfg = dataclasses.replace(_bench_config(args), shards=str(folder))
         t0 = time.perf_counter()
         loader = DALILoader(cfg, batch_size=args.batch_size)
