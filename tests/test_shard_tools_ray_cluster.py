@@ -9,6 +9,7 @@ command line names those folders (never ``ray stop``, which would stop every Ray
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -186,3 +187,11 @@ def test_two_node_cluster_survives_a_killed_worker_node_and_a_killed_driver(ray_
             os.killpg(proc.pid, signal.SIGKILL)
     assert "resuming" in proc.stderr.read().decode()
     assert _files(out) == _files(reference)
+
+    # 3. verify runs its per-shard checks as Ray tasks on the same cluster.
+    result = subprocess.run([sys.executable, "-m", "shard_tools", "verify", str(out), "--workers", "2", "--executor",
+                             "ray", "--ray-address", ray_cluster["address"]], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["videos_decoded"] == 10 and report["decoded_with"].startswith("pyav")

@@ -152,7 +152,7 @@ def test_scale_bench_runs_at_a_tiny_size(tmp_path):
 
     result = run_scale_bench([300], tmp_path / "work", tmp_path / "scale.json", shard_size=100)
     rows = result["rows"]
-    assert [r["inputs"] for r in rows] == [300] and result["max_over_min_ms_per_input"] == 1.0
+    assert [r["inputs"] for r in rows] == [300] and result["max_over_min_cpu_ms_per_input"] == 1.0
     for row in rows:
         assert row["samples"] + row["quarantined"] == row["inputs"] and row["shards"] >= 3
         assert row["wall_ms_per_input"] > 0 and row["driver_cpu_ms_per_input"] > 0 and row["peak_rss_mb"] > 0
