@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 __all__ = ["ConfigError", "dataclass_from_dict", "apply_overrides", "set_dotted", "load_yaml_sections", "PRECISIONS",
-           "precision_name", "torch_dtype", "seed_sequence", "derive_seed", "error_line", "disk_problem",
+           "precision_name", "torch_dtype", "seed_sequence", "derive_seed", "seed_all", "error_line", "disk_problem",
            "USER_ERRORS"]
 
 ConfigT = TypeVar("ConfigT")
@@ -257,11 +257,29 @@ def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in keys))
 
 
-def derive_seed(seed: int, *keys: int, bits: int = 63) -> int:
-    """An integer seed for ``torch.manual_seed`` / ``random.seed`` (``bits`` 63) or ``np.random.seed`` (32)
-    from ``seed_sequence(seed, *keys)``."""
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit integer seed (``torch.manual_seed``, ``random.seed``, ``torch.Generator``) for the stream
+    ``keys`` of root ``seed``, from ``seed_sequence(seed, *keys)``.
+
+    Not for ``np.random.seed``: 32 bits collide by the birthday bound on large (rank, step) grids;
+    ``seed_all`` gives numpy the SeedSequence's 128-bit state instead.
+    """
     low, high = (int(w) for w in seed_sequence(seed, *keys).generate_state(2, np.uint32))
-    return ((high << 32) | low) & ((1 << bits) - 1)
+    return ((high << 32) | low) & ((1 << 63) - 1)
+
+
+def seed_all(seed: int, *keys: int) -> None:
+    """Seeds torch, numpy's global generator and ``random`` with the stream ``keys`` (e.g. rank, step) of
+    ``seed``: per-rank, per-step randomness (drop path, dropout) without the collisions of
+    ``seed + 1000 * rank + step``."""
+    import random
+
+    import torch
+
+    sequence = seed_sequence(seed, *keys)
+    torch.manual_seed(derive_seed(seed, *keys))
+    np.random.seed(sequence.generate_state(4))  # RandomState takes the 128-bit state as uint32 words
+    random.seed(derive_seed(seed, *keys))
 
 
 # What a command line reports as one line and exit status 2 (bad config, bad input file, a folder that

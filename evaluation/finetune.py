@@ -46,6 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from typed_config import precision_name, torch_dtype
+
 __all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "multistep_lr",
            "evaluate_classifier", "run_finetune_cli"]
 
@@ -166,9 +168,9 @@ class FinetuneConfig:
             raise ValueError(f"finetune: need 0 < train_span <= 1, train_stride / test_stride >= 0, "
                              f"head_init_std > 0 (got {self.train_span}, {self.train_stride}, {self.test_stride}, "
                              f"{self.head_init_std})")
-        if self.zero_stage not in (0, 1, 2, 3) or self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"finetune.zero_stage must be 0-3 and precision fp32|bf16, got "
-                             f"{self.zero_stage}, {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"finetune.zero_stage must be 0-3, got {self.zero_stage}")
+        self.precision = precision_name(self.precision, "finetune.precision", allowed=("fp32", "bf16"))
         if self.precision == "bf16" and self.zero_stage == 0:
             raise ValueError("finetune: bf16 needs zero_stage >= 1 (DeepSpeed's stage-0 bf16 optimizer "
                              "takes a dummy step; DESIGN.md section 8)")
@@ -409,7 +411,7 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
         print(f"protocol {cfg.protocol}: {describe(cfg)}"
               + (f"; changed from the protocol: {cfg.changes()}" if cfg.changes() else ""))
     # bf16 engines hold bf16 module weights: the clips must match them.
-    input_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    input_dtype = torch_dtype(cfg.precision)
     done = False
     for epoch in range(start_epoch, cfg.epochs):
         lr = epoch_lr(cfg, epoch)
