@@ -356,10 +356,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
                             allowed=PROBE_PROTOCOLS, section="probe")
 
 
-FINETUNE_FIELDS = ("protocol", "epochs", "lr", "schedule", "milestones", "gamma", "momentum", "weight_decay",
-                   "batch_size", "head_init_std", "inputs", "clip_frames", "clip_size", "fast_frames", "fast_size",
-                   "train_span", "train_stride", "test_clips", "test_crops", "test_stride", "zero_stage", "precision",
-                   "num_threads", "loader", "max_steps", "ckpt_every_epochs", "torch_threads", "seed")
+# flag dest -> key under finetune: / probe: (the clip shapes and test views are the EvalConfig section eval)
+FINETUNE_FIELDS = {**{name: name for name in (
+                       "protocol", "epochs", "lr", "schedule", "milestones", "gamma", "momentum", "weight_decay",
+                       "batch_size", "head_init_std", "inputs", "train_span", "train_stride", "zero_stage",
+                       "precision", "num_threads", "loader", "max_steps", "ckpt_every_epochs", "torch_threads",
+                       "seed")},
+                   "clip_frames": "eval.slow_frames", "clip_size": "eval.slow_size", "fast_frames": "eval.fast_frames",
+                   "fast_size": "eval.fast_size", "test_clips": "eval.clips", "test_crops": "eval.crops",
+                   "test_stride": "eval.stride"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("train_span", float), ("train_stride", int), ("test_clips", int), ("test_crops", int),
                            ("test_stride", int), ("zero_stage", int), ("precision", str), ("num_threads", int),
                            ("loader", str), ("max_steps", int), ("ckpt_every_epochs", int), ("torch_threads", int)):
-            p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=S)
+            p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=S,
+                           help=f"{name}.{FINETUNE_FIELDS[flag]}")
         p.add_argument("--milestones", type=int, nargs="*", default=S, help="lr decay epochs (svt-finetune: 11 14)")
         p.set_defaults(func=func)
 

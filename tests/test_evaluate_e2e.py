@@ -212,5 +212,5 @@ def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path)
     record = json.loads(results.read_text())[0]
     assert record["protocol"] == "svt-finetune" and record["variant"] == "4x32 clip; test 2 clip(s) x centre crop"
     assert record["changes"] == {"epochs": 2, "milestones": [1], "lr": 0.05, "batch_size": 4, "inputs": "single",
-                                 "clip_frames": 4, "clip_size": 32, "test_clips": 2, "test_crops": 1}
+                                 "eval.slow_frames": 4, "eval.slow_size": 32, "eval.clips": 2, "eval.crops": 1}
     assert record["metrics"]["num_val"] == 8 and record["metrics"]["top1"] >= 87.5
