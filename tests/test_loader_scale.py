@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipelines.benchmark import build_parser, loader_scale
+from benchmarks.data import build_parser, loader_scale
 
 
 def test_loader_scale_bench_at_a_tiny_size(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_fixtures import index_videos, write_shards  # noqa: E402
 
-from pipelines import benchmark  # noqa: E402
+from benchmarks import data as benchmark  # noqa: E402
 
 
 def test_bench_data_writes_json_and_chart(tmp_path, capsys):
