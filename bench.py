@@ -3,9 +3,11 @@
     python bench.py data  [--recipe svt|lstcl] [--shards DIR] ...   DALI graph vs baseline loader vs decode-only
     python bench.py model [...]                                     grouped multi-view runner vs per-view loop
     python bench.py e2e   [...]                                     training steps, DALI vs baseline loader
+    python bench.py shard [--scale] [...]                           sharding job: videos/s, MB/s; driver cost per input
 
 Each mode warms up, then times, prints a table and writes JSON (``--out``, default
-``runs/bench/<mode>.json``). ``python bench.py MODE --help`` lists the mode's options.
+``runs/bench/<mode>.json``). ``python bench.py MODE --help`` lists the mode's options. The modes live
+in the ``benchmarks`` package (one module each) and use only the public APIs of the other packages.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import os
 import sys
 
 MODES = {
-    "data": "pipelines.benchmark",
-    "model": "models.benchmark",
-    "e2e": "training.benchmark",
+    "data": "benchmarks.data",
+    "model": "benchmarks.model",
+    "e2e": "benchmarks.e2e",
+    "shard": "benchmarks.shard",
 }
 
 
@@ -25,10 +28,11 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in MODES:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import torch
-    if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     mode, rest = argv[0], argv[1:]
+    if mode != "shard":  # the shard benchmark needs neither torch nor DeepSpeed
+        import torch
+        if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     module = importlib.import_module(MODES[mode])
     return int(module.main(rest) or 0)
 

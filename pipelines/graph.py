@@ -65,67 +65,88 @@ def solarize(video, threshold: int):
     return fn.cast(inverted, dtype=types.UINT8)
 
 
-# The steps of augment_view in order; ``until`` stops after one (``bench.py data --op-costs``).
-VIEW_STAGES = ("gather", "resize", "color", "blur", "solarize", "normalize")
+def gather(video, positions):
+    """One slot's frames out of the decoded union: a gather (``positions`` index the union)."""
+    return fn.sequence_rearrange(video, new_order=positions)
 
 
-def augment_view(frames_fhwc, params, view: ViewSpec, aug: AugmentConfig, mean: tuple[float, ...],
-                 std: tuple[float, ...], dtype: types.DALIDataType, until: str = "normalize"):
-    """Crop/resize, colour, blur, solarize, flip and normalize one view; FHWC uint8 -> CFHW ``dtype``.
+# The steps of one view, in order; each maps (FHWC uint8 video, the view's per-sample ``params`` from
+# ``views.view_params``, view, augment config, mean, std, output dtype) to the next video. Every step
+# after ``resize`` keeps FHWC uint8 except ``normalize`` (CFHW ``dtype``). Exported so that a tool can
+# build the graph cut after any step (``bench.py data --op-costs`` costs them one by one).
+def resize_step(video, params, view: ViewSpec, aug: AugmentConfig, mean, std, dtype):
+    """Crop box (``params``' roi) resized to ``view.size`` squared."""
+    return fn.resize(video, size=[view.size, view.size], roi_relative=True,
+                     roi_start=params[ROI_Y0:ROI_X0 + 1], roi_end=params[ROI_Y1:ROI_X1 + 1])
 
-    ``params`` is the view's per-sample vector from ``views.view_params``. ``until`` (one of
-    ``VIEW_STAGES``) returns the uint8 FHWC video after that step instead, to cost the steps.
-    """
-    last = VIEW_STAGES.index(until)
-    if last == 0:
-        return frames_fhwc
-    video = fn.resize(frames_fhwc, size=[view.size, view.size], roi_relative=True,
-                      roi_start=params[ROI_Y0:ROI_X0 + 1], roi_end=params[ROI_Y1:ROI_X1 + 1])
-    if view.crop == "random" and last >= 2:
-        video = fn.color_twist(video, brightness=params[BRIGHTNESS], contrast=params[CONTRAST],
-                               saturation=params[SATURATION], hue=params[HUE_DEG])
-        blur_p = aug.blur_probability(view.group) if last >= 3 else 0.0
-        if blur_p >= 1:
-            # Always blurred (DINO global_0): no conditional split/merge of the batch.
-            video = fn.gaussian_blur(video, sigma=params[SIGMA])
-        elif blur_p > 0:
-            if params[BLUR] > 0.5:
-                video = fn.gaussian_blur(video, sigma=params[SIGMA])
-        if last >= 4 and aug.solarize_probability(view.group) > 0:
-            if params[SOLARIZE] > 0.5:
-                video = solarize(video, aug.solarize_threshold)
-    if last < 5:
+
+def color_step(video, params, view: ViewSpec, aug: AugmentConfig, mean, std, dtype):
+    """Colour jitter (brightness, contrast, saturation, hue) on randomly cropped views."""
+    if view.crop != "random":
         return video
+    return fn.color_twist(video, brightness=params[BRIGHTNESS], contrast=params[CONTRAST],
+                          saturation=params[SATURATION], hue=params[HUE_DEG])
+
+
+def blur_step(video, params, view: ViewSpec, aug: AugmentConfig, mean, std, dtype):
+    """Gaussian blur with the view group's probability (drawn in ``params``)."""
+    blur_p = aug.blur_probability(view.group) if view.crop == "random" else 0.0
+    if blur_p >= 1:
+        # Always blurred (DINO global_0): no conditional split/merge of the batch.
+        video = fn.gaussian_blur(video, sigma=params[SIGMA])
+    elif blur_p > 0:
+        if params[BLUR] > 0.5:
+            video = fn.gaussian_blur(video, sigma=params[SIGMA])
+    return video
+
+
+def solarize_step(video, params, view: ViewSpec, aug: AugmentConfig, mean, std, dtype):
+    """Solarization with the view group's probability (drawn in ``params``)."""
+    if view.crop == "random" and aug.solarize_probability(view.group) > 0:
+        if params[SOLARIZE] > 0.5:
+            video = solarize(video, aug.solarize_threshold)
+    return video
+
+
+def normalize_step(video, params, view: ViewSpec, aug: AugmentConfig, mean, std, dtype):
+    """Flip, normalize with ``mean``/``std`` (0..1 scale) and transpose FHWC uint8 -> CFHW ``dtype``."""
     return fn.crop_mirror_normalize(
         video, mirror=fn.cast(params[FLIP], dtype=types.INT32), output_layout="CFHW", dtype=dtype,
         mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
 
+VIEW_STEPS = (("resize", resize_step), ("color", color_step), ("blur", blur_step),
+              ("solarize", solarize_step), ("normalize", normalize_step))
+
+
+def augment_view(frames_fhwc, params, view: ViewSpec, aug: AugmentConfig, mean: tuple[float, ...],
+                 std: tuple[float, ...], dtype: types.DALIDataType):
+    """Every step of ``VIEW_STEPS`` on one view's gathered frames; FHWC uint8 -> CFHW ``dtype``.
+
+    ``params`` is the view's per-sample vector from ``views.view_params``.
+    """
+    video = frames_fhwc
+    for _, step in VIEW_STEPS:
+        video = step(video, params, view, aug, mean, std, dtype)
+    return video
+
+
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], device: str,
                    aug: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...],
-                   dtype: types.DALIDataType, predecoded: bool = False, until: str = "normalize"):
+                   dtype: types.DALIDataType):
     """Decode once, then every view of the recipe. ``source`` returns one batch per call:
     (encoded, frames, positions per slot..., params per view...). Outputs: one per view, then
-    ``frames_check`` (not with ``predecoded``).
-
-    ``predecoded`` (benchmarks of the view steps alone): ``source`` gives the decoded FHWC uint8
-    frames in place of (encoded, frames). ``until``: see ``augment_view``.
+    ``frames_check``.
     """
-    num_inputs = 1 if predecoded else 2
-    inputs = fn.external_source(source=source, num_outputs=num_inputs + len(slots) + len(views), batch=True,
-                                layout=(["FHWC"] if predecoded else [None] * 2) + [None] * (len(slots) + len(views)))
-    rest = inputs[num_inputs:]
+    inputs = fn.external_source(source=source, num_outputs=2 + len(slots) + len(views), batch=True)
+    encoded, frames, rest = inputs[0], inputs[1], inputs[2:]
     positions = dict(zip(slots, rest[:len(slots)]))
     params = rest[len(slots):]
-    if predecoded:  # on a GPU the frames go to the device, as the mixed decoder's output would be
-        video = inputs[0].gpu() if device == "mixed" else inputs[0]
-    else:
-        video = decode_union(inputs[0], inputs[1], device)
-    slot_frames = {slot: fn.sequence_rearrange(video, new_order=positions[slot]) for slot in slots}
-    outputs = tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype, until)
-                    for v, p in zip(views, params))
-    return outputs if predecoded else (*outputs, frames_check(video))
+    video = decode_union(encoded, frames, device)
+    slot_frames = {slot: gather(video, positions[slot]) for slot in slots}
+    outputs = tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype) for v, p in zip(views, params))
+    return (*outputs, frames_check(video))
 
 
 @pipeline_def

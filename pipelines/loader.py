@@ -247,6 +247,17 @@ class DALILoader:
                 return self._read(spare, position, epoch)
         raise RuntimeError(f"{self.cfg.shards}: every sample is bad, no spare left")
 
+    def planned_batches(self, epoch: int = 0) -> Iterator[_Batch]:
+        """This rank's batches of ``epoch``, read and planned but not decoded: what the views graph is
+        fed. Each has ``keys``, ``decode_inputs()`` (encoded videos, frames to decode) and
+        ``view_inputs(slots, views)`` (frame positions per slot, parameters per view). For tools that
+        run parts of the graph on the loader's own inputs (``bench.py data``); known bad samples are
+        replaced by spares as in iteration.
+        """
+        feeder = _Feeder(self, epoch, 0)
+        while feeder.next_step < feeder.steps:
+            yield feeder._read()
+
     def _report_bad(self, key: str, shard: str, reason: str) -> None:
         self.bad_keys[key] = shard
         self.stats["decode_failures"] += 1

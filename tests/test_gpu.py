@@ -108,7 +108,7 @@ def test_models_on_cuda_grouped_equals_loop_and_bf16_is_close():
 
 
 def test_bench_data_on_mixed(gpu_shards, tmp_path):
-    from pipelines import benchmark
+    from benchmarks import data as benchmark
     out = tmp_path / "data.json"
     assert benchmark.main(["--recipe", "lstcl", "--shards", str(gpu_shards), "--device", "mixed",
                            "--batch-size", "2", "--warmup", "1", "--batches", "1", "--rounds", "1",

@@ -1,5 +1,10 @@
 """``python bench.py model``: one SVT student step, grouped multi-view runner vs a per-view loop.
 
+The step is the recipe's (``--config``, an SVT recipe YAML, plus ``section.key=value`` overrides as
+for ``train.py``): its views (``data``: sizes and frame counts, via ``pipelines.views.recipe_views``),
+DINO head and loss settings (``model``, ``objective``) and backbone kwargs; ``--sizes`` picks the
+backbone widths to compare.
+
 Modes: ``grouped`` (one backbone pass per equal-shape group, 6 for SVT), ``packed`` (one packed
 pass for all views: every matmul covers all tokens, attention per sequence length) and ``loop``
 (one pass and one head call per view). One step = the student's forward over the 2 global + 8 local views, the DINO head, the SVT loss
@@ -23,25 +28,27 @@ import torch
 from models import DINOHead, MultiViewRunner, build_backbone
 from models.flops import views_flops
 from objectives import SVTLoss
+from pipelines.views import recipe_views
+from training.config import Config, load_config
 from typed_config import torch_dtype
 
 __all__ = ["main"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = {"tiny": "timesformer_tiny_patch16", "small": "timesformer_small_patch16",
          "base": "timesformer_base_patch16"}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.py model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bench.py model", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "svt_vitb16.yaml",
+                        help="SVT recipe: views, head, loss and backbone kwargs")
     parser.add_argument("--sizes", default="tiny,small", help=f"comma list of {sorted(SIZES)}")
     parser.add_argument("--batch", type=int, default=1, help="clips per view")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode")
-    parser.add_argument("--global-size", type=int, default=224)
-    parser.add_argument("--local-size", type=int, default=96)
-    parser.add_argument("--global-frames", default="8,16")
-    parser.add_argument("--local-frames", default="2,2,4,4,8,8,16,16")
-    parser.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes")
     parser.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -53,6 +60,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                              "(shared matmuls); loop: one pass per view. Must include loop.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench/model.json")
+    parser.add_argument("overrides", nargs="*",
+                        help="section.key=value recipe overrides, e.g. data.svt.global_size=112 model.out_dim=4096")
     args = parser.parse_args(argv)
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
@@ -62,13 +71,29 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--modes: a comma list of distinct {MODES} including loop, got {args.modes!r}")
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    args.recipe = _recipe(args.config, args.overrides)
     return args
+
+
+def _recipe(path: Path, overrides: list[str]) -> Config:
+    cfg = load_config(path, overrides)
+    if cfg.objective.name != "svt" or cfg.data is None or cfg.data.recipe != "svt":
+        raise SystemExit(f"{path}: bench.py model times the SVT student step; objective.name and data.recipe "
+                         f"must be svt, got {cfg.objective.name!r} and "
+                         f"{None if cfg.data is None else cfg.data.recipe!r}")
+    return cfg
+
+
+def _view_shapes(cfg: Config) -> tuple[list[tuple[int, int]], int]:
+    """(frames, size) of every view, globals first (the loss's order), and the number of globals."""
+    views = recipe_views(cfg.data)
+    ordered = [v for v in views if v.group.startswith("global")] + [v for v in views if v.group == "local"]
+    return [(v.frames, v.size) for v in ordered], sum(v.group.startswith("global") for v in views)
 
 
 def _views(args: argparse.Namespace) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(args.seed)
-    shapes = [(int(t), args.global_size) for t in args.global_frames.split(",")]
-    shapes += [(int(t), args.local_size) for t in args.local_frames.split(",")]
+    shapes, _ = _view_shapes(args.recipe)
     return [torch.randn(args.batch, 3, t, s, s, generator=gen).to(args.device) for t, s in shapes]
 
 
@@ -93,23 +118,29 @@ def _step(runner: MultiViewRunner, loss_fn: SVTLoss, views: list[torch.Tensor], 
         else:
             runner.packed = mode == "packed"
             student = runner(views)
-    loss_fn([s.float() for s in student], teacher, teacher_temp=0.04)["loss"].backward()
+    loss_fn([s.float() for s in student], teacher, teacher_temp=args.recipe.objective.teacher_temp)["loss"].backward()
     _synchronize(args.device)
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def _bench_size(size: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    kwargs = {"num_frames": max(int(t) for t in args.global_frames.split(",")), "img_size": args.global_size}
+    cfg = args.recipe
+    m, o = cfg.model, cfg.objective
+    shapes, num_global = _view_shapes(cfg)
+    # The recipe's backbone kwargs; the stored time_embed / pos_embed default to the largest view.
+    kwargs = {"num_frames": max(t for t, _ in shapes), "img_size": max(s for _, s in shapes), **m.backbone_kwargs}
     if args.depth is not None:
         kwargs["depth"] = args.depth
     backbone = build_backbone(SIZES[size], **kwargs)
-    head = DINOHead(backbone.embed_dim, out_dim=args.out_dim)
+    head = DINOHead(backbone.embed_dim, out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
+                    nlayers=m.head_layers, norm_last_layer=m.norm_last_layer)
     runner = MultiViewRunner(backbone, head, packed=False).to(args.device).train()
     views = _views(args)
-    num_global = len(args.global_frames.split(","))
-    loss_fn = SVTLoss(args.out_dim, num_global=num_global, num_local=len(views) - num_global).to(args.device)
-    teacher = [torch.randn(args.batch, args.out_dim, device=args.device) for _ in range(num_global)]
+    loss_fn = SVTLoss(m.out_dim, num_global=num_global, num_local=len(views) - num_global,
+                      student_temp=o.student_temp, center_momentum=o.center_momentum,
+                      pair_set=o.pair_set).to(args.device)
+    teacher = [torch.randn(args.batch, m.out_dim, device=args.device) for _ in range(num_global)]
     modes = args.modes.split(",")
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -180,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['views_per_cpu_s'][mode]:>12.3f} {cpu_speedup:>12.2f} "
                   f"{row['forward_gflops_per_step']:>15.1f} {row['achieved_gflops_per_s'][mode]:>8.1f} "
                   f"{row['achieved_gflops_per_s'][mode] / peak:>8.0%}", flush=True)
+    shapes, num_global = _view_shapes(args.recipe)
     report = {
-        "mode": "model", "argv": list(argv or []), "threads": args.threads, "device": args.device,
-        "dtype": args.dtype, "torch": torch.__version__,
+        "mode": "model", "argv": list(argv or []), "config": str(args.config), "threads": args.threads,
+        "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
         "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "global_size": args.global_size, "local_size": args.local_size,
-        "global_frames": args.global_frames, "local_frames": args.local_frames, "out_dim": args.out_dim,
+        "global_size": shapes[0][1], "local_size": shapes[num_global][1] if len(shapes) > num_global else None,
+        "global_frames": ",".join(str(t) for t, _ in shapes[:num_global]),
+        "local_frames": ",".join(str(t) for t, _ in shapes[num_global:]), "out_dim": args.recipe.model.out_dim,
         "gemm_peak_gflops_per_s": peak, "results": results,
     }
     out = Path(args.out)

