@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from einops import rearrange
+from typed_config import torch_dtype
 
 from .config import DataConfig
 from .loader import (_parse_meta, build_order, load_position, merge_positions, position_state,
@@ -31,7 +32,6 @@ from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, R
 
 log = logging.getLogger(__name__)
 VIDEO_KEYS = ("webm", "mp4")
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def decode_frames(data: bytes, frames: np.ndarray) -> torch.Tensor:
@@ -142,7 +142,7 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         for view in ld.views:
             frames = decoded[torch.from_numpy(plan.positions[view.slot]).long()]
             out[view.name] = make_view(frames, plan.params[view.name], view, self.mean, self.std,
-                                       ld.cfg.augment.solarize_threshold).to(TORCH_DTYPE[ld.cfg.dtype])
+                                       ld.cfg.augment.solarize_threshold).to(torch_dtype(ld.cfg.dtype))
         out["label"] = int(meta.get("label", -1))
         out["key"] = meta["key"]
         return out

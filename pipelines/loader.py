@@ -35,6 +35,7 @@ import numpy as np
 import nvidia.dali.types as types
 import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from typed_config import torch_dtype
 
 from .config import DataConfig
 from .graph import decode_only_pipeline, views_pipeline
@@ -43,8 +44,9 @@ from .views import SamplePlan, plan_sample, recipe_views
 
 log = logging.getLogger(__name__)
 
+# DALI has no bfloat16: a bf16 recipe's graph emits float16 (half the bytes of float32, and its 10-bit
+# mantissa holds every bf16 value of a normalized pixel), converted once to torch_dtype(cfg.dtype).
 DALI_OUTPUT_DTYPE = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT16}
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -352,7 +354,7 @@ class DALILoader:
                 tensor = torch.empty(dense.shape(), dtype=_dali_torch_dtype(self.cfg.dtype),
                                      device=torch.device("cuda", self._device_id()))
                 feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream())
-            out[view.name] = tensor.to(TORCH_DTYPE[self.cfg.dtype])
+            out[view.name] = tensor.to(torch_dtype(self.cfg.dtype))
         out["label"] = torch.tensor([s.label for s in batch.samples], dtype=torch.long)
         out["key"] = batch.keys
         out["data_step"] = (self.epoch, batch.step)
@@ -360,7 +362,8 @@ class DALILoader:
 
 
 def _dali_torch_dtype(dtype: str) -> torch.dtype:
-    return torch.float32 if dtype == "float32" else torch.float16
+    """The torch dtype of what the graph emits (DALI_OUTPUT_DTYPE)."""
+    return torch.float32 if DALI_OUTPUT_DTYPE[dtype] == types.FLOAT else torch.float16
 
 
 # ----------------------------------------------------------------- position (shared with the baseline)
