@@ -21,7 +21,7 @@ keys are an error); flags given on the command line override the file, and trail
 arguments (values parsed as YAML) override both, e.g. ``extract.data.eval.clips=2``. ``extract`` embeds the
 loader's ``DataConfig`` as ``extract.data`` (``--shards`` is ``extract.data.shards``, ``--clips``
 ``extract.data.eval.clips``); ``probe`` / ``finetune`` embed ``EvalConfig`` as ``eval`` (``--clip-frames`` is
-``finetune.eval.slow_frames``, ``--test-clips`` ``finetune.eval.clips``). Protocols: README.md, section Evaluation.
+``finetune.eval.slow_frames``, ``--test-clips`` ``finetune.eval.clips``). Protocols: docs/evaluation.md.
 """
 from __future__ import annotations
 

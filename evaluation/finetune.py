@@ -27,7 +27,7 @@ optimizer's param-group settings (lr, momentum, weight decay) and the global bat
 the epoch in the client state and each rank's loader position, every ``ckpt_every_epochs`` epochs and
 when ``max_steps`` stops a run, under ``OUT/checkpoints/step_N``; a rerun with ``--resume auto``
 continues from the newest one with the same next batches. Resuming needs the same ZeRO stage and
-world size (DeepSpeed's own files; DESIGN.md section 8).
+world size (DeepSpeed's own files; docs/design.md section 8).
 
 Not the trainer's ``CheckpointManager``: its portable state stores AdamW moments by name and does
 not fit SGD's momentum buffer.
@@ -174,7 +174,7 @@ class FinetuneConfig:
         self.precision = precision_name(self.precision, "finetune.precision", allowed=("fp32", "bf16"))
         if self.precision == "bf16" and self.zero_stage == 0:
             raise ValueError("finetune: bf16 needs zero_stage >= 1 (DeepSpeed's stage-0 bf16 optimizer "
-                             "takes a dummy step; DESIGN.md section 8)")
+                             "takes a dummy step; docs/design.md section 8)")
 
     def changes(self) -> dict[str, Any]:
         """Settings that differ from the named protocol, by dotted name (``eval.slow_frames``); a

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m shard_tools",
         description="Re-encode video datasets into shuffled WebDataset tar shards for DALI "
                     "(plus .idx, manifest.json, quarantine.jsonl). Subcommands: shard (default), "
-                    "verify, stats, bench. See README.md, section shard_tools.")
+                    "verify, stats, bench. See docs/shards.md.")
     sub = parser.add_subparsers(dest="command")
 
     shard = sub.add_parser("shard", help="list, re-encode, test-decode and shard videos",

@@ -54,7 +54,7 @@ class EncodeSettings:
         max_fps: frame-rate cap; sources above it are resampled to it.
         keyframe_interval: a keyframe every N frames (bounds DALI's seek cost for random clips).
         crf: constant-quality level; None means the codec default (VP9 32, H.264 23), picked so that
-            256p clips stay visually clean at ~1 bit per pixel-second budgets (DESIGN.md section 5).
+            256p clips stay visually clean at ~1 bit per pixel-second budgets (docs/design.md section 5).
         vp9_cpu_used: libvpx speed (8 = fastest realtime setting).
         vp9_deadline: libvpx deadline (``realtime`` is ~5x faster than ``good`` for ~20% more bytes).
         h264_preset: x264 preset.

@@ -1,6 +1,6 @@
 """``python -m shard_tools verify OUT``: re-read every shard and check the shard contract.
 
-Checks (DESIGN.md section 1):
+Checks (docs/design.md section 1):
 - every shard and its ``.idx`` exist; the index is exactly what DALI's ``wds2idx`` format gives;
 - each shard holds exactly the manifest's keys, in order, each with video + ``.json`` + ``.cls``,
   the json's key/label agreeing with the member names and ``.cls``;

@@ -1,4 +1,4 @@
-"""Test shards for the pipelines tests, written in the shard contract's format (DESIGN.md section 1).
+"""Test shards for the pipelines tests, written in the shard contract's format (docs/design.md section 1).
 
 Written directly with webdataset's TarWriter (not shard_tools), so the pipeline tests also pin the
 contract itself: ``{name}-{split}-{shard:06d}.tar`` + DALI ``.idx`` (``wds2idx``) + ``manifest.json``.

@@ -147,7 +147,7 @@ TRAIN_TINY = ["trainer.max_steps=1", "model.backbone_kwargs={depth: 1, img_size:
 
 def test_zero3_checkpoint_gives_the_features_of_the_zero0_checkpoint(eval_shards, tmp_path, capsys):
     """One SVT step at ZeRO-0 and at ZeRO-3 (partitioned: persistence thresholds 0) from the same seed and data
-    reach the same weights (DESIGN.md section 8); features read from either checkpoint folder (ZeRO-3
+    reach the same weights (docs/design.md section 8); features read from either checkpoint folder (ZeRO-3
     consolidated from DeepSpeed's partitioned files) and from the ``--export`` file must agree."""
     runs = {}
     for stage in (0, 3):

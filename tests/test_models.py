@@ -13,7 +13,7 @@ from models.timesformer import checkpoint_filter_fn, interpolate_pos_embed, inte
 
 torch.set_num_threads(1)
 
-# View sizes (T, H, W) of both recipes and of evaluation (DESIGN.md section 2).
+# View sizes (T, H, W) of both recipes and of evaluation (docs/design.md section 2).
 SVT_VIEWS = [(8, 224, 224), (16, 224, 224)] + [(t, 96, 96) for t in (2, 2, 4, 4, 8, 8, 16, 16)]
 LSTCL_VIEWS = [(8, 224, 224), (8, 224, 224)]
 EVAL_VIEWS = [(8, 224, 224), (64, 96, 96)]

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "train_fixtures.py"
 STAGES = (0, 1, 2, 3)
 # fp32 on both sides; the engines reduce gradients in a different order than the reference, so
-# results agree to float noise (DESIGN.md section 8 measured <= 1.5e-6 on losses).
+# results agree to float noise (docs/design.md section 8 measured <= 1.5e-6 on losses).
 LOSS_TOL = 2e-5
 WEIGHT_TOL = 2e-5
 

@@ -14,7 +14,7 @@ named by ``latest`` (written to a temp file and ``os.replace``d): a run killed w
 ``tmp-*`` folder that nothing reads. DeepSpeed's own files refuse a different ZeRO stage or world
 size, so resuming into another layout (a cluster job that comes back on fewer nodes) goes through
 ``portable.pt``, built with ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``
-(DESIGN.md section 8).
+(docs/design.md section 8).
 """
 from __future__ import annotations
 

@@ -189,7 +189,7 @@ def validate(cfg: Config, check_data: bool = True) -> None:
     t.precision = precision_name(t.precision, "trainer.precision", allowed=("fp32", "bf16"))
     if t.precision == "bf16" and t.zero_stage == 0:
         # DeepSpeed's bf16 path without ZeRO (FP16_UnfusedOptimizer) takes a dummy step, so Adam's
-        # step count and weight decay drift (DESIGN.md section 8).
+        # step count and weight decay drift (docs/design.md section 8).
         raise ConfigError("trainer.precision: bf16 needs trainer.zero_stage >= 1 (stage 0 bf16 is wrong in DeepSpeed)")
     for name in ("batch_size_per_gpu", "grad_accum_steps", "ckpt_every_steps", "log_every_steps", "keep_checkpoints"):
         if getattr(t, name) < 1:

@@ -1,6 +1,6 @@
 """DeepSpeed set-up: process group, param groups, the engine, per-step hyper-parameters.
 
-Facts this file relies on (DESIGN.md section 8, verified with DeepSpeed 0.19.8 on CPU/gloo):
+Facts this file relies on (docs/design.md section 8, verified with DeepSpeed 0.19.8 on CPU/gloo):
 - the shared-memory comm op must be disabled before ``init_distributed`` or every start JIT-compiles it;
 - a client ``torch.optim.AdamW`` needs no compiler; per-step lr / weight decay are written into every
   group of ``engine.optimizer.param_groups`` (no DeepSpeed ``scheduler`` block);
