@@ -1,6 +1,6 @@
 """One global sample order per epoch, sliced per rank, and the index that reads a sample by offset.
 
-Order (issue 14): epoch ``e`` is a seeded permutation of every sample the manifest lists, a function
+Order: epoch ``e`` is a seeded permutation of every sample the manifest lists, a function
 of ``(seed, e)`` only -- not of the world size, the rank or the shard boundaries. Data step ``s``
 holds the samples at positions ``[s*G, (s+1)*G)`` of that sequence (``G``: global batch = per-rank
 batch x ranks); rank ``r`` of ``W`` takes the contiguous slice ``[r*G/W, (r+1)*G/W)`` of it. The

@@ -139,7 +139,7 @@ def _epoch_steps(loader) -> list[list[str]]:
 
 
 def test_one_global_order_at_every_world_size(twelve_shards):
-    """Issue 14: an epoch is one permutation; data step s holds the same 6 samples at W = 1, 2, 3
+    """An epoch is one permutation; data step s holds the same 6 samples at W = 1, 2, 3
     (rank r the r-th slice), every sample exactly once, and the baseline loader takes the same order."""
     cfg = config(twelve_shards, recipe="lstcl")
     runs = {}
@@ -352,9 +352,9 @@ def damaged_shards(tmp_path_factory):
 
 
 def test_damaged_members_are_replaced_identically_by_both_loaders(damaged_shards, caplog):
-    """Issue 11.1: the decoder pads damaged members with frames it never decoded; both loaders must
+    """The decoder pads damaged members with frames it never decoded; both loaders must
     notice (fewer real frames than the plan needs), report key + shard, count, and keep the batch
-    full with the same spare (issue 14)."""
+    full with the same spare (global order)."""
     cfg = config(damaged_shards, recipe="svt", shuffle=False)
     shard = {"midcorrupt": "test-train-000000.tar", "truncated": "test-train-000001.tar"}
     steps = {}

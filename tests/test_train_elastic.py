@@ -1,4 +1,4 @@
-"""Elastic exact data position (issue 14) through ``train.py``: real shards (one damaged member),
+"""Elastic exact data position through ``train.py``: real shards (one damaged member),
 real DALI, real DeepSpeed on gloo. A 2-rank run checkpoints mid-epoch (at ZeRO-2 a second 2-rank
 run is SIGKILLed right after that checkpoint); resumes from that checkpoint on 1 and on 3 ranks
 (global batch 6) train every later step on exactly the uninterrupted run's
