@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from shard_tools.format import read_manifest
+
 if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -120,11 +122,8 @@ def _normalization(loaded) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _label_map(shards: str) -> dict[str, int]:
-    manifest = Path(shards) / "manifest.json"
-    try:
-        return dict(json.loads(manifest.read_text()).get("label_map", {}))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{manifest}: cannot read the shard manifest ({error})")
+    """The shard folder's label map (errors name its manifest.json and what is wrong)."""
+    return dict(read_manifest(shards).label_map)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
