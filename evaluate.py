@@ -22,7 +22,6 @@ command line override the file. Protocols: README.md, section Evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -24,11 +24,8 @@ goes through a one-sample views pipeline and is put in its place.
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -38,7 +35,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from .config import DataConfig
 from .graph import decode_only_pipeline, views_pipeline
-from .order import (GlobalOrder, IndexedSample, MemberReader, ShardSet, _parse_meta, build_order,  # noqa: F401
+from .order import (GlobalOrder, IndexedSample, MemberReader, ShardSet, _parse_meta, build_order,  # noqa: F401 (re-exported)
                     load_position, merge_positions, position_state, read_sample_index, read_shard_set,
                     record_replacement)
 from .views import SamplePlan, plan_sample, recipe_views
