@@ -178,10 +178,6 @@ class Manifest:
         # Totals against the shard list and the quarantine are ``verify``'s checks (it reports them
         # all rather than stopping at the first).
 
-    @property
-    def num_samples(self) -> int:
-        return sum(s.num_samples for s in self.shards)
-
     def shard_files(self, folder: str | os.PathLike, *, must_exist: bool = True) -> list[tuple[Path, Path]]:
         """``(tar, idx)`` of every shard, under ``folder`` (the manifest's). With ``must_exist``, a
         listed file that is missing is an error naming the manifest and the file."""
