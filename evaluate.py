@@ -26,7 +26,6 @@ loader's ``DataConfig`` as ``extract.data`` (``--shards`` is ``extract.data.shar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from shard_tools.format import read_manifest
 
 if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -151,11 +152,8 @@ def _normalization(loaded) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _label_map(shards: str) -> dict[str, int]:
-    manifest = Path(shards) / "manifest.json"
-    try:
-        return dict(json.loads(manifest.read_text()).get("label_map", {}))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{manifest}: cannot read the shard manifest ({error})")
+    """The shard folder's label map (errors name its manifest.json and what is wrong)."""
+    return dict(read_manifest(shards).label_map)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

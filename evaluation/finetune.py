@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from pipelines.config import EvalConfig
 from typed_config import precision_name, torch_dtype
+from shard_tools.format import read_manifest
 
 __all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "multistep_lr",
            "evaluate_classifier", "run_finetune_cli"]
@@ -381,7 +382,7 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
                            model_kwargs=args.model_kwargs, seed=cfg.seed)
     mean = tuple(loaded.data_config.get("mean", IMAGENET_MEAN))
     std = tuple(loaded.data_config.get("std", IMAGENET_STD))
-    label_map = json.loads((Path(args.train_shards) / "manifest.json").read_text()).get("label_map", {})
+    label_map = read_manifest(args.train_shards).label_map
     if not label_map:
         raise ValueError(f"{args.train_shards}/manifest.json: no label_map; fine-tuning needs labelled shards")
     torch.manual_seed(cfg.seed)

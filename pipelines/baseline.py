@@ -5,7 +5,7 @@ shards, draws the same per-sample plans and view parameters (``views.plan_sample
 and key give the same frames, crop boxes, flips and colour factors), decodes each video once with
 PyAV (up to the last needed frame) and builds every view with torchvision's functional ops.
 It reads the same shards in the same global order (``order.GlobalOrder``, one positioned read per
-member) with the DALI loader's position, spares and resume (``loader.position_state``): a resume
+member) with the DALI loader's position, spares and resume (``order.position_state``): a resume
 starts at the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps.
 """
 
@@ -24,9 +24,8 @@ from einops import rearrange
 from typed_config import torch_dtype
 
 from .config import DataConfig
-from .loader import (_parse_meta, build_order, load_position, merge_positions, position_state,
-                     read_shard_set, record_replacement)
-from .order import MemberReader, read_sample_index
+from .order import (MemberReader, _parse_meta, build_order, load_position, merge_positions, position_state,
+                    read_sample_index, read_shard_set, record_replacement)
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
 

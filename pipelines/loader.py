@@ -24,11 +24,8 @@ goes through a one-sample views pipeline and is put in its place.
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -39,7 +36,9 @@ from typed_config import torch_dtype
 
 from .config import DataConfig
 from .graph import decode_only_pipeline, views_pipeline
-from .order import GlobalOrder, IndexedSample, MemberReader, read_sample_index
+from .order import (GlobalOrder, IndexedSample, MemberReader, ShardSet, _parse_meta, build_order,  # noqa: F401 (re-exported)
+                    load_position, merge_positions, position_state, read_sample_index, read_shard_set,
+                    record_replacement)
 from .views import SamplePlan, plan_sample, recipe_views
 
 log = logging.getLogger(__name__)
@@ -47,58 +46,6 @@ log = logging.getLogger(__name__)
 # DALI has no bfloat16: a bf16 recipe's graph emits float16 (half the bytes of float32, and its 10-bit
 # mantissa holds every bf16 value of a normalized pixel), converted once to torch_dtype(cfg.dtype).
 DALI_OUTPUT_DTYPE = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT16}
-
-
-@dataclass
-class ShardSet:
-    """The shards a manifest lists, resolved to absolute paths."""
-
-    folder: Path
-    codec: str
-    paths: list[str]
-    index_paths: list[str]
-    num_samples: list[int]
-    label_map: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(self.num_samples)
-
-
-def read_shard_set(folder: str | os.PathLike) -> ShardSet:
-    """Read ``manifest.json`` in ``folder``; errors name the file and what is wrong."""
-    folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: no manifest.json in the shard folder "
-                                f"(write shards with `python -m shard_tools`)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        codec = manifest["codec"]
-        shards = manifest["shards"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{manifest_path}: not a shard manifest ({err!r})") from err
-    if not shards:
-        raise ValueError(f"{manifest_path}: lists no shards")
-    paths, index_paths, counts = [], [], []
-    for entry in shards:
-        tar = _resolve(folder, entry["path"])
-        idx = _resolve(folder, entry.get("idx_path") or str(Path(entry["path"]).with_suffix(".idx")))
-        for p in (tar, idx):
-            if not p.is_file():
-                raise FileNotFoundError(f"{manifest_path}: lists {p}, which does not exist")
-        paths.append(str(tar))
-        index_paths.append(str(idx))
-        counts.append(int(entry["num_samples"]))
-    return ShardSet(folder, codec, paths, index_paths, counts, manifest.get("label_map", {}))
-
-
-def _resolve(folder: Path, path: str) -> Path:
-    p = Path(path)
-    if p.is_absolute():
-        return p
-    # Manifests store paths relative to the shard folder; accept folder-prefixed ones too.
-    return folder / p if (folder / p).exists() or not p.exists() else p
 
 
 def resolve_device(device: str) -> str:
@@ -116,12 +63,6 @@ def check_codec(shards: ShardSet, device: str) -> None:
             f"or reshard with `python -m shard_tools ... --codec vp9`")
     if shards.codec not in ("vp9", "h264"):
         raise ValueError(f"{shards.folder / 'manifest.json'}: unknown codec {shards.codec!r} (vp9 | h264)")
-
-
-def build_order(cfg: DataConfig, shards: ShardSet, global_batch: int, seed: int) -> GlobalOrder:
-    """The loaders' global order over ``shards`` (the DALI and the baseline loader share it)."""
-    return GlobalOrder(shards.total, global_batch, seed=seed, drop_last=cfg.drop_last, shuffle=cfg.shuffle,
-                       shard_sizes=tuple(shards.num_samples), block_shards=cfg.block_shards)
 
 
 @dataclass
@@ -366,55 +307,6 @@ def _dali_torch_dtype(dtype: str) -> torch.dtype:
     return torch.float32 if DALI_OUTPUT_DTYPE[dtype] == types.FLOAT else torch.float16
 
 
-# ----------------------------------------------------------------- position (shared with the baseline)
-def position_state(loader) -> dict[str, Any]:
-    """A loader's portable position: ``(epoch, data step)``, the order's definition, bad keys."""
-    o = loader.order
-    return {"epoch": loader.epoch, "step": loader._step, "global_batch": o.global_batch, "seed": loader.seed,
-            "num_samples": o.num_samples, "shuffle": o.shuffle, "drop_last": o.drop_last,
-            "block_shards": o.block_shards, "bad_keys": dict(sorted(loader.bad_keys.items()))}
-
-
-def merge_positions(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """One position from every rank's (same epoch and step; bad keys found on any rank)."""
-    merged = dict(states[0])
-    merged["bad_keys"] = dict(sorted({k: v for s in states for k, v in s["bad_keys"].items()}.items()))
-    return merged
-
-
-def load_position(loader, state: dict[str, Any]) -> None:
-    """Continue at ``state``'s position; refuses a position from another order or global batch."""
-    o = loader.order
-    if "global_batch" not in state:
-        raise ValueError("the checkpoint's data position predates the global sample order (per-rank "
-                         "reader checkpoints); it cannot continue this loader")
-    if state["global_batch"] != o.global_batch:
-        w = loader.num_shards
-        hint = (f"set trainer.batch_size_per_gpu={state['global_batch'] // w}" if state["global_batch"] % w == 0
-                else f"the global batch of {state['global_batch']} does not divide over {w} ranks")
-        raise ValueError(f"the checkpoint's data position counts global steps of {state['global_batch']} samples; "
-                         f"this run's global batch is {loader.batch_size} x {w} ranks = {o.global_batch}: {hint}")
-    mine = {"num_samples": o.num_samples, "shuffle": o.shuffle, "drop_last": o.drop_last,
-            "block_shards": o.block_shards}
-    theirs = {k: state[k] for k in mine}
-    if mine != theirs:
-        raise ValueError(f"the checkpoint's data order {theirs} differs from this run's {mine} "
-                         f"(data.shards, data.shuffle, data.drop_last, data.block_shards)")
-    loader.seed = state["seed"]
-    loader.order = GlobalOrder(o.num_samples, o.global_batch, seed=state["seed"], drop_last=o.drop_last,
-                               shuffle=o.shuffle, shard_sizes=o.shard_sizes, block_shards=o.block_shards)
-    loader.epoch, loader._step = state["epoch"], state["step"]
-    loader.bad_keys = dict(state.get("bad_keys", {}))
-    loader._restored = True
-
-
-def record_replacement(loader, epoch: int, step: int, position: int, key: str, shard: str, spare: str) -> None:
-    """Log and count one replacement; both loaders use it (the same fields everywhere)."""
-    record = {"epoch": epoch, "step": step, "position": position, "key": key, "shard": shard, "spare": spare}
-    loader.stats["replacements"].append(record)
-    log.warning("data step %d (epoch %d): sample %s of %s replaced by spare %s", step, epoch, key, shard, spare)
-
-
 class _OneShot:
     """External source that gives one batch, then ends (spares' one-sample views pipeline)."""
 
@@ -484,22 +376,6 @@ class _Feeder:
             raise err
         ld.stats["pipeline_rebuilds"] += 1
         self.replay.extendleft(reversed(pending))
-
-
-def _parse_meta(raw: bytes, shard: str) -> dict[str, Any]:
-    """The sample's .json, checked for what the frame plan needs; errors name the shard and key."""
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{shard}: a sample's .json is not valid JSON ({err})") from err
-    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-        raise ValueError(f"{shard}: a sample's .json has no string 'key' (shard contract metadata)")
-    for name in ("num_frames", "width", "height"):
-        value = record.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{shard}: sample {record['key']}: .json field {name!r} must be a positive "
-                             f"integer, got {value!r}")
-    return record
 
 
 def _decodes(encoded: np.ndarray, frames: np.ndarray, device: str, device_id: int | None) -> bool:

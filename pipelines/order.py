@@ -21,19 +21,31 @@ that order. Reads then stay within a few shards at a time; the trade-off is that
 come from those few shards, so batches are less mixed than with the full permutation.
 
 Reading: each DALI ``.idx`` line lists a sample's members with their byte offsets and sizes, so a
-member is one positioned read (``os.pread``) from its tar, no tar parsing and no reader state.
+member is one positioned read (``os.pread``) from its tar, no tar parsing and no reader state. The
+manifest and the ``.idx`` format are ``shard_tools.format``'s; this module only imports them, so the
+baseline loader reads shards without importing DALI.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-VIDEO_EXTS = ("webm", "mp4")
+from shard_tools.format import MANIFEST_NAME, VIDEO_EXTENSIONS, read_dali_index, read_manifest, split_member_name
+
+if TYPE_CHECKING:
+    from .config import DataConfig
+
+VIDEO_EXTS = VIDEO_EXTENSIONS
+# The DALI loader's logger: both loaders log replacements under one name.
+log = logging.getLogger("pipelines.loader")
 # Seeds of the different random streams, so the order never shares a stream with the spares.
 _ORDER_STREAM, _SPARE_STREAM = 0x0D0E, 0x05BA
 
@@ -159,20 +171,12 @@ def read_sample_index(paths: list[str], index_paths: list[str], counts: list[int
     """
     samples: list[IndexedSample] = []
     for tar, idx, count in zip(paths, index_paths, counts):
-        with open(idx) as fh:
-            lines = fh.read().splitlines()
-        header = lines[0].split() if lines else []
-        if len(header) != 2 or not header[0].startswith("v"):
-            raise ValueError(f"{idx}: not a DALI webdataset index (first line {lines[:1]})")
-        rows = [line.split() for line in lines[1:] if line.strip()]
+        rows = read_dali_index(idx)
         if len(rows) != count:
             raise ValueError(f"{idx}: indexes {len(rows)} samples, the manifest says {count}")
         for row in rows:
-            members = {}
-            key = None
-            for ext, offset, size, name in zip(row[0::4], row[1::4], row[2::4], row[3::4]):
-                members[ext] = Member(int(offset), int(size))
-                key = name.split(".", 1)[0]
+            members = {m.ext: Member(m.offset, m.size) for m in row}
+            key, _ = split_member_name(row[0].name)
             video_ext = next((e for e in VIDEO_EXTS if e in members), None)
             if video_ext is None or "json" not in members:
                 raise ValueError(f"{idx}: sample {key} lacks a video (webm/mp4) or json member")
@@ -206,3 +210,103 @@ class MemberReader:
 
     def __getstate__(self):  # a DataLoader worker opens its own files
         return {"_fds": {}}
+
+
+# ----------------------------------------------------------------- the shard set (a manifest, resolved)
+@dataclass
+class ShardSet:
+    """The shards a manifest lists, as paths under its folder."""
+
+    folder: Path
+    codec: str
+    paths: list[str]
+    index_paths: list[str]
+    num_samples: list[int]
+    label_map: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.num_samples)
+
+
+def read_shard_set(folder: str | os.PathLike) -> ShardSet:
+    """The shards ``folder/manifest.json`` lists (``shard_tools.format.read_manifest``: paths relative to
+    the folder, nothing guessed); errors name the file and what is wrong."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if not manifest.shards:
+        raise ValueError(f"{folder / MANIFEST_NAME}: lists no shards")
+    files = manifest.shard_files(folder)
+    return ShardSet(folder, manifest.codec, [str(tar) for tar, _ in files], [str(idx) for _, idx in files],
+                    [s.num_samples for s in manifest.shards], dict(manifest.label_map))
+
+
+def build_order(cfg: DataConfig, shards: ShardSet, global_batch: int, seed: int) -> GlobalOrder:
+    """The loaders' global order over ``shards`` (the DALI and the baseline loader share it)."""
+    return GlobalOrder(shards.total, global_batch, seed=seed, drop_last=cfg.drop_last, shuffle=cfg.shuffle,
+                       shard_sizes=tuple(shards.num_samples), block_shards=cfg.block_shards)
+
+
+# ----------------------------------------------------------------- position (shared by both loaders)
+def position_state(loader) -> dict[str, Any]:
+    """A loader's portable position: ``(epoch, data step)``, the order's definition, bad keys."""
+    o = loader.order
+    return {"epoch": loader.epoch, "step": loader._step, "global_batch": o.global_batch, "seed": loader.seed,
+            "num_samples": o.num_samples, "shuffle": o.shuffle, "drop_last": o.drop_last,
+            "block_shards": o.block_shards, "bad_keys": dict(sorted(loader.bad_keys.items()))}
+
+
+def merge_positions(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One position from every rank's (same epoch and step; bad keys found on any rank)."""
+    merged = dict(states[0])
+    merged["bad_keys"] = dict(sorted({k: v for s in states for k, v in s["bad_keys"].items()}.items()))
+    return merged
+
+
+def load_position(loader, state: dict[str, Any]) -> None:
+    """Continue at ``state``'s position; refuses a position from another order or global batch."""
+    o = loader.order
+    if "global_batch" not in state:
+        raise ValueError("the checkpoint's data position predates the global sample order (per-rank "
+                         "reader checkpoints); it cannot continue this loader")
+    if state["global_batch"] != o.global_batch:
+        w = loader.num_shards
+        hint = (f"set trainer.batch_size_per_gpu={state['global_batch'] // w}" if state["global_batch"] % w == 0
+                else f"the global batch of {state['global_batch']} does not divide over {w} ranks")
+        raise ValueError(f"the checkpoint's data position counts global steps of {state['global_batch']} samples; "
+                         f"this run's global batch is {loader.batch_size} x {w} ranks = {o.global_batch}: {hint}")
+    mine = {"num_samples": o.num_samples, "shuffle": o.shuffle, "drop_last": o.drop_last,
+            "block_shards": o.block_shards}
+    theirs = {k: state[k] for k in mine}
+    if mine != theirs:
+        raise ValueError(f"the checkpoint's data order {theirs} differs from this run's {mine} "
+                         f"(data.shards, data.shuffle, data.drop_last, data.block_shards)")
+    loader.seed = state["seed"]
+    loader.order = GlobalOrder(o.num_samples, o.global_batch, seed=state["seed"], drop_last=o.drop_last,
+                               shuffle=o.shuffle, shard_sizes=o.shard_sizes, block_shards=o.block_shards)
+    loader.epoch, loader._step = state["epoch"], state["step"]
+    loader.bad_keys = dict(state.get("bad_keys", {}))
+    loader._restored = True
+
+
+def record_replacement(loader, epoch: int, step: int, position: int, key: str, shard: str, spare: str) -> None:
+    """Log and count one replacement; both loaders use it (the same fields everywhere)."""
+    record = {"epoch": epoch, "step": step, "position": position, "key": key, "shard": shard, "spare": spare}
+    loader.stats["replacements"].append(record)
+    log.warning("data step %d (epoch %d): sample %s of %s replaced by spare %s", step, epoch, key, shard, spare)
+
+
+def _parse_meta(raw: bytes, shard: str) -> dict[str, Any]:
+    """The sample's .json, checked for what the frame plan needs; errors name the shard and key."""
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{shard}: a sample's .json is not valid JSON ({err})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        raise ValueError(f"{shard}: a sample's .json has no string 'key' (shard contract metadata)")
+    for name in ("num_frames", "width", "height"):
+        value = record.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{shard}: sample {record['key']}: .json field {name!r} must be a positive "
+                             f"integer, got {value!r}")
+    return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import re
@@ -185,14 +186,14 @@ def cmd_shard(args) -> int:
         if err.filename is None:  # a full disk reported on close names no file: name the output folder
             err.filename = str(args.out)
         raise
-    unexpected = manifest["quarantine"]["by_reason"].get("unexpected error", 0)
+    unexpected = manifest.quarantine.by_reason.get("unexpected error", 0)
     if unexpected:
         # Per-input failures never end the job; many "unexpected error"s point at the environment.
         print(f"[shard_tools] warning: {unexpected} input(s) quarantined as 'unexpected error' (see "
-              f"{args.out / manifest['quarantine']['path']}); if the cause is the environment, fix it and "
+              f"{args.out / manifest.quarantine.path}); if the cause is the environment, fix it and "
               "rerun into a new folder", file=sys.stderr)
-    print(json.dumps({"out": str(args.out), "codec": manifest["codec"], "totals": manifest["totals"],
-                      "quarantine": manifest["quarantine"]["by_reason"]}, indent=1))
+    print(json.dumps({"out": str(args.out), "codec": manifest.codec, "totals": dataclasses.asdict(manifest.totals),
+                      "quarantine": manifest.quarantine.by_reason}, indent=1))
     return 0
 
 

@@ -60,13 +60,13 @@ def bench_once(videos: Path, variant: str, workers: int, work_dir: Path) -> dict
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     input_bytes = sum(Path(v.path).stat().st_size for v in listing.inputs)
     n = len(listing.inputs)
-    return {"variant": variant, "workers": workers, "videos": n, "samples": manifest["totals"]["samples"],
-            "frames": manifest["totals"]["frames"], "wall_s": round(wall, 3),
+    return {"variant": variant, "workers": workers, "videos": n, "samples": manifest.totals.samples,
+            "frames": manifest.totals.frames, "wall_s": round(wall, 3),
             "videos_per_s": round(n / wall, 3), "input_mb_per_s": round(input_bytes / 1e6 / wall, 3),
-            "output_mb_per_s": round(manifest["totals"]["bytes"] / 1e6 / wall, 3),
-            "frames_per_s": round(manifest["totals"]["frames"] / wall, 1),
+            "output_mb_per_s": round(manifest.totals.bytes / 1e6 / wall, 3),
+            "frames_per_s": round(manifest.totals.frames / wall, 1),
             "cpu_s_per_video": round(cpu / n, 4), "input_mb": round(input_bytes / 1e6, 3),
-            "output_mb": round(manifest["totals"]["bytes"] / 1e6, 3)}
+            "output_mb": round(manifest.totals.bytes / 1e6, 3)}
 
 
 def run_bench(args) -> int:

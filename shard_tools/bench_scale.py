@@ -70,8 +70,8 @@ def run_one(num_inputs: int, work_dir: Path, shard_size: int, workers: int) -> d
     manifest = run_shard_job(listing, job)
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     shutil.rmtree(out, ignore_errors=True)
-    return {"inputs": num_inputs, "samples": manifest["totals"]["samples"],
-            "quarantined": manifest["totals"]["quarantined"], "shards": manifest["totals"]["shards"],
+    return {"inputs": num_inputs, "samples": manifest.totals.samples,
+            "quarantined": manifest.totals.quarantined, "shards": manifest.totals.shards,
             "wall_s": round(wall, 3), "driver_cpu_s": round(cpu, 3),
             "wall_ms_per_input": round(1000 * wall / num_inputs, 4),
             "driver_cpu_ms_per_input": round(1000 * cpu / num_inputs, 4),

@@ -36,14 +36,13 @@ from tqdm import tqdm
 from shard_tools import __version__
 from shard_tools.encode import EncodeSettings, preflight, process_video, quarantine_entry
 from shard_tools.executors import map_unordered
+from shard_tools.format import (MANIFEST_NAME, QUARANTINE_NAME, Manifest, QuarantineSummary, ShardEntry,
+                                ShardSize, Totals, atomic_write_bytes, index_file_name, read_manifest,
+                                shard_file_name, write_manifest)
 from shard_tools.journal import WorkJournal
 from shard_tools.sources import SourceListing, VideoInput
-from shard_tools.writer import (PlannedShard, atomic_write_bytes, estimate_sample_bytes, plan_shards,
-                                sample_members, shard_file_name, shard_keys, write_jsonl, write_manifest,
-                                write_shard)
-
-MANIFEST_NAME = "manifest.json"
-QUARANTINE_NAME = "quarantine.jsonl"
+from shard_tools.writer import (PlannedShard, estimate_sample_bytes, plan_shards, sample_members, shard_keys,
+                                write_jsonl, write_shard)
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def _remove_temporaries(folder: Path) -> None:
             tmp.unlink()
 
 
-def run_shard_job(listing: SourceListing, job: ShardJob) -> dict:
+def run_shard_job(listing: SourceListing, job: ShardJob) -> Manifest:
     """Run (or resume, or confirm) a sharding job; return the manifest."""
     preflight(job.settings)
     out_dir = Path(job.out_dir)
@@ -123,14 +122,14 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> dict:
     manifest_path = out_dir / MANIFEST_NAME
 
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("job_fingerprint") != fingerprint:
+        manifest = read_manifest(out_dir)
+        if manifest.job_fingerprint != fingerprint:
             raise ValueError(f"{out_dir} already holds a finished job with other arguments or inputs; "
                              "write to a new folder")
-        missing = [s["path"] for s in manifest["shards"]
-                   if not (out_dir / s["path"]).exists() or not (out_dir / s["idx_path"]).exists()]
+        missing = [s.path for s in manifest.shards
+                   if not (out_dir / s.path).exists() or not (out_dir / s.idx_path).exists()]
         if not missing:
-            _log(f"{out_dir}: already complete ({manifest['totals']})")
+            _log(f"{out_dir}: already complete ({manifest.totals})")
             return manifest
         if not work_dir.exists():
             raise ValueError(f"{out_dir}: shards {missing[:3]} are gone and .work was deleted; "
@@ -194,7 +193,7 @@ class _ShardWriter:
         self.plan: list[PlannedShard] = []
         self.shard_index: dict[str, int] = {}
         self.remaining: dict[int, int] = {}
-        self.entries: dict[int, dict | None] = {}
+        self.entries: dict[int, ShardEntry | None] = {}
 
     def set_plan(self, plan: list[PlannedShard]) -> None:
         """Take the plan; write the shards whose inputs were all done before a kill (or are done now).
@@ -263,7 +262,7 @@ class _ShardWriter:
             return
         samples = {k: self.records[k]["record"] for k in keys}
         tar_name = shard_file_name(self.job.name, self.listing.split, shard.index)
-        tar_path, idx_path = self.out_dir / tar_name, self.out_dir / (tar_name[:-4] + ".idx")
+        tar_path, idx_path = self.out_dir / tar_name, self.out_dir / index_file_name(tar_name)
         complete = tar_path.exists() and idx_path.exists() and shard_keys(tar_path) == keys
         if not complete:
             if validate:
@@ -279,20 +278,19 @@ class _ShardWriter:
         self.journal.release(self.records[k] for k in keys)
         for k in keys:  # the manifest entry below keeps what the manifest needs
             del self.records[k]
-        self.entries[shard.index] = {
-            "path": tar_name, "idx_path": idx_path.name, "num_samples": len(keys),
-            "bytes": tar_path.stat().st_size, "keys": keys, "sources": [samples[k]["source"] for k in keys],
-            "num_frames": sum(samples[k]["num_frames"] for k in keys),
-        }
+        self.entries[shard.index] = ShardEntry(
+            path=tar_name, idx_path=idx_path.name, num_samples=len(keys), bytes=tar_path.stat().st_size,
+            keys=keys, sources=[samples[k]["source"] for k in keys],
+            num_frames=sum(samples[k]["num_frames"] for k in keys))
 
-    def finish(self, fingerprint: str) -> dict:
+    def finish(self, fingerprint: str) -> Manifest:
         """Write quarantine.jsonl and manifest.json (the invariant is checked before publishing)."""
         listing, job = self.listing, self.job
         unwritten = [s.index for s in self.plan if s.index not in self.entries]
         if unwritten:
             raise AssertionError(f"shards {unwritten[:5]} were never written")
         shard_entries = [self.entries[s.index] for s in self.plan if self.entries[s.index] is not None]
-        num_samples = sum(e["num_samples"] for e in shard_entries)
+        num_samples = sum(e.num_samples for e in shard_entries)
         quarantine = [quarantine_entry(r.input_id, r.key, r.source, r.stage, r.reason, r.detail)
                       for r in listing.rejected]
         quarantine += [r["record"] for r in self.records.values() if not r["ok"]]
@@ -301,22 +299,22 @@ class _ShardWriter:
             raise AssertionError(f"{num_samples} samples + {len(quarantine)} quarantined != "
                                  f"{listing.num_inputs} inputs")
         write_jsonl(self.out_dir / QUARANTINE_NAME, quarantine)
-        manifest = {
-            "tool_version": __version__,
-            "name": job.name, "dataset": listing.dataset, "split": listing.split,
-            "codec": job.settings.codec, "container": job.settings.container, "extension": self.extension,
-            "encode": job.settings.to_dict(),
-            "seed": job.seed,
-            "shard_size": {"max_samples": job.shard_max_samples, "max_bytes": job.shard_max_bytes},
-            "label_map": listing.label_map,
-            "shards": shard_entries,
-            "totals": {"inputs": listing.num_inputs, "samples": num_samples, "quarantined": len(quarantine),
-                       "shards": len(shard_entries), "frames": sum(e["num_frames"] for e in shard_entries),
-                       "bytes": sum(e["bytes"] for e in shard_entries)},
-            "quarantine": {"path": QUARANTINE_NAME,
-                           "by_reason": dict(sorted(Counter(q["reason"] for q in quarantine).items()))},
-            "source": job.source,
-            "job_fingerprint": fingerprint,
-        }
-        write_manifest(self.out_dir / MANIFEST_NAME, manifest)
+        manifest = Manifest(
+            tool_version=__version__,
+            name=job.name, dataset=listing.dataset, split=listing.split,
+            codec=job.settings.codec, container=job.settings.container, extension=self.extension,
+            encode=job.settings.to_dict(),
+            seed=job.seed,
+            shard_size=ShardSize(max_samples=job.shard_max_samples, max_bytes=job.shard_max_bytes),
+            label_map=dict(listing.label_map),
+            shards=shard_entries,
+            totals=Totals(inputs=listing.num_inputs, samples=num_samples, quarantined=len(quarantine),
+                          shards=len(shard_entries), frames=sum(e.num_frames for e in shard_entries),
+                          bytes=sum(e.bytes for e in shard_entries)),
+            quarantine=QuarantineSummary(
+                path=QUARANTINE_NAME, by_reason=dict(sorted(Counter(q["reason"] for q in quarantine).items()))),
+            source=dict(job.source),
+            job_fingerprint=fingerprint,
+        )
+        write_manifest(self.out_dir, manifest)
         return manifest

@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from shard_tools.verify import read_shard_samples
-from shard_tools.writer import load_manifest, read_jsonl
+from shard_tools.format import read_manifest
+from shard_tools.writer import read_jsonl
 
 DURATION_EDGES = (0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 60)
 BAR_WIDTH = 40
@@ -19,7 +20,7 @@ BAR_WIDTH = 40
 def collect_records(out: Path) -> tuple[dict, list[dict], list[dict]]:
     """(manifest, sample json records, quarantine entries) of a shard folder."""
     out = Path(out)
-    manifest = load_manifest(out)
+    manifest = read_manifest(out).to_dict()  # checked against the format, then read as plain data
     records = []
     for shard in manifest["shards"]:
         for sample in read_shard_samples(out / shard["path"]):

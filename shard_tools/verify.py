@@ -26,7 +26,8 @@ from pathlib import Path
 import av
 
 from shard_tools.sources import load_label_map, read_folder, read_kinetics_csv, read_ssv2
-from shard_tools.writer import load_manifest, read_jsonl, write_dali_index
+from shard_tools.format import read_manifest, write_dali_index
+from shard_tools.writer import read_jsonl
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -216,7 +217,7 @@ def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2, workers
     from shard_tools.executors import map_unordered
 
     out = Path(out)
-    manifest = load_manifest(out)
+    manifest = read_manifest(out).to_dict()  # checked against the format, then read as plain data
     problems: list[str] = []
     extension = manifest["extension"]
     label_names = {v: k for k, v in manifest["label_map"].items()}

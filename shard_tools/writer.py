@@ -1,4 +1,6 @@
-"""Shard planning and writing: webdataset tars, DALI ``.idx`` files, manifest and quarantine.
+"""Shard planning and writing: webdataset tars with their DALI ``.idx`` files, quarantine lines.
+
+File names, the manifest and the index format live in :mod:`shard_tools.format`.
 
 Everything written here goes to a temporary name first and is renamed when complete, so a reader
 (or a resumed job) never sees half a file. Tar members get a fixed mtime/owner so the same samples
@@ -15,19 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from shard_tools.format import atomic_write_bytes, split_member_name, write_dali_index
+
 # ustar header (512) + data padded to 512 per member: used to estimate a shard's size in bytes.
 TAR_BLOCK = 512
-DALI_INDEX_VERSION = "v1.2"
 
 
 @dataclass(frozen=True)
 class PlannedShard:
     index: int
     keys: tuple[str, ...]
-
-
-def shard_file_name(name: str, split: str, index: int) -> str:
-    return f"{name}-{split}-{index:06d}.tar"
 
 
 def _member_bytes(size: int) -> int:
@@ -82,49 +81,6 @@ def estimate_sample_bytes(key: str, extension: str, payload_size: int, record: d
             + _member_bytes(len(str(record["label"]))))
 
 
-def write_dali_index(tar_path: Path, idx_path: Path, *, sync: bool = True) -> None:
-    """Write the index DALI's ``fn.readers.webdataset`` reads, in ``wds2idx``'s v1.2 format.
-
-    One line per sample: ``ext offset size name`` for each component, offsets of the member data.
-    Same output as DALI's ``wds2idx`` (tests compare them), without spawning ``tar`` twice.
-    """
-    samples: list[list[tuple[str, int, int, str]]] = []
-    last_base = None
-    with tarfile.open(tar_path, "r:") as archive:
-        for member in archive:
-            if not member.isreg():
-                continue
-            name = member.name
-            dot = name.find(".", name.rfind("/") + 1)
-            base, ext = name[:dot], name[dot + 1:]
-            if not base or base.endswith("/"):
-                continue
-            component = (ext, member.offset_data, member.size, name)
-            if base != last_base:
-                samples.append([component])
-                last_base = base
-            else:
-                samples[-1].append(component)
-    if not samples:
-        raise ValueError(f"{tar_path}: empty shard, nothing to index")
-    lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
-    lines += [" ".join(" ".join(map(str, c)) for c in sample) for sample in samples]
-    atomic_write_bytes(idx_path, ("\n".join(lines) + "\n").encode(), sync=sync)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
-    """Write to ``path.tmp``, fsync (unless ``sync=False``: scratch files), rename: readers see the
-    old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(tar_path: Path, idx_path: Path, samples) -> int:
     """Write one shard (iterable of webdataset sample dicts) and its index; return tar bytes.
 
@@ -153,8 +109,8 @@ def shard_keys(tar_path: Path) -> list[str]:
     with tarfile.open(tar_path, "r:") as archive:
         for member in archive:
             if member.isreg():
-                key = member.name[:member.name.find(".", member.name.rfind("/") + 1)]
-                if not keys or keys[-1] != key:
+                key, _ = split_member_name(member.name)
+                if key is not None and (not keys or keys[-1] != key):
                     keys.append(key)
     return keys
 
@@ -169,15 +125,3 @@ def read_jsonl(path: Path) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def write_manifest(path: Path, manifest: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
-
-
-def load_manifest(folder: Path) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest; is {folder} a shard_tools output folder "
-                                "(and did the job finish)?")
-    return json.loads(path.read_text())

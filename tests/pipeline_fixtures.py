@@ -1,7 +1,8 @@
 """Test shards for the pipelines tests, written in the shard contract's format (docs/design.md section 1).
 
-Written directly with webdataset's TarWriter (not shard_tools), so the pipeline tests also pin the
-contract itself: ``{name}-{split}-{shard:06d}.tar`` + DALI ``.idx`` (``wds2idx``) + ``manifest.json``.
+Tars are written directly with webdataset's TarWriter and indexed with DALI's own ``wds2idx`` (not
+shard_tools' writer), so the pipeline tests also pin the contract itself; names and the manifest come
+from ``shard_tools.format``, the one definition of the format.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 import webdataset as wds
 
 from pipelines.views import plan_sample
+from shard_tools.format import (QUARANTINE_NAME, Manifest, QuarantineSummary, ShardEntry, ShardSize, Totals,
+                                index_file_name, read_manifest, shard_file_name, write_manifest)
 from shard_tools.media import decode_index_color, write_synthetic_video
 
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
@@ -47,7 +50,7 @@ def write_shards(folder: Path, videos: list[FixtureVideo], *, per_shard: int, co
     probes = {v.key: probe(v.path) for v in videos}
     for s in range(0, len(videos), per_shard):
         chunk = videos[s:s + per_shard]
-        tar = folder / f"{name}-{split}-{s // per_shard:06d}.tar"
+        tar = folder / shard_file_name(name, split, s // per_shard)
         with wds.TarWriter(str(tar)) as writer:
             for v in chunk:
                 meta = {"key": v.key, "label": v.label, "label_name": f"class{v.label}", "dataset": "test",
@@ -56,15 +59,21 @@ def write_shards(folder: Path, videos: list[FixtureVideo], *, per_shard: int, co
                 meta.update((meta_override or {}).get(v.key, {}))
                 writer.write({"__key__": v.key, v.ext: v.raw if v.raw is not None else v.path.read_bytes(),
                               "json": json.dumps(meta).encode(), "cls": str(v.label).encode()})
-        idx = tar.with_suffix(".idx")
+        idx = folder / index_file_name(tar.name)
         subprocess.run([str(WDS2IDX), str(tar), str(idx)], check=True, capture_output=True)
-        shards.append({"path": tar.name, "idx_path": idx.name, "num_samples": len(chunk),
-                       "keys": [v.key for v in chunk]})
-    manifest = {"tool_version": "test", "codec": codec, "container": "webm" if codec == "vp9" else "mp4",
-                "encode": {}, "seed": 0, "label_map": {}, "shards": shards,
-                "totals": {"inputs": len(videos), "samples": len(videos), "quarantined": 0}}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    (folder / "quarantine.jsonl").write_text("")
+        shards.append(ShardEntry(path=tar.name, idx_path=idx.name, num_samples=len(chunk), bytes=tar.stat().st_size,
+                                 keys=[v.key for v in chunk], sources=[str(v.path) for v in chunk],
+                                 num_frames=sum(probes[v.key]["num_frames"] for v in chunk)))
+    container = "webm" if codec == "vp9" else "mp4"
+    manifest = Manifest(
+        tool_version="tests.pipeline_fixtures", name=name, dataset="test", split=split, codec=codec,
+        container=container, extension=container, encode={}, seed=0,
+        shard_size=ShardSize(max_samples=per_shard, max_bytes=None), label_map={}, shards=shards,
+        totals=Totals(inputs=len(videos), samples=len(videos), quarantined=0, shards=len(shards),
+                      frames=sum(s.num_frames for s in shards), bytes=sum(s.bytes for s in shards)),
+        quarantine=QuarantineSummary(path=QUARANTINE_NAME, by_reason={}), source={}, job_fingerprint="")
+    write_manifest(folder, manifest, sync=False)
+    (folder / QUARANTINE_NAME).write_text("")
     return folder
 
 
@@ -115,10 +124,9 @@ def frame_indices(view: torch.Tensor, cfg) -> list[list[int]]:
 
 def meta_of(shards: Path) -> dict[str, dict]:
     """Every sample's json in a shard folder, by key."""
-    manifest = json.loads((shards / "manifest.json").read_text())
     metas = {}
-    for entry in manifest["shards"]:
-        for sample in wds.DataPipeline(wds.SimpleShardList([str(shards / entry["path"])]),
+    for tar, _ in read_manifest(shards).shard_files(shards):
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(tar)]),
                                        wds.tarfile_to_samples()):
             meta = json.loads(sample["json"])
             metas[meta["key"]] = meta
