@@ -119,6 +119,8 @@ def killed_and_resumed(workdir, stage_runs) -> Path:
          "nan_batches": [2]},
         {**_run("nan_stop", workdir, **{"trainer.zero_stage": 1, "trainer.batch_size_per_gpu": 4,
                                         "trainer.on_nonfinite_loss": "stop"}), "nan_batches": [2]},
+        {**_run("save_first", workdir, **{"trainer.zero_stage": 1, "trainer.batch_size_per_gpu": 4}),
+         "save_first": True},
     ]}
     _wait(_launch(single, workdir, 1, "single"), workdir, "single")
     return workdir
@@ -356,6 +358,21 @@ def test_nonfinite_loss_skipped_or_stops(killed_and_resumed):
     assert "non-finite loss at step 1" in log  # global batch 2 = step 1's first micro-batch
     stop = torch.load(killed_and_resumed / "nan_stop" / "final.pt", weights_only=False)
     assert stop["status"].startswith("stopped: [train] non-finite loss at step 1")
+
+
+def test_save_before_fit(killed_and_resumed, reference):
+    """A checkpoint taken before the first step is complete, and a run resumed from it trains as one
+    that never stopped (same losses as the plain PyTorch reference)."""
+    run_dir = killed_and_resumed / "save_first"
+    assert (run_dir / "checkpoints" / "step_00000000" / "trainer.pt").is_file()
+    trainer_state = torch.load(run_dir / "checkpoints" / "step_00000000" / "trainer.pt", weights_only=False)
+    assert trainer_state["step"] == 0 and trainer_state["epoch"] == 0
+    assert trainer_state["data_position"]["next_batch"] == 0
+    assert "resumed from" in (killed_and_resumed / "single.log").read_text()
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, reference["total_steps"] + 1))
+    for step, ref_loss in reference["losses"].items():
+        assert abs(losses[step] - ref_loss) <= LOSS_TOL, (step, losses[step], ref_loss)
 
 
 def test_checkpoint_visible_only_when_complete(killed_and_resumed, tmp_path):

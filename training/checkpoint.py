@@ -4,8 +4,9 @@ Layout under ``<run_dir>/checkpoints``::
 
     step_00000100/                     one complete checkpoint
         <DeepSpeed's files>            engine.save_checkpoint (exact same-layout resume)
-        trainer.pt                     step, epoch, teacher, objective buffers, config, layout
-        trainer_rank00000.pt ...       per rank: data-loader position, RNG states
+        trainer.pt                     step, epoch, teacher, objective buffers, config, layout,
+                                       backbone prefix, the data position (the same for every rank)
+        trainer_rank00000.pt ...       per rank: RNG states
         portable.pt                    fp32 weights + Adam moments per parameter name, buffers
     latest                             text file naming the newest complete checkpoint
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from training.engine import _optimizer_state_keys
 
 __all__ = ["CheckpointManager", "find_latest", "rng_state", "set_rng_state", "portable_state",
            "load_portable_state", "export_weights"]
@@ -87,8 +90,6 @@ def _adam_steps_by_group(engine) -> list[int | None]:
     Groups can differ: DINO's last layer starts counting only when its freeze ends
     (``training.engine.LastLayerFreezer``), so one count for all would shift its bias corrections.
     """
-    from training.engine import _optimizer_state_keys
-
     inner = _inner_optimizer(engine)
     steps: list[int | None] = []
     for group in range(len(inner.param_groups)):
@@ -103,6 +104,7 @@ def _adam_steps_by_group(engine) -> list[int | None]:
 
 def portable_state(engine) -> dict:
     """Full fp32 parameters and Adam moments by parameter name (collective: call on every rank)."""
+    # local imports of deepspeed here and below: importing it reads DS_ACCELERATOR, set by init_distributed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     module = engine.module
@@ -153,8 +155,6 @@ def _ensure_adam_state(engine, step: int, steps_by_group: list[int | None] | Non
         # torch keeps `step` as a float tensor per parameter (non-capturable, non-fused path)
         state["step"] = torch.tensor(float(step))
     if steps_by_group:
-        from training.engine import _optimizer_state_keys
-
         for group, group_step in enumerate(steps_by_group):
             for key in _optimizer_state_keys(engine, [group]):
                 inner.state[key]["step"] = torch.tensor(float(group_step if group_step is not None else step))
@@ -199,6 +199,7 @@ def _set_zero3_full(engine, param, value: torch.Tensor, key: str | None = None) 
 @torch.no_grad()
 def load_portable_state(engine, state: dict) -> None:
     """Writes a portable state into an engine of any ZeRO stage / world size (call on every rank)."""
+    # local: importing deepspeed reads DS_ACCELERATOR, set by init_distributed first
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     module = engine.module

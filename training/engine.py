@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from models.heads import convert_sync_batchnorm
 from training.config import Config
 
 __all__ = ["DistInfo", "init_distributed", "ParamGroupInfo", "build_param_groups", "param_groups_weight_decay",
@@ -240,7 +241,7 @@ def clip_gradients_per_parameter(engine, clip: float) -> torch.Tensor:
     collectives at ZeRO 1-3: each assembles one full gradient, an extra all-reduce of the gradients
     per step at ZeRO 1/2 and an all-gather at ZeRO 3).
     """
-    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad  # local: after DS_ACCELERATOR is set
 
     norms = []
     for param in engine.module.parameters():
@@ -264,9 +265,7 @@ def build_engine(student: nn.Module, cfg: Config, world_size: int, teacher: nn.M
     first (MoCo v3 / BYOL / SimSiam train their heads with global-batch statistics); DeepSpeed then
     wraps the converted student.
     """
-    import deepspeed
-
-    from models.heads import convert_sync_batchnorm
+    import deepspeed  # local: importing it reads DS_ACCELERATOR, which init_distributed sets first
 
     if world_size > 1:
         convert_sync_batchnorm(student)

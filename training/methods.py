@@ -15,8 +15,10 @@ import math
 import torch
 import torch.nn as nn
 
+import models
 from models.flops import forward_flops
 from models.multiview import ContrastiveEncoder, MultiViewRunner
+from objectives import BYOLLoss, MoCoV3Loss, SimSiamLoss, SVTLoss
 from training.config import Config
 
 __all__ = ["SSLMethod", "SVTMethod", "TwoViewMethod", "build_method"]
@@ -160,9 +162,6 @@ def build_method(cfg: Config, view_names: list[str]) -> SSLMethod:
 
     The teacher is built with drop path 0 (DINO) and starts as a copy of the student.
     """
-    import models
-    from objectives import BYOLLoss, MoCoV3Loss, SimSiamLoss, SVTLoss
-
     m, o = cfg.model, cfg.objective
 
     def backbone(drop_path_rate: float, pretrained: str = "none") -> nn.Module:

@@ -10,6 +10,9 @@ import os
 import time
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
 __all__ = ["MetricsWriter", "summarize", "read_jsonl", "format_summary"]
 
 
@@ -43,13 +46,9 @@ class MetricsWriter:
             _truncate_jsonl(self.jsonl_path, start_step)
         self._file = open(self.jsonl_path, "a" if append else "w", buffering=1)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             # purge_step: TensorBoard hides the old run's events from this step on (same reason)
             self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step + 1 if append else None)
         if progress_bar:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
