@@ -15,9 +15,13 @@ linear probe as the paper trains it, on augmented slow-fast clips through the fr
 (``svt-linear``); ``finetune`` runs SVT's or LSTCL's fine-tuning protocol. Every result names its
 protocol and the settings changed from it.
 
-``--config FILE.yaml`` gives a protocol's settings as a section (``extract:``, ``knn:``, ``linear:``,
-``probe:``, ``finetune:``) whose keys are the dataclass fields (unknown keys are an error); flags given on the
-command line override the file. Protocols: README.md, section Evaluation.
+Settings take the route of ``train.py``'s: ``--config FILE.yaml`` gives a protocol's settings as a section
+(``extract:``, ``knn:``, ``linear:``, ``probe:``, ``finetune:``) whose keys are the dataclass fields (unknown
+keys are an error); flags given on the command line override the file, and trailing ``section.key=value``
+arguments (values parsed as YAML) override both, e.g. ``extract.data.eval.clips=2``. ``extract`` embeds the
+loader's ``DataConfig`` as ``extract.data`` (``--shards`` is ``extract.data.shards``, ``--clips``
+``extract.data.eval.clips``); ``probe`` / ``finetune`` embed ``EvalConfig`` as ``eval`` (``--clip-frames`` is
+``finetune.eval.slow_frames``, ``--test-clips`` ``finetune.eval.clips``). Protocols: README.md, section Evaluation.
 """
 from __future__ import annotations
 
@@ -46,23 +50,33 @@ def _parse_kwargs(text: str) -> dict[str, Any]:
     return value
 
 
-def _section(args: argparse.Namespace, section: str, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The YAML section overlaid with the flags given on the command line."""
-    values: dict[str, Any] = {}
-    if args.config:
-        import yaml
+SECTIONS = ("extract", "knn", "linear", "probe", "finetune")
 
-        path = Path(args.config)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ValueError(f"{path}: cannot read config ({error})")
-        unknown = sorted(set(raw) - {"extract", "knn", "linear", "probe", "finetune"})
-        if unknown:
-            raise ValueError(f"{path}: unknown section(s) {unknown}; known: extract, knn, linear, probe, finetune")
-        values.update(raw.get(section) or {})
-    values.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
-    return values
+
+def _section(args: argparse.Namespace, section: str, flags: dict[str, str] | tuple[str, ...]) -> dict[str, Any]:
+    """Section ``section`` of ``--config``, overlaid with the flags given on the command line, then with the
+    trailing ``section.key=value`` overrides (``typed_config.load_yaml_sections``, as ``train.py``).
+
+    Args:
+        flags: argparse dest -> the dotted key under ``section`` it sets (a tuple: the same names).
+    """
+    from typed_config import apply_overrides, load_yaml_sections, set_dotted
+
+    raw = load_yaml_sections(getattr(args, "config", None))
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{args.config}: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    overrides = list(getattr(args, "overrides", None) or [])
+    for text in overrides:
+        if not text.startswith(section + "."):
+            raise ValueError(f"override {text!r}: `evaluate.py {args.command}` reads the {section}: section "
+                             f"(e.g. {section}.batch_size=4)")
+    flags = flags if isinstance(flags, dict) else {name: name for name in flags}
+    for dest, dotted in flags.items():  # flags as plain values (a string flag is not reparsed as YAML)
+        if hasattr(args, dest):
+            set_dotted(raw, [section, *dotted.split(".")], getattr(args, dest), f"{args.config}: {section}.{dotted}")
+    apply_overrides(raw, overrides)
+    return raw.get(section) or {}
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -77,38 +91,55 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                    "finetune: also the head init and data order")
 
 
-EXTRACT_FIELDS = ("shards", "batch_size", "clips", "crops", "slow_frames", "slow_size", "fast_frames", "fast_size",
-                  "views_per_forward", "device", "data_device", "num_threads", "loader", "precision", "limit")
+# flag dest -> key under extract: (the loader's settings are the DataConfig section extract.data)
+EXTRACT_FIELDS = {"shards": "data.shards", "data_device": "data.device", "num_threads": "data.num_threads",
+                  **{name: f"data.eval.{name}" for name in ("clips", "crops", "slow_frames", "slow_size",
+                                                            "fast_frames", "fast_size")},
+                  **{name: name for name in ("batch_size", "views_per_forward", "device", "loader", "precision",
+                                             "limit")}}
 
 
 def _add_view_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", default=S, help="labelled shard folder (holds manifest.json)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="videos per step (8)")
-    p.add_argument("--clips", type=int, default=S, help="temporal clips per video (1)")
-    p.add_argument("--crops", type=int, default=S, choices=(1, 3), help="spatial crops per clip (3)")
-    p.add_argument("--slow-frames", dest="slow_frames", type=int, default=S, help="slow clip length (8)")
-    p.add_argument("--slow-size", dest="slow_size", type=int, default=S, help="slow clip side (224)")
-    p.add_argument("--fast-frames", dest="fast_frames", type=int, default=S, help="fast clip length (64)")
-    p.add_argument("--fast-size", dest="fast_size", type=int, default=S, help="fast clip side (96)")
+    p.add_argument("--shards", default=S, help="extract.data.shards: labelled shard folder (holds manifest.json)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="extract.batch_size: videos per step (8)")
+    p.add_argument("--clips", type=int, default=S, help="extract.data.eval.clips: temporal clips per video (1)")
+    p.add_argument("--crops", type=int, default=S, choices=(1, 3), help="extract.data.eval.crops: spatial crops (3)")
+    p.add_argument("--slow-frames", dest="slow_frames", type=int, default=S, help="extract.data.eval.slow_frames (8)")
+    p.add_argument("--slow-size", dest="slow_size", type=int, default=S, help="extract.data.eval.slow_size (224)")
+    p.add_argument("--fast-frames", dest="fast_frames", type=int, default=S, help="extract.data.eval.fast_frames (64)")
+    p.add_argument("--fast-size", dest="fast_size", type=int, default=S, help="extract.data.eval.fast_size (96)")
     p.add_argument("--views-per-forward", dest="views_per_forward", type=int, default=S,
-                   help="clips per backbone call, 0 = a whole batch of views (0)")
-    p.add_argument("--device", default=S, help="backbone device: cpu | cuda (cpu)")
-    p.add_argument("--data-device", dest="data_device", default=S, help="DALI decoder: cpu | mixed | auto (cpu)")
-    p.add_argument("--num-threads", dest="num_threads", type=int, default=S, help="DALI threads (2)")
-    p.add_argument("--loader", default=S, choices=("dali", "baseline"), help="dali | baseline (dali)")
-    p.add_argument("--precision", default=S, choices=("fp32", "bf16"), help="bf16 autocast on CUDA (fp32)")
-    p.add_argument("--limit", type=int, default=S, help="stop after N videos, 0 = all (0)")
+                   help="extract.views_per_forward: clips per backbone call, 0 = a whole batch of views (0)")
+    p.add_argument("--device", default=S, help="extract.device: backbone device, cpu | cuda (cpu)")
+    p.add_argument("--data-device", dest="data_device", default=S,
+                   help="extract.data.device: DALI decoder, cpu | mixed | auto (cpu)")
+    p.add_argument("--num-threads", dest="num_threads", type=int, default=S, help="extract.data.num_threads (2)")
+    p.add_argument("--loader", default=S, choices=("dali", "baseline"), help="extract.loader (dali)")
+    p.add_argument("--precision", default=S, help="extract.precision: fp32 | bf16, bf16 autocast on CUDA (fp32)")
+    p.add_argument("--limit", type=int, default=S, help="extract.limit: stop after N videos, 0 = all (0)")
+
+
+def _extract_config(args: argparse.Namespace, **fixed: Any):
+    """``extract:`` settings; ``fixed`` are ``data.eval`` values the command sets itself (attention: one clip)."""
+    from evaluation.config import config_from_dict
+    from evaluation.features import ExtractConfig
+
+    values = _section(args, "extract", EXTRACT_FIELDS)
+    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    for name in ("mean", "std"):
+        if name in data:  # features depend on the normalization the backbone was trained with
+            raise ValueError(f"extract.data.{name}: taken from the checkpoint's run config, not a setting")
+    if fixed:
+        values = {**values, "data": {**data, "eval": {**(data.get("eval") or {}), **fixed}}}
+    return config_from_dict(ExtractConfig, values, "extract")
 
 
 def _eval_loader(cfg, mean: tuple[float, ...], std: tuple[float, ...]):
-    from pipelines import DataConfig, build_loader
-    from pipelines.config import EvalConfig
+    import dataclasses
 
-    data_cfg = DataConfig(shards=cfg.shards, recipe="eval", device=cfg.data_device, num_threads=cfg.num_threads,
-                          shuffle=False, mean=tuple(mean), std=tuple(std),
-                          eval=EvalConfig(slow_frames=cfg.slow_frames, slow_size=cfg.slow_size,
-                                          fast_frames=cfg.fast_frames, fast_size=cfg.fast_size,
-                                          clips=cfg.clips, crops=cfg.crops))
+    from pipelines import build_loader
+
+    data_cfg = dataclasses.replace(cfg.data, mean=tuple(mean), std=tuple(std))
     return build_loader(data_cfg, batch_size=cfg.batch_size, loader=cfg.loader)
 
 
@@ -128,20 +159,22 @@ def _label_map(shards: str) -> dict[str, int]:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
     from evaluation.checkpoints import load_backbone
-    from evaluation.config import config_from_dict
-    from evaluation.features import ExtractConfig, extract_features
+    from evaluation.features import extract_features
 
-    cfg = config_from_dict(ExtractConfig, _section(args, "extract", EXTRACT_FIELDS), "extract")
+    cfg = _extract_config(args)
     loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
                            model_kwargs=args.model_kwargs, seed=getattr(args, "seed", 0))
     mean, std = _normalization(loaded)
     loader = _eval_loader(cfg, mean, std)
     meta = {"checkpoint": loaded.source, "backbone": loaded.which, "model": loaded.model_name,
-            "model_kwargs": loaded.model_kwargs, "step": loaded.step, "shards": str(cfg.shards),
-            "label_map": _label_map(cfg.shards), "extract": vars(cfg), "mean": list(mean), "std": list(std)}
+            "model_kwargs": loaded.model_kwargs, "step": loaded.step, "shards": str(cfg.data.shards),
+            "label_map": _label_map(cfg.data.shards), "extract": dataclasses.asdict(cfg), "mean": list(mean),
+            "std": list(std)}
     started = time.perf_counter()
     features = extract_features(loaded.model, loader, loader.view_names, device=cfg.device, precision=cfg.precision,
                                 views_per_forward=cfg.views_per_forward, limit=cfg.limit, meta=meta)
@@ -150,7 +183,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     features.meta["seconds"] = seconds
     features.save(args.out)
     counts = torch.bincount(features.labels[features.labels >= 0]).tolist() if len(features) else []
-    print(f"extracted {len(features)} videos x {features.slow.shape[1]}-d (slow, fast) from {cfg.shards} "
+    print(f"extracted {len(features)} videos x {features.slow.shape[1]}-d (slow, fast) from {cfg.data.shards} "
           f"[{loaded.which} of {loaded.source}] -> {args.out}; per-label counts {counts}, "
           f"views {features.meta['views']}; {seconds:.1f} s, {len(features) / seconds:.2f} videos/s")
     return 0
@@ -255,11 +288,9 @@ def cmd_linear(args: argparse.Namespace) -> int:
 def cmd_attention(args: argparse.Namespace) -> int:
     from evaluation.attention import denormalize, last_block_cls_attention, save_attention_grid
     from evaluation.checkpoints import load_backbone
-    from evaluation.config import config_from_dict
-    from evaluation.features import ExtractConfig, group_eval_views
+    from evaluation.features import group_eval_views
 
-    values = {**_section(args, "extract", EXTRACT_FIELDS), "clips": 1}
-    cfg = config_from_dict(ExtractConfig, values, "extract")
+    cfg = _extract_config(args, clips=1)
     loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
                            model_kwargs=args.model_kwargs, seed=getattr(args, "seed", 0))
     mean, std = _normalization(loaded)
@@ -291,7 +322,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
         if done():
             break
     if remaining:
-        raise ValueError(f"keys not found in {cfg.shards}: {sorted(remaining)}")
+        raise ValueError(f"keys not found in {cfg.data.shards}: {sorted(remaining)}")
     print("\n".join(f"wrote {p}" for p in written))
     return 0
 
@@ -326,10 +357,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
                             allowed=PROBE_PROTOCOLS, section="probe")
 
 
-FINETUNE_FIELDS = ("protocol", "epochs", "lr", "schedule", "milestones", "gamma", "momentum", "weight_decay",
-                   "batch_size", "head_init_std", "inputs", "clip_frames", "clip_size", "fast_frames", "fast_size",
-                   "train_span", "train_stride", "test_clips", "test_crops", "test_stride", "zero_stage", "precision",
-                   "num_threads", "loader", "max_steps", "ckpt_every_epochs", "torch_threads", "seed")
+# flag dest -> key under finetune: / probe: (the clip shapes and test views are the EvalConfig section eval)
+FINETUNE_FIELDS = {**{name: name for name in (
+                       "protocol", "epochs", "lr", "schedule", "milestones", "gamma", "momentum", "weight_decay",
+                       "batch_size", "head_init_std", "inputs", "train_span", "train_stride", "zero_stage",
+                       "precision", "num_threads", "loader", "max_steps", "ckpt_every_epochs", "torch_threads",
+                       "seed")},
+                   "clip_frames": "eval.slow_frames", "clip_size": "eval.slow_size", "fast_frames": "eval.fast_frames",
+                   "fast_size": "eval.fast_size", "test_clips": "eval.clips", "test_crops": "eval.crops",
+                   "test_stride": "eval.stride"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,12 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
                            ("train_span", float), ("train_stride", int), ("test_clips", int), ("test_crops", int),
                            ("test_stride", int), ("zero_stage", int), ("precision", str), ("num_threads", int),
                            ("loader", str), ("max_steps", int), ("ckpt_every_epochs", int), ("torch_threads", int)):
-            p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=S)
+            p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=S,
+                           help=f"{name}.{FINETUNE_FIELDS[flag]}")
         p.add_argument("--milestones", type=int, nargs="*", default=S, help="lr decay epochs (svt-finetune: 11 14)")
         p.set_defaults(func=func)
 
     for p in (sub.choices["extract"], sub.choices["attention"], sub.choices["probe"], sub.choices["finetune"]):
         p.add_argument("--config", default=None, help="YAML with extract: / probe: / finetune: sections")
+    for name in ("extract", "attention", "knn", "linear", "probe", "finetune"):
+        section = "extract" if name == "attention" else name
+        sub.choices[name].add_argument(
+            "overrides", nargs="*", metavar=f"{section}.key=value",
+            help=f"overrides of the {section}: section, values parsed as YAML (as train.py's), applied after "
+                 f"--config and the flags, e.g. " + ("extract.data.eval.clips=2" if section == "extract"
+                                                     else f"{section}.batch_size=4" if section != "knn"
+                                                     else "knn.temperature=0.1"))
 
     p = sub.add_parser("report", help="render the results JSON as a markdown table")
     p.add_argument("--results", required=True)

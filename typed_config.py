@@ -4,8 +4,17 @@ One rule shared by every area's config (data, model, objective, trainer, evaluat
 unknown keys and values of the wrong type are errors whose message names the dotted field
 (``data.svt.global_frame: unknown key``), so a typo never silently falls back to a default.
 
-Also the one-line form of bad-input errors that ``train.py``, ``evaluate.py`` and ``python -m
-shard_tools`` print before exiting with status 2 (``error_line``, ``disk_problem``).
+``load_yaml_sections`` is the one config route of ``train.py`` and ``evaluate.py``: a YAML file, then
+trailing ``section.key=value`` overrides (values parsed as YAML), then the dataclasses.
+
+Also the small vocabularies every area shares: precision names (``fp32`` / ``float32``, ``bf16`` /
+``bfloat16``, ``fp16`` / ``float16``) mapped to one torch dtype by ``torch_dtype``, and seeds derived
+from (seed, rank, step, ...) by ``numpy.random.SeedSequence`` (``derive_seed``), and the one-line form of
+bad-input errors that ``train.py``, ``evaluate.py`` and ``python -m shard_tools`` print before exiting
+with status 2 (``error_line``, ``disk_problem``).
+
+This module imports neither torch nor the project's packages at import time: ``shard_tools`` reads its
+settings with it on the driver, and ``pipelines`` / ``training`` / ``evaluation`` build on it.
 """
 from __future__ import annotations
 
@@ -14,9 +23,15 @@ import os
 import pathlib
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "dataclass_from_dict", "error_line", "disk_problem", "USER_ERRORS"]
+import numpy as np
+import yaml
+
+__all__ = ["ConfigError", "dataclass_from_dict", "apply_overrides", "set_dotted", "load_yaml_sections", "PRECISIONS",
+           "precision_name", "torch_dtype", "seed_sequence", "derive_seed", "seed_all", "error_line", "disk_problem",
+           "USER_ERRORS"]
 
 ConfigT = TypeVar("ConfigT")
 
@@ -78,13 +93,36 @@ def _check_type(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
-def dataclass_from_dict(cls: type[ConfigT], values: Any, prefix: str) -> ConfigT:
+def _nested_default(cls: type, base: Any, name: str) -> Any:
+    """The default instance of dataclass field ``name`` (from ``base`` if given, else the field's default)."""
+    if base is not None:
+        value = getattr(base, name)
+        return value if dataclasses.is_dataclass(value) else None
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+    return None
+
+
+def dataclass_from_dict(cls: type[ConfigT], values: Any, prefix: str, base: Any = None) -> ConfigT:
     """Build dataclass ``cls`` from ``values``, recursing into nested dataclass fields.
+
+    A nested section given as a mapping starts from that field's default instance, not from its
+    class's defaults: a protocol that embeds ``data: DataConfig = field(default_factory=lambda:
+    DataConfig(recipe="eval"))`` keeps ``recipe: eval`` when the YAML sets only ``data.shards``.
+
+    A key listed in ``cls.MOVED_KEYS`` (old name -> new dotted name under ``prefix``) is an error that
+    names where the setting lives now.
 
     Args:
         cls: the dataclass.
         values: a mapping of its field names to plain values (an instance of ``cls`` passes through).
         prefix: the dotted name of this section, used in every error message.
+        base: an instance of ``cls`` whose values stand for the keys ``values`` leaves out.
     """
     if isinstance(values, cls):
         return values
@@ -92,11 +130,20 @@ def dataclass_from_dict(cls: type[ConfigT], values: Any, prefix: str) -> ConfigT
         raise ConfigError(f"{prefix}: expected a mapping of {cls.__name__} fields, got {values!r}")
     fields = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    moved = getattr(cls, "MOVED_KEYS", {})
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
+            if key in moved:
+                raise ConfigError(f"{prefix}.{key}: moved to {prefix}.{moved[key]}")
             raise ConfigError(f"{prefix}.{key}: unknown key (valid keys of {prefix}: {', '.join(sorted(fields))})")
-        kwargs[key] = _check_type(value, hints.get(key, Any), f"{prefix}.{key}")
+        nested = _nested_default(cls, base, key) if isinstance(value, dict) else None
+        if nested is not None:
+            kwargs[key] = dataclass_from_dict(type(nested), value, f"{prefix}.{key}", nested)
+        else:
+            kwargs[key] = _check_type(value, hints.get(key, Any), f"{prefix}.{key}")
+    if base is not None:
+        kwargs = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init}, **kwargs}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # a dataclass's own __post_init__ check
@@ -107,6 +154,132 @@ def dataclass_from_dict(cls: type[ConfigT], values: Any, prefix: str) -> ConfigT
         if text.startswith(section + "."):  # "svt.global_size must ..." under "data.svt" -> "data.svt.global_size ..."
             raise ConfigError(prefix + text[len(section):]) from exc
         raise ConfigError(f"{prefix}: {text}") from exc
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    dotted, value_text = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. trainer.zero_stage=3)")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {dotted}: cannot parse value {value_text!r} ({exc})") from exc
+    return keys, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Sets ``section.key[.sub]=value`` entries in a nested dict (creating sections as needed).
+
+    Values are parsed as YAML: ``trainer.zero_stage=3`` is an int, ``optim.betas=[0.9,0.95]`` a list.
+    """
+    for text in overrides:
+        keys, value = _parse_override(text)
+        set_dotted(raw, keys, value, f"override {text!r}")
+    return raw
+
+
+def set_dotted(raw: dict, keys: list[str], value: Any, what: str) -> None:
+    """``raw[k0][k1]...[kn] = value``, creating sections as needed; ``what`` names the setting in errors."""
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:  # absent, or an empty YAML section ("extract:")
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_yaml_sections(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The nested plain data of YAML file ``path`` (none: empty) with ``section.key=value`` overrides applied.
+
+    Raises ``ConfigError`` naming the file for a missing file, bad YAML or a top level that is not a
+    mapping, and naming the override for a malformed one.
+    """
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return apply_overrides(raw, list(overrides or []))
+
+
+# One precision vocabulary: (short name, long name). The short names are the trainer's and DeepSpeed's
+# ("bf16": {"enabled": ...}), the long ones numpy's / DALI's / torch's (types.FLOAT16, torch.bfloat16).
+PRECISIONS = (("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"))
+_PRECISION_PAIRS = {name: pair for pair in PRECISIONS for name in pair}
+
+
+def precision_name(value: str, field: str = "precision", *, allowed: tuple[str, ...] = ("fp32", "bf16", "fp16"),
+                   long: bool = False) -> str:
+    """``value`` (any spelling of ``PRECISIONS``) as its short name (``bf16``), or long (``bfloat16``).
+
+    Args:
+        value: ``fp32`` | ``float32`` | ``bf16`` | ``bfloat16`` | ``fp16`` | ``float16``.
+        field: the dotted config field, named in the error.
+        allowed: the short names this field accepts (the trainer takes no fp16).
+        long: return ``float32`` / ``bfloat16`` / ``float16`` instead.
+    """
+    pair = _PRECISION_PAIRS.get(value) if isinstance(value, str) else None
+    if pair is None or pair[0] not in allowed:
+        names = ", ".join(f"{short} / {name}" for short, name in PRECISIONS if short in allowed)
+        raise ConfigError(f"{field}: must be one of {names}, got {value!r}")
+    return pair[1] if long else pair[0]
+
+
+def torch_dtype(value: str):
+    """The ``torch.dtype`` of a precision name (``bf16`` and ``bfloat16`` both give ``torch.bfloat16``)."""
+    import torch  # not at import time: shard_tools reads its settings here without torch
+
+    return getattr(torch, precision_name(value, long=True))
+
+
+def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:
+    """The random stream ``keys`` (e.g. rank, step) of root ``seed``: ``SeedSequence(seed, spawn_key=keys)``.
+
+    Distinct key tuples give independent streams (SeedSequence hashes entropy and spawn key together),
+    unlike ``seed + 1000 * rank + step``, where rank 0 at step 1000 is rank 1 at step 0.
+    """
+    if seed < 0 or any(k < 0 for k in keys):
+        raise ValueError(f"seed and keys must be >= 0, got seed {seed}, keys {keys}")
+    return np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in keys))
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit integer seed (``torch.manual_seed``, ``random.seed``, ``torch.Generator``) for the stream
+    ``keys`` of root ``seed``, from ``seed_sequence(seed, *keys)``.
+
+    Not for ``np.random.seed``: 32 bits collide by the birthday bound on large (rank, step) grids;
+    ``seed_all`` gives numpy the SeedSequence's 128-bit state instead.
+    """
+    low, high = (int(w) for w in seed_sequence(seed, *keys).generate_state(2, np.uint32))
+    return ((high << 32) | low) & ((1 << 63) - 1)
+
+
+def seed_all(seed: int, *keys: int) -> None:
+    """Seeds torch, numpy's global generator and ``random`` with the stream ``keys`` (e.g. rank, step) of
+    ``seed``: per-rank, per-step randomness (drop path, dropout) without the collisions of
+    ``seed + 1000 * rank + step``."""
+    import random
+
+    import torch
+
+    sequence = seed_sequence(seed, *keys)
+    torch.manual_seed(derive_seed(seed, *keys))
+    np.random.seed(sequence.generate_state(4))  # RandomState takes the 128-bit state as uint32 words
+    random.seed(derive_seed(seed, *keys))
 
 
 # What a command line reports as one line and exit status 2 (bad config, bad input file, a folder that

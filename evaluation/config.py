@@ -1,7 +1,10 @@
 """Typed protocol configs for evaluation: strict construction from dicts (YAML / JSON / CLI).
 
 Each protocol (extraction, kNN, linear probe, fine-tuning) keeps its dataclass next to its code; the
-one rule they share with every other config of the project lives in ``typed_config``.
+one rule they share with every other config of the project lives in ``typed_config``. Settings that
+belong to the data area are its sections, embedded rather than copied: ``ExtractConfig.data`` is a
+``pipelines.DataConfig``, ``FinetuneConfig.eval`` a ``pipelines.config.EvalConfig``. ``evaluate.py``
+reads them through ``typed_config.load_yaml_sections`` / ``apply_overrides``, the route of ``train.py``.
 """
 from __future__ import annotations
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 from einops import rearrange
+
+from pipelines.config import DataConfig
+from typed_config import precision_name, torch_dtype
 
 __all__ = ["FEATURE_KINDS", "ExtractConfig", "FeatureSet", "group_eval_views", "extract_features",
            "slow_fast_features"]
@@ -26,45 +29,51 @@ FEATURE_KINDS = ("slowfast", "slow", "fast")
 VIEW_GROUPS = ("slow", "fast")
 
 
+def _eval_data() -> DataConfig:
+    # the eval recipe in a fixed order: every video once, none dropped (one feature row per video)
+    return DataConfig(recipe="eval", shuffle=False)
+
+
 @dataclass
 class ExtractConfig:
     """Args:
-        shards: folder with ``manifest.json`` (labelled shards of one split).
+        data: the loader's ``DataConfig`` (section ``extract.data``, keys as in a training recipe):
+            ``shards`` (labelled shards of one split), ``device`` (DALI decoder: cpu | mixed | auto),
+            ``num_threads``, and ``eval`` (``pipelines.config.EvalConfig``: ``clips`` x ``crops`` per
+            video, the slow and the fast clip; SVT: 1 x 3, 8 @ 224 and 64 @ 96). Its ``recipe`` is
+            ``eval``; ``mean`` / ``std`` come from the checkpoint's run.
         batch_size: videos per loader step.
-        clips, crops: temporal clips x spatial crops per video (SVT: 1 x 3; more clips for long videos).
-        slow_frames, slow_size, fast_frames, fast_size: the two eval clips (SVT: 8 @ 224, 64 @ 96).
         views_per_forward: clips per backbone call (bounds activation memory; 0 = all views of a batch).
         device: ``cpu`` | ``cuda`` for the backbone.
-        data_device: ``cpu`` | ``mixed`` | ``auto`` for DALI's decoder.
-        num_threads: DALI threads.
         loader: ``dali`` | ``baseline`` (PyAV reference loader).
-        precision: ``fp32`` | ``bf16`` (autocast on CUDA).
+        precision: ``fp32`` | ``bf16`` (autocast on CUDA; also ``float32`` | ``bfloat16``).
         limit: stop after this many videos (0 = all); for smoke runs.
     """
 
-    shards: str = ""
+    # the flat keys of earlier versions and where they live now (an old config fails naming the new key)
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "shards": "data.shards", "data_device": "data.device", "num_threads": "data.num_threads",
+        **{name: f"data.eval.{name}" for name in ("clips", "crops", "slow_frames", "slow_size", "fast_frames",
+                                                  "fast_size")}}
+
+    data: DataConfig = field(default_factory=_eval_data)
     batch_size: int = 8
-    clips: int = 1
-    crops: int = 3
-    slow_frames: int = 8
-    slow_size: int = 224
-    fast_frames: int = 64
-    fast_size: int = 96
     views_per_forward: int = 0
     device: str = "cpu"
-    data_device: str = "cpu"
-    num_threads: int = 2
     loader: str = "dali"
     precision: str = "fp32"
     limit: int = 0
 
     def __post_init__(self) -> None:
-        if not self.shards:
-            raise ValueError("extract.shards: a shard folder is required")
-        if self.batch_size < 1 or self.clips < 1 or self.views_per_forward < 0 or self.limit < 0:
-            raise ValueError("extract.batch_size and extract.clips must be >= 1, views_per_forward and limit >= 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"extract.precision must be fp32 or bf16, got {self.precision!r}")
+        if not self.data.shards:
+            raise ValueError("extract.data.shards: a shard folder is required")
+        if self.data.recipe != "eval" or self.data.drop_last:
+            raise ValueError(f"extract.data: extraction reads the eval recipe without dropping videos "
+                             f"(recipe eval, drop_last false), got recipe {self.data.recipe!r}, "
+                             f"drop_last {self.data.drop_last}")
+        if self.batch_size < 1 or self.views_per_forward < 0 or self.limit < 0:
+            raise ValueError("extract.batch_size must be >= 1, views_per_forward and limit >= 0")
+        self.precision = precision_name(self.precision, "extract.precision", allowed=("fp32", "bf16"))
         if self.loader not in ("dali", "baseline"):
             raise ValueError(f"extract.loader must be dali or baseline, got {self.loader!r}")
 
@@ -174,8 +183,9 @@ def extract_features(backbone: nn.Module, loader: Iterable[dict], view_names: li
     """
     groups = group_eval_views(view_names)
     backbone = backbone.eval().to(device)
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                              enabled=precision == "bf16" and device.startswith("cuda"))
+    dtype = torch_dtype(precision)
+    autocast = torch.autocast(device_type="cuda", dtype=dtype,
+                              enabled=dtype != torch.float32 and device.startswith("cuda"))
     keys: list[str] = []
     seen: set[str] = set()
     labels, slow, fast = [], [], []

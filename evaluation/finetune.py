@@ -38,13 +38,16 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pipelines.config import EvalConfig
+from typed_config import precision_name, torch_dtype
 
 __all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "multistep_lr",
            "evaluate_classifier", "run_finetune_cli"]
@@ -57,11 +60,11 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         momentum=0.9, weight_decay=1e-4, batch_size=32,                             # SVT Sec. 4.1
         freeze_backbone=False, head_init_std=0.02,   # linear layer init as TimeSformer's / timm's head
         inputs="slowfast",                            # SVT Sec. 4.1: "two clips ... during fine-tuning"
-        clip_frames=8, clip_size=224, fast_frames=64, fast_size=96,                 # SVT Sec. 3.4 / Fig. 3
         # Our choice: the SVT global view's temporal span and crop scale (the paper names no fine-tuning
         # augmentation; the official SVT code releases no fine-tuning script).
         train_span=0.9, train_scale=(0.4, 1.0), train_stride=0,
-        test_clips=1, test_crops=3, test_stride=0),  # SVT Sec. 4.1: 2 clips x 3 crops = 6 views
+        eval=dict(slow_frames=8, slow_size=224, fast_frames=64, fast_size=96,   # SVT Sec. 3.4 / Fig. 3
+                  clips=1, crops=3, stride=0)),  # SVT Sec. 4.1: 2 clips x 3 crops = 6 views
     "svt-linear": dict(
         # SVT Sec. 4.1 "Linear": SGD lr 8e-3 (used as stated, at batch 32; the official eval_linear.py scales
         # its lr by batch / 256 and its script passes 1e-3 at batch 16), cosine decay to 0 per epoch as
@@ -69,9 +72,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         epochs=20, lr=8e-3, schedule="cosine", milestones=(), gamma=1.0,
         momentum=0.9, weight_decay=0.0, batch_size=32,  # weight decay 0: official eval_linear.py
         freeze_backbone=True, head_init_std=0.01,       # N(0, 0.01): official LinearClassifier (DINO's)
-        inputs="slowfast", clip_frames=8, clip_size=224, fast_frames=64, fast_size=96,
+        inputs="slowfast",
         train_span=0.9, train_scale=(0.4, 1.0), train_stride=0,  # as svt-finetune (our choice)
-        test_clips=1, test_crops=3, test_stride=0),
+        eval=dict(slow_frames=8, slow_size=224, fast_frames=64, fast_size=96, clips=1, crops=3, stride=0)),
     "lstcl-finetune": dict(
         # LSTCL Sec. 4: fine-tuning for 200 epochs with one T=8 clip at stride 8 from a random start.
         # The paper names no optimizer for it: TimeSformer's fine-tuning SGD (lr 5e-3, momentum 0.9,
@@ -80,10 +83,10 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         epochs=200, lr=5e-3, schedule="multistep", milestones=(147, 187), gamma=0.1,
         momentum=0.9, weight_decay=1e-4, batch_size=32,
         freeze_backbone=False, head_init_std=0.02,
-        inputs="single", clip_frames=8, clip_size=224, fast_frames=64, fast_size=96,
+        inputs="single",
         train_span=1.0, train_scale=(0.4, 1.0), train_stride=8,
         # LSTCL Sec. 4: "we sample uniformly 5 clip with center cropping"; stride 8 (Sec. 4.1, Fig. 4).
-        test_clips=5, test_crops=1, test_stride=8),
+        eval=dict(slow_frames=8, slow_size=224, fast_frames=64, fast_size=96, clips=5, crops=1, stride=8)),
 }
 FINETUNE_PROTOCOLS = ("svt-finetune", "lstcl-finetune")
 PROBE_PROTOCOLS = ("svt-linear",)
@@ -100,12 +103,13 @@ class FinetuneConfig:
         freeze_backbone: train only the linear layer (linear probe; backbone in eval mode, no gradients).
         head_init_std: std of the linear layer's (truncated) normal init.
         inputs: ``slowfast`` (classifier on CLS(slow) + CLS(fast)) or ``single`` (slow clip only).
-        clip_frames, clip_size, fast_frames, fast_size: the slow and the fast clip.
         train_span, train_scale: training clips spread over a random ``train_span`` of the video, random
             resized crops of ``train_scale`` of the frame area, flipped with p 0.5.
         train_stride: > 0: the training clip takes a frame every ``train_stride`` from a random start.
-        test_clips, test_crops, test_stride: test views per video (``test_stride`` 0: each clip spread over
-            its 1/test_clips of the video; > 0: strided clips placed uniformly).
+        eval: the clips and the test views, the eval recipe's ``pipelines.config.EvalConfig``:
+            ``slow_frames`` x ``slow_size`` and ``fast_frames`` x ``fast_size`` (the training clips have
+            the same shapes), ``clips`` x ``crops`` test views per video (``stride`` 0: each clip spread
+            over its 1/clips of the video; > 0: strided clips placed uniformly).
         zero_stage, precision: DeepSpeed ZeRO stage (0-3) and fp32 | bf16 (bf16 needs stage >= 1).
         num_threads, loader: DALI threads; dali | baseline loader.
         max_steps: stop after this many optimizer steps in total (0 = run every epoch); for smoke runs.
@@ -113,6 +117,12 @@ class FinetuneConfig:
         torch_threads: torch CPU threads per rank (0 = torch's default).
         seed: seeds the head init and the loader.
     """
+
+    # the flat keys of earlier versions and where they live now (an old config fails naming the new key)
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "clip_frames": "eval.slow_frames", "clip_size": "eval.slow_size", "fast_frames": "eval.fast_frames",
+        "fast_size": "eval.fast_size", "test_clips": "eval.clips", "test_crops": "eval.crops",
+        "test_stride": "eval.stride"}
 
     protocol: str = "svt-finetune"
     epochs: int = 15
@@ -126,16 +136,10 @@ class FinetuneConfig:
     freeze_backbone: bool = False
     head_init_std: float = 0.02
     inputs: str = "slowfast"
-    clip_frames: int = 8
-    clip_size: int = 224
-    fast_frames: int = 64
-    fast_size: int = 96
     train_span: float = 0.9
     train_scale: tuple[float, float] = (0.4, 1.0)
     train_stride: int = 0
-    test_clips: int = 1
-    test_crops: int = 3
-    test_stride: int = 0
+    eval: EvalConfig = field(default_factory=EvalConfig)
     zero_stage: int = 0
     precision: str = "fp32"
     num_threads: int = 2
@@ -162,25 +166,22 @@ class FinetuneConfig:
         if self.inputs == "slowfast" and self.train_stride:
             raise ValueError("finetune.train_stride applies to single-clip inputs; slow-fast clips are spread "
                              "over train_span")
-        if not 0 < self.train_span <= 1 or self.train_stride < 0 or self.test_stride < 0 or self.head_init_std <= 0:
-            raise ValueError(f"finetune: need 0 < train_span <= 1, train_stride / test_stride >= 0, "
-                             f"head_init_std > 0 (got {self.train_span}, {self.train_stride}, {self.test_stride}, "
-                             f"{self.head_init_std})")
-        if self.zero_stage not in (0, 1, 2, 3) or self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"finetune.zero_stage must be 0-3 and precision fp32|bf16, got "
-                             f"{self.zero_stage}, {self.precision!r}")
+        if not 0 < self.train_span <= 1 or self.train_stride < 0 or self.head_init_std <= 0:
+            raise ValueError(f"finetune: need 0 < train_span <= 1, train_stride >= 0, head_init_std > 0 "
+                             f"(got {self.train_span}, {self.train_stride}, {self.head_init_std})")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"finetune.zero_stage must be 0-3, got {self.zero_stage}")
+        self.precision = precision_name(self.precision, "finetune.precision", allowed=("fp32", "bf16"))
         if self.precision == "bf16" and self.zero_stage == 0:
             raise ValueError("finetune: bf16 needs zero_stage >= 1 (DeepSpeed's stage-0 bf16 optimizer "
                              "takes a dummy step; DESIGN.md section 8)")
-        if self.test_clips < 1 or self.test_crops not in (1, 3):
-            raise ValueError(f"finetune.test_clips must be >= 1 and test_crops 1 or 3, got "
-                             f"{self.test_clips}, {self.test_crops}")
 
     def changes(self) -> dict[str, Any]:
-        """Settings that differ from the named protocol (a truncated run, ``max_steps``, is one)."""
-        reference = FinetuneConfig(**{**PROTOCOLS[self.protocol], "protocol": self.protocol})
-        changed = {name: getattr(self, name) for name in PROTOCOLS[self.protocol]
-                   if _plain(getattr(self, name)) != _plain(getattr(reference, name))}
+        """Settings that differ from the named protocol, by dotted name (``eval.slow_frames``); a
+        truncated run (``max_steps``) is one."""
+        reference = _flat(asdict(protocol_config(self.protocol)))
+        changed = {name: value for name, value in _flat(asdict(self)).items()
+                   if name in _flat(PROTOCOLS[self.protocol]) and _plain(value) != _plain(reference[name])}
         if self.max_steps:
             changed["max_steps"] = self.max_steps
         return changed
@@ -190,17 +191,36 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"eval": {"clips": 5}}`` -> ``{"eval.clips": 5}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def protocol_config(name: str) -> FinetuneConfig:
+    """The settings of protocol ``name`` (``PROTOCOLS``), run mechanics at their defaults."""
+    from evaluation.config import config_from_dict
+
+    return config_from_dict(FinetuneConfig, {**PROTOCOLS[name], "protocol": name}, "protocol")
+
+
 def resolve_protocol(values: dict[str, Any], default: str, allowed: tuple[str, ...] | None = None,
                      section: str = "finetune") -> FinetuneConfig:
-    """The named protocol's settings (``values["protocol"]``, else ``default``) overlaid with ``values``;
-    a bad key is an error naming ``section.key``."""
-    from evaluation.config import config_from_dict
+    """The named protocol's settings (``values["protocol"]``, else ``default``) overlaid with ``values``
+    (a nested ``eval`` mapping overlays the protocol's ``eval`` key by key); a bad key is an error naming
+    ``section.key``."""
+    from typed_config import dataclass_from_dict
 
     name = values.get("protocol", default)
     allowed = allowed or tuple(PROTOCOLS)
     if name not in allowed:
         raise ValueError(f"protocol {name!r} is not one of {', '.join(allowed)}")
-    return config_from_dict(FinetuneConfig, {**PROTOCOLS[name], **values, "protocol": name}, section)
+    return dataclass_from_dict(FinetuneConfig, {**values, "protocol": name}, section, base=protocol_config(name))
 
 
 def epoch_lr(cfg: FinetuneConfig, epoch: int) -> float:
@@ -258,18 +278,19 @@ def _train_data_config(cfg: FinetuneConfig, shards: str, mean, std):
     from pipelines import DataConfig
     from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig
 
+    clips = cfg.eval
     common = dict(shards=shards, num_threads=cfg.num_threads, mean=tuple(mean), std=tuple(std), shuffle=True,
                   drop_last=True, augment=AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur=False, solarize=False))
     if cfg.train_stride:
         return DataConfig(recipe="lstcl", **common,
-                          lstcl=LSTCLConfig(short_frames=cfg.clip_frames, short_stride=cfg.train_stride, long_frames=1,
-                                            long_stride=cfg.train_stride, size=cfg.clip_size,
+                          lstcl=LSTCLConfig(short_frames=clips.slow_frames, short_stride=cfg.train_stride,
+                                            long_frames=1, long_stride=cfg.train_stride, size=clips.slow_size,
                                             scale=tuple(cfg.train_scale)))
-    fast = (cfg.fast_frames,) if cfg.inputs == "slowfast" else ()
+    fast = (clips.fast_frames,) if cfg.inputs == "slowfast" else ()
     return DataConfig(recipe="svt", **common,
-                      svt=SVTConfig(global_frames=(cfg.clip_frames,), global_size=cfg.clip_size,
+                      svt=SVTConfig(global_frames=(clips.slow_frames,), global_size=clips.slow_size,
                                     global_span=cfg.train_span, global_scale=tuple(cfg.train_scale),
-                                    local_frames=fast, local_size=cfg.fast_size, local_span=cfg.train_span,
+                                    local_frames=fast, local_size=clips.fast_size, local_span=cfg.train_span,
                                     local_scale=tuple(cfg.train_scale)))
 
 
@@ -282,16 +303,13 @@ def _train_views(cfg: FinetuneConfig) -> tuple[str, str | None]:
 
 def _test_data_config(cfg: FinetuneConfig, shards: str, mean, std):
     """Test views: the eval recipe. Single-clip protocols ignore its fast clips (made one small frame)."""
-    from pipelines import DataConfig
-    from pipelines.config import EvalConfig
+    import dataclasses
 
-    slowfast = cfg.inputs == "slowfast"
+    from pipelines import DataConfig
+
+    views = cfg.eval if cfg.inputs == "slowfast" else dataclasses.replace(cfg.eval, fast_frames=1, fast_size=16)
     return DataConfig(shards=shards, recipe="eval", num_threads=cfg.num_threads, mean=tuple(mean), std=tuple(std),
-                      shuffle=False, eval=EvalConfig(slow_frames=cfg.clip_frames, slow_size=cfg.clip_size,
-                                                     fast_frames=cfg.fast_frames if slowfast else 1,
-                                                     fast_size=cfg.fast_size if slowfast else 16,
-                                                     clips=cfg.test_clips, crops=cfg.test_crops,
-                                                     stride=cfg.test_stride))
+                      shuffle=False, eval=views)
 
 
 @torch.no_grad()
@@ -327,11 +345,12 @@ def evaluate_classifier(model: nn.Module, loader, device: torch.device, dtype: t
 
 def describe(cfg: FinetuneConfig) -> str:
     """The variant column of the results table: what the classifier saw and how it was tested."""
-    inputs = (f"slow-fast ({cfg.clip_frames}x{cfg.clip_size} + {cfg.fast_frames}x{cfg.fast_size})"
-              if cfg.inputs == "slowfast" else f"{cfg.clip_frames}x{cfg.clip_size} clip")
-    stride = f" stride {cfg.test_stride}" if cfg.test_stride else ""
-    crops = "centre crop" if cfg.test_crops == 1 else f"{cfg.test_crops} crops"
-    return f"{'frozen backbone, ' if cfg.freeze_backbone else ''}{inputs}; test {cfg.test_clips} clip(s){stride} x {crops}"
+    e = cfg.eval
+    inputs = (f"slow-fast ({e.slow_frames}x{e.slow_size} + {e.fast_frames}x{e.fast_size})"
+              if cfg.inputs == "slowfast" else f"{e.slow_frames}x{e.slow_size} clip")
+    stride = f" stride {e.stride}" if e.stride else ""
+    crops = "centre crop" if e.crops == 1 else f"{e.crops} crops"
+    return f"{'frozen backbone, ' if cfg.freeze_backbone else ''}{inputs}; test {e.clips} clip(s){stride} x {crops}"
 
 
 def _latest_epoch_tag(ckpt_root: Path) -> str | None:
@@ -409,7 +428,7 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
         print(f"protocol {cfg.protocol}: {describe(cfg)}"
               + (f"; changed from the protocol: {cfg.changes()}" if cfg.changes() else ""))
     # bf16 engines hold bf16 module weights: the clips must match them.
-    input_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    input_dtype = torch_dtype(cfg.precision)
     done = False
     for epoch in range(start_epoch, cfg.epochs):
         lr = epoch_lr(cfg, epoch)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.results import topk_accuracy
+from typed_config import derive_seed
 
 __all__ = ["KNNConfig", "knn_predict_scores", "knn_classify", "knn_shuffled_label_control"]
 
@@ -91,7 +92,8 @@ def knn_shuffled_label_control(train_features: torch.Tensor, train_labels: torch
         return None
     runs = []
     for r in range(repeats):
-        permutation = torch.randperm(train_labels.shape[0], generator=torch.Generator().manual_seed(seed + r))
+        # run r's own stream of the control seed (seed + r would replay run 0 of control seed + r)
+        permutation = torch.randperm(train_labels.shape[0], generator=torch.Generator().manual_seed(derive_seed(seed, r)))
         runs.append(knn_classify(train_features, train_labels[permutation], test_features, test_labels, cfg,
                                  num_classes))
     return {name: {"top1": sum(run[name]["top1"] for run in runs) / repeats,

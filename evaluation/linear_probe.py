@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from evaluation.results import topk_accuracy
 from objectives.schedules import cosine_schedule
+from typed_config import derive_seed
 
 __all__ = ["LinearProbeConfig", "train_linear_probe", "shuffled_label_control"]
 
@@ -90,13 +91,14 @@ def shuffled_label_control(train_features: torch.Tensor, train_labels: torch.Ten
                            val_labels: torch.Tensor, cfg: LinearProbeConfig, repeats: int,
                            num_classes: int | None = None) -> dict:
     """The same probe trained on randomly permuted training labels, ``repeats`` times (seeds
-    ``cfg.seed + 1 ..``); its mean accuracy should sit at chance, else the protocol leaks labels."""
+    ``derive_seed(cfg.seed, 1, r)``); its mean accuracy should sit at chance, else the protocol leaks labels."""
     if repeats < 1:
         raise ValueError(f"control repeats must be >= 1, got {repeats}")
     runs = []
     for r in range(repeats):
-        permutation = torch.randperm(train_labels.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1 + r))
-        probe_cfg = LinearProbeConfig(**{**cfg.__dict__, "seed": cfg.seed + 1 + r})
+        seed = derive_seed(cfg.seed, 1, r)  # cfg.seed + 1 + r would be the real probe of seed cfg.seed + 1 + r
+        permutation = torch.randperm(train_labels.shape[0], generator=torch.Generator().manual_seed(seed))
+        probe_cfg = LinearProbeConfig(**{**cfg.__dict__, "seed": seed})
         runs.append(train_linear_probe(train_features, train_labels[permutation], val_features, val_labels,
                                        probe_cfg, num_classes))
     return {"top1": sum(r["top1"] for r in runs) / repeats, "top5": sum(r["top5"] for r in runs) / repeats,

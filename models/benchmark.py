@@ -23,6 +23,7 @@ import torch
 from models import DINOHead, MultiViewRunner, build_backbone
 from models.flops import views_flops
 from objectives import SVTLoss
+from typed_config import torch_dtype
 
 __all__ = ["main"]
 
@@ -85,7 +86,8 @@ def _step(runner: MultiViewRunner, loss_fn: SVTLoss, views: list[torch.Tensor], 
     runner.zero_grad(set_to_none=True)
     _synchronize(args.device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+    dtype = torch_dtype(args.dtype)
+    with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
         if mode == "loop":
             student = [runner.head(runner.backbone.forward_features(v)) for v in views]
         else:

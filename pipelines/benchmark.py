@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-costs", action="store_true",
                    help="instead of the three modes: CPU time of each step of the views graph (gather, resize, "
                         "colour, blur, solarize, normalize) and of the decode, on one batch decoded beforehand")
+    p.add_argument("--scale-shards", type=int, nargs="+", metavar="N",
+                   help="instead of the modes: build the DALI loader over N small synthetic shards (2 samples "
+                        "each) for each N, and time start-up (manifest + first batch) and the per-epoch rebuild "
+                        "(first batch of the next epoch); JSON in --out's folder: data_scale.json, shard sets in "
+                        "its loader_scale/")
     p.add_argument("--out", type=Path, default=Path("runs/bench/data.json"))
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     return p
@@ -65,6 +70,8 @@ def main(argv: list[str]) -> int:
     if args.child:
         print("RESULT " + json.dumps(run_mode(args.child, args)), flush=True)
         return 0
+    if args.scale_shards:
+        return loader_scale(args)
     if args.shards is None:
         folder = "data_shards" if args.max_fps == 30.0 else f"data_shards_{args.max_fps:g}fps"
         args.shards = ensure_bench_shards(Path("runs/bench") / folder, args.num_videos, args.max_fps)
@@ -391,6 +398,94 @@ def _metadata(cfg) -> dict:
         m = json.loads(sample["json"])
         meta[m["key"]] = m
     return meta
+
+
+# ------------------------------------------------------------------ loader over many shards
+SCALE_SAMPLES_PER_SHARD = 2
+
+
+def ensure_many_shards(folder: Path, num_shards: int) -> Path:
+    """``num_shards`` tiny shards (2 samples of one 16-frame 64x48 VP9 clip each) and their manifest."""
+    import io
+    import tarfile
+
+    from shard_tools.encode import EncodeSettings, process_video
+    from shard_tools.media import write_synthetic_video
+    from shard_tools.sources import VideoInput
+    from shard_tools.writer import encode_json, write_dali_index
+
+    manifest_path = folder / "manifest.json"
+    if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) == num_shards:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = write_synthetic_video(folder / "clip.webm", num_frames=16, width=64, height=48, pattern="moving_left")
+    outcome = process_video(VideoInput("clip", "clip", str(clip), 0, "c", "bench", "train"), EncodeSettings())
+    if not outcome.ok:
+        raise RuntimeError(f"{clip}: could not encode the clip: {outcome.record}")
+    shards = []
+    for s in range(num_shards):
+        keys = [f"s{s:06d}_{i}" for i in range(SCALE_SAMPLES_PER_SHARD)]
+        tar = folder / f"many-train-{s:06d}.tar"
+        with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as archive:
+            for key in keys:
+                for ext, data in (("webm", outcome.payload), ("json", encode_json({**outcome.record, "key": key})),
+                                  ("cls", b"0")):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        write_dali_index(tar, tar.with_suffix(".idx"), sync=False)  # a benchmark fixture: no fsync
+        shards.append({"path": tar.name, "idx_path": tar.with_suffix(".idx").name, "num_samples": len(keys),
+                       "keys": keys})
+    total = num_shards * SCALE_SAMPLES_PER_SHARD
+    manifest_path.write_text(json.dumps({
+        "tool_version": "pipelines.benchmark", "codec": "vp9", "container": "webm", "label_map": {"c": 0},
+        "shards": shards, "totals": {"inputs": total, "samples": total, "quarantined": 0}}))
+    return folder
+
+
+def loader_scale(args) -> int:
+    """Start-up and per-epoch rebuild of the DALI loader against the number of shards it reads."""
+    import dataclasses
+
+    import torch
+
+    from .loader import DALILoader
+
+    torch.set_num_threads(1)
+    # Untimed warm-up: the first DALI pipelines of a process pay one-off library start-up costs.
+    root = args.out.parent / "loader_scale"  # shard sets are built once per size and reused
+    warm = ensure_many_shards(root / "n4", 4)
+    next(iter(DALILoader(dataclasses.replace(_bench_config(args), shards=str(warm)), batch_size=args.batch_size)))
+    rows = []
+    print(f"{'shards':>7} {'manifest s':>11} {'first batch s':>14} {'epoch rebuild s':>16} {'ms/shard (rebuild)':>19}")
+    for num_shards in args.scale_shards:
+        folder = ensure_many_shards(root / f"n{num_shards}", num_shards)
+        cfg = dataclasses.replace(_bench_config(args), shards=str(folder))
+        t0 = time.perf_counter()
+        loader = DALILoader(cfg, batch_size=args.batch_size)
+        t_manifest = time.perf_counter() - t0
+        next(iter(loader))
+        t_first = time.perf_counter() - t0
+        rebuilds = []
+        for epoch in (1, 2):  # each epoch builds a fresh reader (new seed, rotated shard) over every shard
+            loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            next(iter(loader))
+            rebuilds.append(time.perf_counter() - t0)
+        row = {"shards": num_shards, "samples": num_shards * SCALE_SAMPLES_PER_SHARD,
+               "manifest_s": round(t_manifest, 4), "startup_s": round(t_first, 3),
+               "epoch_rebuild_s": round(sum(rebuilds) / len(rebuilds), 3),
+               "rebuild_ms_per_shard": round(1000 * sum(rebuilds) / len(rebuilds) / num_shards, 3)}
+        rows.append(row)
+        print(f"{num_shards:>7} {row['manifest_s']:>11.3f} {row['startup_s']:>14.3f} {row['epoch_rebuild_s']:>16.3f} "
+              f"{row['rebuild_ms_per_shard']:>19.3f}", flush=True)
+        del loader
+    out = args.out.with_name("data_scale.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "loader scale", "recipe": args.recipe, "batch_size": args.batch_size,
+                               "threads": args.threads, "load_average": os.getloadavg(), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
 
 
 # ------------------------------------------------------------------ benchmark shard set

@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from typed_config import dataclass_from_dict
+from typed_config import PRECISIONS, dataclass_from_dict, precision_name
 
 RECIPES = ("svt", "lstcl", "eval")
 DEVICES = ("cpu", "mixed", "auto")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(name for _, name in PRECISIONS)  # float32, bfloat16, float16 (bf16 etc. accepted, normalized)
 PLACEMENTS = ("independent", "included", "disjoint")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -197,7 +197,7 @@ class DataConfig:
         recipe: ``svt`` | ``lstcl`` | ``eval``; picks the frame plan and the views.
         device: decoder device, ``cpu`` | ``mixed`` (NVDEC) | ``auto`` (mixed when a GPU is visible).
         num_threads: DALI worker threads for decoding and augmentation (baseline: DataLoader workers).
-        dtype: output dtype of the view tensors.
+        dtype: output dtype of the view tensors (``float32`` | ``bfloat16`` | ``float16``, or ``fp32`` ...).
         mean, std: the backbone's normalization, in 0..1 units.
         shuffle: each epoch a seeded permutation of every sample (pipelines/order.py); False keeps
             manifest order.
@@ -231,8 +231,7 @@ class DataConfig:
             raise ValueError(f"data.recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.device not in DEVICES:
             raise ValueError(f"data.device must be one of {DEVICES}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"data.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self.dtype = precision_name(self.dtype, "data.dtype", long=True)
         if self.block_shards < 0:
             raise ValueError(f"data.block_shards must be >= 0 (0 = full permutation), got {self.block_shards}")
         if self.num_threads < 1 or self.prefetch < 1 or self.shuffle_buffer < 1:

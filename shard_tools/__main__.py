@@ -92,21 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="re-read every shard and check the invariants")
     verify.add_argument("out", type=Path, help="a shard folder (holding manifest.json)")
-    verify.add_argument("--decoder", choices=("auto", "dali", "pyav", "none"), default="auto",
-                        help="decode check: DALI CPU (vp9) / mixed (h264 with a GPU), PyAV fallback")
-    verify.add_argument("--threads", type=int, default=2, help="DALI threads")
+    verify.add_argument("--decoder", choices=("auto", "stream", "pyav", "dali", "none"), default="auto",
+                        help="frame-count check: auto/stream/pyav = PyAV frame by frame (bounded memory); "
+                             "dali = the training reader (CPU for vp9, GPU for h264; whole videos in memory)")
+    verify.add_argument("--threads", type=int, default=2, help="DALI threads per worker")
+    verify.add_argument("--workers", type=int, default=0, help="shards checked in parallel (0: in this process)")
+    verify.add_argument("--executor", choices=EXECUTORS, default="process")
+    verify.add_argument("--ray-address", help="Ray cluster address (--executor ray)")
 
     stats = sub.add_parser("stats", help="totals, per-label counts, duration/fps/resolution histograms")
     stats.add_argument("out", type=Path, help="a shard folder (holding manifest.json)")
 
-    bench = sub.add_parser("bench", help="videos/s and MB/s for 1 and 2 workers, VP9 and H.264")
+    bench = sub.add_parser("bench", help="videos/s and MB/s for 1 and 2 workers, VP9 and H.264; "
+                                         "--scale: driver cost per input at 10k..1M inputs")
     bench.add_argument("--videos", type=Path, help="folder of input videos (default: bundled footage)")
     bench.add_argument("--num-videos", type=int, default=12, help="inputs when generating footage")
-    bench.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    bench.add_argument("--workers", type=int, nargs="+", default=None,
+                       help="worker counts (default 1 2; --scale: one count, default 0 = in the driver)")
+    bench.add_argument("--scale", action="store_true",
+                       help="synthetic jobs with a near-free encoder stand-in: driver s/input, peak RSS, PNG")
+    bench.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                       help="--scale: input counts")
+    bench.add_argument("--shard-size", type=int, default=1000, help="--scale: samples per shard")
     bench.add_argument("--codecs", nargs="+", choices=("vp9", "h264", "vp9_good"), default=["vp9", "h264"],
                        help="encode variants (vp9_good: libvpx good/cpu-used 5, to price the realtime tuning)")
     bench.add_argument("--work-dir", type=Path, default=Path("runs/bench/shard_work"))
-    bench.add_argument("--out", type=Path, default=Path("runs/bench/shard.json"))
+    bench.add_argument("--out", type=Path, default=None,
+                       help="JSON (default runs/bench/shard.json; --scale: runs/bench/shard_scale.json + .png)")
     return parser
 
 
@@ -212,7 +224,8 @@ def _dispatch(argv: list[str] | None) -> int:
     if args.command == "verify":
         from shard_tools.verify import verify_shards
 
-        report = verify_shards(args.out, decoder=args.decoder, threads=args.threads)
+        report = verify_shards(args.out, decoder=args.decoder, threads=args.threads, workers=args.workers,
+                               executor=args.executor, ray_address=args.ray_address)
         print(json.dumps(report, indent=1))
         return 0 if report["ok"] else 1
     if args.command == "stats":
@@ -220,8 +233,16 @@ def _dispatch(argv: list[str] | None) -> int:
 
         print(format_stats(args.out))
         return 0
+    if args.scale:
+        from shard_tools.bench_scale import run_scale_bench
+
+        run_scale_bench(args.sizes, args.work_dir, args.out or Path("runs/bench/shard_scale.json"),
+                        shard_size=args.shard_size, workers=(args.workers or [0])[0])
+        return 0
     from shard_tools.bench import run_bench
 
+    args.workers = args.workers or [1, 2]
+    args.out = args.out or Path("runs/bench/shard.json")
     return run_bench(args)
 
 

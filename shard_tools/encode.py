@@ -18,7 +18,7 @@ muxer in bitexact mode, so the same input gives the same bytes on every run
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -103,12 +103,17 @@ class EncodeSettings:
             object.__setattr__(self, "crf", CODEC_TABLE[self.codec][3])
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "EncodeSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown encode setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**raw)
+    def from_dict(cls, raw: dict, prefix: str = "encode") -> "EncodeSettings":
+        """Strict construction from plain data (a manifest's ``encode`` entry, YAML) by ``typed_config``:
+        unknown keys and values of the wrong type are errors naming ``prefix.key``.
+
+        ``typed_config`` is imported here, not with the module: Ray ships only the ``shard_tools``
+        package to its workers (``executors.py``, ``py_modules``), and they receive built settings
+        (a pickled frozen dataclass) and never call this.
+        """
+        from typed_config import dataclass_from_dict
+
+        return dataclass_from_dict(cls, raw, prefix)
 
     def to_dict(self) -> dict:
         return asdict(self)

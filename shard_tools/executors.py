@@ -10,6 +10,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -48,10 +51,41 @@ def map_unordered(fn: Callable, tasks: Iterable[tuple], *, executor: str = "proc
         yield from _pool_map(fn, tasks, workers=workers, max_in_flight=max_in_flight or 2 * workers)
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """Pool worker initializer: the worker dies when the driver dies, ``kill -9`` included.
+
+    Without it a killed driver leaves its workers (and through their pipe, the resource tracker)
+    running for good. Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, which the kernel delivers when
+    the thread that started the worker ends -- the pool is created and used by one thread of the
+    driver (the caller of :func:`map_unordered`), so that thread outlives the pool. Elsewhere, and
+    as a second line, a daemon thread polls ``getppid()``.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the watchdog below does the job
+    if os.getppid() != parent_pid:  # the driver died before prctl took effect
+        os._exit(1)
+
+    def watchdog() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="exit-with-parent", daemon=True).start()
+
+
 def _pool_map(fn, tasks, *, workers: int, max_in_flight: int):
     # spawn: workers start clean (no inherited threads from tqdm / Ray / DALI in the parent).
     context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=exit_with_parent,
+                                initargs=(os.getpid(),)) as pool:
         pending: set[cf.Future] = set()
         task_iter = iter(tasks)
         exhausted = False

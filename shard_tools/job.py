@@ -3,19 +3,21 @@
 Resume design (kill -9 at any moment, rerun with the same arguments, same final bytes):
 1. The job's fingerprint (tool version, settings, seed, shard size, every input) is stored in
    ``OUT/.work/job.json``; a rerun with different arguments or inputs refuses to mix results.
-2. Each finished video leaves ``OUT/.work/done/{key}.json`` (sample record or quarantine entry),
-   written after its encoded bytes ``{key}.{ext}`` and renamed into place, so a record on disk means
-   the video is complete. A rerun only processes inputs without a record.
+2. Each finished video is one line of the append-only ``OUT/.work/journal.jsonl`` (sample record or
+   quarantine entry) pointing at its encoded bytes in a payload segment (``shard_tools.journal``):
+   no file per input, fsync per batch of records. A rerun only processes inputs without a valid
+   line; a crash loses at most the last unsynced batch, which is simply redone.
 3. Shard plans come from the sorted keys and the seed -- never from the order workers finish -- so
    every run plans the same shards. With ``--shard-size N`` (samples) a shard is a fixed group of N
-   inputs, written as soon as all of them are done (quarantined ones leave it a little smaller), and
-   its encoded videos then leave ``.work``. With a size in bytes the plan needs every encoded size,
-   so shards are written after all videos. Encoders are deterministic (one thread, bitexact
-   muxing), so a video encoded twice gives the same bytes.
+   inputs, written as soon as the last of them is done (a counter per shard, no scan over plans;
+   quarantined ones leave it a little smaller), and its payload segments then leave ``.work``.
+   With a size in bytes the plan needs every encoded size, so shards are written after all videos.
+   Encoders are deterministic (one thread, bitexact muxing), so a video encoded twice gives the
+   same bytes.
 4. Each shard is written under ``.tmp`` and renamed; a rerun keeps a shard whose tar and index exist
    and whose keys match the plan, and rewrites any other.
 5. ``quarantine.jsonl`` and then ``manifest.json`` are written last; the manifest marks a finished job.
-   ``OUT/.work`` is deleted afterwards unless ``keep_work``.
+   ``OUT/.work`` (a few files) is deleted afterwards unless ``keep_work``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from tqdm import tqdm
 from shard_tools import __version__
 from shard_tools.encode import EncodeSettings, preflight, process_video, quarantine_entry
 from shard_tools.executors import map_unordered
+from shard_tools.journal import WorkJournal
 from shard_tools.sources import SourceListing, VideoInput
 from shard_tools.writer import (PlannedShard, atomic_write_bytes, estimate_sample_bytes, plan_shards,
                                 sample_members, shard_file_name, shard_keys, write_jsonl, write_manifest,
@@ -56,6 +60,10 @@ class ShardJob:
         keep_work: keep ``OUT/.work`` (encoded videos and records) after success.
         progress: show the tqdm bar.
         source: how the inputs were listed (kind + arguments), recorded so ``verify`` can re-list.
+        sync_every / sync_seconds / segment_bytes: journal durability batches and payload segment
+            size (:class:`shard_tools.journal.WorkJournal`).
+        process: the per-input function (default :func:`shard_tools.encode.process_video`); the
+            scale benchmark swaps in a near-free stand-in. Not part of the fingerprint.
     """
 
     out_dir: Path
@@ -70,6 +78,10 @@ class ShardJob:
     keep_work: bool = False
     progress: bool = True
     source: dict = field(default_factory=dict)
+    sync_every: int = 256
+    sync_seconds: float = 1.0
+    segment_bytes: int = 64 << 20
+    process: Callable | None = None
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -106,7 +118,7 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> dict:
     preflight(job.settings)
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work_dir, done_dir = out_dir / ".work", out_dir / ".work" / "done"
+    work_dir = out_dir / ".work"
     fingerprint = job_fingerprint(listing, job)
     manifest_path = out_dir / MANIFEST_NAME
 
@@ -131,29 +143,34 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> dict:
             raise ValueError(f"{out_dir}/.work belongs to an unfinished job with other arguments or "
                              "inputs; rerun that job or write to a new folder")
     else:
-        done_dir.mkdir(parents=True, exist_ok=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(job_file, json.dumps({"job_fingerprint": fingerprint}).encode())
-    done_dir.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(out_dir)
-    _remove_temporaries(done_dir)
+    _remove_temporaries(work_dir)
 
-    writer = _ShardWriter(listing, job, done_dir)
-    if job.shard_max_bytes:
-        # Sizes are known only once every video is encoded: encode all, then plan and write.
-        writer.encode(listing.inputs)
-        sizes = {k: estimate_sample_bytes(k, job.settings.extension, r["payload_bytes"], r["record"])
-                 for k, r in writer.records.items() if r["ok"]}
-        plan = plan_shards(sizes, seed=job.seed, max_samples=job.shard_max_samples,
-                           max_bytes=job.shard_max_bytes)
-        writer.set_plan(plan)
-    else:
-        # A shard is a fixed group of inputs (seeded shuffle of the sorted keys): each is written as
-        # soon as its inputs are done, and its encoded videos are deleted from .work right away.
-        plan = plan_shards({v.key: 0 for v in listing.inputs}, seed=job.seed,
-                           max_samples=job.shard_max_samples, max_bytes=None)
-        writer.set_plan(plan)
-        by_key = {v.key: v for v in listing.inputs}
-        writer.encode([by_key[k] for shard in plan for k in shard.keys])
+    journal = WorkJournal(work_dir, sync_every=job.sync_every, sync_seconds=job.sync_seconds,
+                          segment_bytes=job.segment_bytes, keep=job.keep_work)
+    writer = _ShardWriter(listing, job, journal)
+    try:
+        if job.shard_max_bytes:
+            # Sizes are known only once every video is encoded: encode all, then plan and write.
+            writer.encode(listing.inputs)
+            sizes = {k: estimate_sample_bytes(k, job.settings.extension, r["payload"][2], r["record"])
+                     for k, r in writer.records.items() if r["ok"]}
+            plan = plan_shards(sizes, seed=job.seed, max_samples=job.shard_max_samples,
+                               max_bytes=job.shard_max_bytes)
+            writer.set_plan(plan)
+            writer.encode(listing.inputs)  # only inputs whose encoded bytes were lost in a crash
+        else:
+            # A shard is a fixed group of inputs (seeded shuffle of the sorted keys): each is written as
+            # soon as its inputs are done, and its encoded videos leave .work with their segment.
+            plan = plan_shards({v.key: 0 for v in listing.inputs}, seed=job.seed,
+                               max_samples=job.shard_max_samples, max_bytes=None)
+            writer.set_plan(plan)
+            by_key = {v.key: v for v in listing.inputs}
+            writer.encode([by_key[k] for shard in plan for k in shard.keys])
+    finally:
+        journal.close()
     manifest = writer.finish(fingerprint)
     if not job.keep_work:
         shutil.rmtree(work_dir)
@@ -161,61 +178,85 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> dict:
 
 
 class _ShardWriter:
-    """Per-video records in ``.work/done`` and the shards built from them."""
+    """Finished inputs (journal) and the shards built from them.
 
-    def __init__(self, listing: SourceListing, job: ShardJob, done_dir: Path):
-        self.listing, self.job, self.done_dir = listing, job, done_dir
+    Shard readiness is incremental: each planned shard counts its inputs without a record, every
+    completion decrements one counter, and the shard is written when its counter reaches zero.
+    Records of written samples leave memory (the manifest entry keeps what the manifest needs).
+    """
+
+    def __init__(self, listing: SourceListing, job: ShardJob, journal: WorkJournal):
+        self.listing, self.job, self.journal = listing, job, journal
         self.out_dir = Path(job.out_dir)
         self.extension = job.settings.extension
-        self.records: dict[str, dict] = {}
-        for item in listing.inputs:
-            record_path = done_dir / f"{item.key}.json"
-            if record_path.exists():
-                self.records[item.key] = json.loads(record_path.read_text())
+        self.records: dict[str, dict] = journal.load()
+        journal.open(self.records)
         self.plan: list[PlannedShard] = []
-        self.shard_of: dict[str, PlannedShard] = {}
+        self.shard_index: dict[str, int] = {}
+        self.remaining: dict[int, int] = {}
         self.entries: dict[int, dict | None] = {}
 
-    def payload_path(self, key: str) -> Path:
-        return self.done_dir / f"{key}.{self.extension}"
-
     def set_plan(self, plan: list[PlannedShard]) -> None:
+        """Take the plan; write the shards whose inputs were all done before a kill (or are done now).
+
+        A done input whose encoded bytes did not survive (a crash before their fsync) and whose shard
+        is not on disk loses its record here and is processed again by the next :meth:`encode`.
+        """
         self.plan = plan
-        self.shard_of = {k: shard for shard in plan for k in shard.keys}
-        for shard in plan:  # shards whose inputs were all done before a kill
-            self._write_if_ready(shard)
+        assert all(shard.index == i for i, shard in enumerate(plan))
+        self.shard_index = {k: shard.index for shard in plan for k in shard.keys}
+        for shard in plan:
+            self.remaining[shard.index] = sum(k not in self.records for k in shard.keys)
+            if self.remaining[shard.index] == 0:
+                self._write_ready(shard, validate=True)
+        self.journal.delete_unneeded_segments()
 
     def encode(self, items: list[VideoInput]) -> None:
         """Process every input without a record, in the given order (shard order)."""
-        todo = [item for item in items if item.key not in self.records]
+        todo = [item for item in items if not self._done(item.key)]
+        if not todo:
+            return
         quarantined = len(self.listing.rejected) + sum(not r["ok"] for r in self.records.values())
-        if self.records:
-            _log(f"resuming: {len(self.records)} of {len(self.listing.inputs)} videos already done")
-        bar = tqdm(total=len(self.listing.inputs), initial=len(self.records), unit="video", dynamic_ncols=True,
+        done = len(self.listing.inputs) - len(todo)
+        if done:
+            _log(f"resuming: {done} of {len(self.listing.inputs)} videos already done")
+        bar = tqdm(total=len(self.listing.inputs), initial=done, unit="video", dynamic_ncols=True,
                    disable=not self.job.progress, desc="shard")
         bar.set_postfix(quarantined=quarantined)
         tasks = ((item, self.job.settings) for item in todo)
-        for outcome in map_unordered(process_video, tasks, executor=self.job.executor, workers=self.job.workers,
+        process = self.job.process or process_video
+        for outcome in map_unordered(process, tasks, executor=self.job.executor, workers=self.job.workers,
                                      ray_address=self.job.ray_address):
-            if outcome.ok:
-                atomic_write_bytes(self.payload_path(outcome.key), outcome.payload)
-            else:
-                quarantined += 1
-            # payload_bytes: byte-size shard plans need it after the payload itself has left .work.
-            entry = {"ok": outcome.ok, "record": outcome.record,
-                     "payload_bytes": len(outcome.payload) if outcome.ok else 0}
-            # The record is renamed into place after the payload: it marks the video complete.
-            atomic_write_bytes(self.done_dir / f"{outcome.key}.json", json.dumps(entry, sort_keys=True).encode())
+            entry = self.journal.append(outcome.key, outcome.ok, outcome.record,
+                                        outcome.payload if outcome.ok else None)
             self.records[outcome.key] = entry
-            if outcome.key in self.shard_of:
-                self._write_if_ready(self.shard_of[outcome.key])
+            index = self.shard_index.get(outcome.key)
+            if index is not None:
+                self.remaining[index] -= 1
+                if self.remaining[index] == 0:
+                    self._write_ready(self.plan[index], validate=False)
             bar.update(1)
-            bar.set_postfix(quarantined=quarantined)
+            if not outcome.ok:  # a postfix refresh per input would cost more than the bookkeeping
+                quarantined += 1
+                bar.set_postfix(quarantined=quarantined, refresh=False)
         bar.close()
 
-    def _write_if_ready(self, shard: PlannedShard) -> None:
-        if shard.index in self.entries or not all(k in self.records for k in shard.keys):
-            return
+    def _done(self, key: str) -> bool:
+        return key in self.records or self.shard_index.get(key, -1) in self.entries
+
+    def _payloads(self, keys: list[str]):
+        for k in keys:
+            data = self.journal.read_payload(self.records[k])
+            if data is None:
+                raise RuntimeError(f"the encoded bytes of {k} in {self.journal.work_dir} are damaged")
+            yield k, data
+
+    def _write_ready(self, shard: PlannedShard, *, validate: bool) -> None:
+        """Write (or confirm) a shard whose inputs all have records.
+
+        validate: check every payload before writing (records read back from a journal); a payload
+        that is gone or damaged drops its record, so the input is processed again.
+        """
         keys = [k for k in shard.keys if self.records[k]["ok"]]
         if not keys:  # every input of this group was quarantined: no shard file
             self.entries[shard.index] = None
@@ -225,16 +266,19 @@ class _ShardWriter:
         tar_path, idx_path = self.out_dir / tar_name, self.out_dir / (tar_name[:-4] + ".idx")
         complete = tar_path.exists() and idx_path.exists() and shard_keys(tar_path) == keys
         if not complete:
-            missing = [k for k in keys if not self.payload_path(k).exists()]
-            if missing:
-                raise ValueError(f"{tar_path}: incomplete, and the encoded videos {missing[:3]} are no longer "
-                                 f"in {self.done_dir}; rerun into a new folder")
-            members = (sample_members(k, self.extension, self.payload_path(k).read_bytes(), samples[k])
-                       for k in keys)
+            if validate:
+                lost = [k for k in keys if self.journal.read_payload(self.records[k]) is None]
+                if lost:
+                    for k in lost:
+                        del self.records[k]
+                    self.remaining[shard.index] = len(lost)
+                    return
+            members = (sample_members(k, self.extension, data, samples[k])
+                       for k, data in self._payloads(keys))
             write_shard(tar_path, idx_path, members)
-        if not self.job.keep_work:
-            for k in keys:
-                self.payload_path(k).unlink(missing_ok=True)
+        self.journal.release(self.records[k] for k in keys)
+        for k in keys:  # the manifest entry below keeps what the manifest needs
+            del self.records[k]
         self.entries[shard.index] = {
             "path": tar_name, "idx_path": idx_path.name, "num_samples": len(keys),
             "bytes": tar_path.stat().st_size, "keys": keys, "sources": [samples[k]["source"] for k in keys],

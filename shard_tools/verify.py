@@ -7,14 +7,16 @@ Checks (DESIGN.md section 1):
 - counts agree: per shard, totals, quarantine lines, samples + quarantined == inputs;
 - the invariant: every input id is in exactly one shard or in the quarantine, never both, never
   neither -- against the sources themselves when they can still be listed;
-- every video decodes through DALI's CPU decoder (VP9) with the frame count its json states
-  (H.264: DALI's GPU decoder when a GPU is present, otherwise PyAV, since DALI 2.4's CPU decoder
-  has no H.264).
+- each shard's size in bytes is the manifest's ``bytes``;
+- every video decodes with the frame count its json states: by default counted while PyAV decodes
+  it frame by frame straight from the tar member (memory bounded per video, any codec);
+  ``--decoder dali`` uses the training reader itself (DALI's CPU decoder for VP9, its GPU decoder
+  for H.264), which holds one whole decoded video at a time.
+Shards are checked in parallel with ``workers`` (process pool or Ray, the same :func:`check_shard`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 import tempfile
@@ -92,9 +94,13 @@ def _dali_frame_counts(paths: list[str], index_paths: list[str], extension: str,
     return counts
 
 
-def _pyav_frame_count(payload: bytes) -> int:
-    with av.open(io.BytesIO(payload)) as container:
-        return sum(1 for _ in container.decode(video=0))
+def stream_frame_count(fileobj) -> int:
+    """Frames of a video, counted while PyAV decodes it frame by frame: memory stays one frame plus
+    the decoder's state, whatever the video's length (no array of the whole video)."""
+    with av.open(fileobj) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1  # one core per verify worker
+        return sum(1 for _ in container.decode(stream))
 
 
 def _gpu_available() -> bool:
@@ -106,60 +112,133 @@ def _gpu_available() -> bool:
         return False
 
 
-def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2) -> dict:
-    """Check a shard folder; return a report with ``ok`` and the list of problems."""
+def check_shard(out: str, shard: dict, extension: str, label_names: dict, decoder: str, threads: int) -> dict:
+    """Every check of one shard (run on a pool worker or a Ray task; same function either way).
+
+    Args:
+        decoder: ``stream`` (PyAV, frame by frame from the tar member), ``dali-cpu`` /
+            ``dali-mixed`` (the training reader + decoder on this shard; holds one whole decoded
+            video at a time) or ``none``.
+    Returns: {problems, input_ids, videos_decoded}.
+    """
+    out = Path(out)
+    problems: list[str] = []
+    input_ids: list[str] = []
+    tar_path, idx_path = out / shard["path"], out / shard["idx_path"]
+    if not tar_path.exists() or not idx_path.exists():
+        return {"problems": [f"{shard['path']}: tar or index missing"], "input_ids": [], "videos_decoded": 0}
+    size = tar_path.stat().st_size
+    if "bytes" in shard and size != shard["bytes"]:
+        problems.append(f"{shard['path']}: {size} bytes, the manifest says {shard['bytes']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh_idx = Path(tmp) / "fresh.idx"
+        write_dali_index(tar_path, fresh_idx, sync=False)  # a scratch copy: no fsync
+        if fresh_idx.read_bytes() != idx_path.read_bytes():
+            problems.append(f"{shard['idx_path']}: does not index {shard['path']} correctly")
+    expected_frames: dict[str, int] = {}
+    decoded: dict[str, int] = {}
+    keys: list[str] = []
+    members: dict[str, bytes | int] = {}
+
+    def check_sample(key: str, members: dict) -> None:
+        if set(members) != {extension, "json", "cls"}:
+            problems.append(f"{shard['path']}:{key}: components {sorted(members)}, expected "
+                            f"{sorted([extension, 'json', 'cls'])}")
+            return
+        try:
+            record = json.loads(members["json"])
+        except ValueError as err:
+            problems.append(f"{shard['path']}:{key}: bad json ({err})")
+            return
+        if record.get("key") != key:
+            problems.append(f"{shard['path']}:{key}: json key {record.get('key')!r}")
+        if members["cls"].decode() != str(record.get("label")):
+            problems.append(f"{shard['path']}:{key}: .cls {members['cls']!r} != json label {record.get('label')}")
+        if record.get("label") != -1 and label_names.get(record.get("label")) != record.get("label_name"):
+            problems.append(f"{shard['path']}:{key}: label {record.get('label')} / {record.get('label_name')!r} "
+                            "not in the label map")
+        if record.get("width", 1) % 2 or record.get("height", 1) % 2:
+            problems.append(f"{shard['path']}:{key}: odd frame size {record.get('width')}x{record.get('height')}")
+        expected_frames[key] = int(record.get("num_frames", -1))
+        input_ids.append(record.get("input_id"))
+
+    with tarfile.open(tar_path, "r:") as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            dot = member.name.find(".", member.name.rfind("/") + 1)
+            key, ext = member.name[:dot], member.name[dot + 1:]
+            if not keys or keys[-1] != key:
+                if keys:
+                    check_sample(keys[-1], members)
+                keys.append(key)
+                members = {}
+            if ext in ("json", "cls"):
+                members[ext] = archive.extractfile(member).read()
+            else:
+                members[ext] = member.size
+                if ext == extension and decoder == "stream":
+                    try:  # decoded straight from the tar member: never the whole video in memory
+                        decoded[key] = stream_frame_count(archive.extractfile(member))
+                    except (av.error.FFmpegError, IndexError) as err:
+                        problems.append(f"{shard['path']}:{key}: PyAV cannot decode it ({err})")
+        if keys:
+            check_sample(keys[-1], members)
+    if keys != shard["keys"] or len(keys) != shard["num_samples"]:
+        problems.append(f"{shard['path']}: holds {len(keys)} samples {keys[:3]}..., the manifest says "
+                        f"{shard['num_samples']} {shard['keys'][:3]}...")
+    if decoder.startswith("dali") and expected_frames:
+        try:
+            decoded = _dali_frame_counts([str(tar_path)], [str(idx_path)], extension, decoder[5:], threads)
+        except RuntimeError as err:
+            problems.append(f"{shard['path']}: DALI failed to read/decode it: {str(err)[:500]}")
+            return {"problems": problems, "input_ids": input_ids, "videos_decoded": 0}
+    if decoder != "none":
+        for key, frames in decoded.items():
+            if frames != expected_frames.get(key):
+                problems.append(f"{key}: decoded {frames} frames, its json says {expected_frames.get(key)}")
+        undecoded = sorted(set(expected_frames) - set(decoded))
+        if undecoded and not any("cannot decode" in p for p in problems):
+            problems.append(f"{shard['path']}: decoded {len(decoded)} videos of {len(expected_frames)}")
+    return {"problems": problems, "input_ids": input_ids, "videos_decoded": len(decoded)}
+
+
+def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2, workers: int = 0,
+                  executor: str = "process", ray_address: str | None = None) -> dict:
+    """Check a shard folder; return a report with ``ok`` and the list of problems.
+
+    Args:
+        decoder: ``auto``/``stream``/``pyav`` (PyAV, frame by frame: bounded memory per video, any
+            codec), ``dali`` (DALI's CPU decoder for VP9, its GPU decoder for H.264), ``none``.
+        workers: shards checked in parallel (0: in this process); ``executor`` ``process`` or
+            ``ray`` (``ray_address``), the same :func:`check_shard` either way.
+    """
+    from shard_tools.executors import map_unordered
+
     out = Path(out)
     manifest = load_manifest(out)
     problems: list[str] = []
     extension = manifest["extension"]
     label_names = {v: k for k, v in manifest["label_map"].items()}
-    expected_frames: dict[str, int] = {}
-    decoded: dict[str, int] = {}  # key -> frames decoded (PyAV per shard as it is read, or DALI after)
+    if decoder in ("auto", "stream", "pyav"):
+        shard_decoder, decoded_with = "stream", "pyav (streamed, frame by frame)"
+    elif decoder == "dali":
+        device = "cpu" if manifest["codec"] == "vp9" else "mixed"
+        if device == "mixed" and not _gpu_available():
+            raise ValueError(f"{out}: H.264 shards need a GPU for DALI (use --decoder stream)")
+        shard_decoder, decoded_with = f"dali-{device}", f"dali ({device})"
+    elif decoder == "none":
+        shard_decoder, decoded_with = "none", "none"
+    else:
+        raise ValueError(f"--decoder {decoder!r}: choose auto, stream, pyav, dali or none")
+    tasks = ((str(out), shard, extension, label_names, shard_decoder, threads) for shard in manifest["shards"])
     sample_input_ids: list[str] = []
-    use_pyav = decoder == "pyav" or (decoder == "auto" and manifest["codec"] == "h264" and not _gpu_available())
-
-    for shard in manifest["shards"]:
-        tar_path, idx_path = out / shard["path"], out / shard["idx_path"]
-        if not tar_path.exists() or not idx_path.exists():
-            problems.append(f"{shard['path']}: tar or index missing")
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            fresh_idx = Path(tmp) / "fresh.idx"
-            write_dali_index(tar_path, fresh_idx)
-            if fresh_idx.read_bytes() != idx_path.read_bytes():
-                problems.append(f"{shard['idx_path']}: does not index {shard['path']} correctly")
-        samples = read_shard_samples(tar_path, with_video=use_pyav and decoder != "none")
-        keys = [s["key"] for s in samples]
-        if keys != shard["keys"] or len(keys) != shard["num_samples"]:
-            problems.append(f"{shard['path']}: holds {len(keys)} samples {keys[:3]}..., the manifest says "
-                            f"{shard['num_samples']} {shard['keys'][:3]}...")
-        for sample in samples:
-            key, members = sample["key"], sample["members"]
-            if set(members) != {extension, "json", "cls"}:
-                problems.append(f"{shard['path']}:{key}: components {sorted(members)}, expected "
-                                f"{sorted([extension, 'json', 'cls'])}")
-                continue
-            try:
-                record = json.loads(members["json"])
-            except ValueError as err:
-                problems.append(f"{shard['path']}:{key}: bad json ({err})")
-                continue
-            if record.get("key") != key:
-                problems.append(f"{shard['path']}:{key}: json key {record.get('key')!r}")
-            if members["cls"].decode() != str(record.get("label")):
-                problems.append(f"{shard['path']}:{key}: .cls {members['cls']!r} != json label {record.get('label')}")
-            if record.get("label") != -1 and label_names.get(record.get("label")) != record.get("label_name"):
-                problems.append(f"{shard['path']}:{key}: label {record.get('label')} / {record.get('label_name')!r} "
-                                "not in the label map")
-            if record.get("width", 1) % 2 or record.get("height", 1) % 2:
-                problems.append(f"{shard['path']}:{key}: odd frame size {record.get('width')}x{record.get('height')}")
-            expected_frames[key] = int(record.get("num_frames", -1))
-            sample_input_ids.append(record.get("input_id"))
-            if use_pyav and decoder != "none":
-                try:
-                    decoded[key] = _pyav_frame_count(members[extension])
-                except av.error.FFmpegError as err:
-                    problems.append(f"{key}: PyAV cannot decode it ({err})")
+    videos_decoded = 0
+    for result in map_unordered(check_shard, tasks, executor=executor, workers=workers, ray_address=ray_address):
+        problems += result["problems"]
+        sample_input_ids += result["input_ids"]
+        videos_decoded += result["videos_decoded"]
+    problems.sort()  # workers finish in any order: the report does not depend on it
 
     quarantine = read_jsonl(out / manifest["quarantine"]["path"])
     quarantine_ids = [q["input_id"] for q in quarantine]
@@ -190,27 +269,8 @@ def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2) -> dict
         if unknown:
             problems.append(f"shards/quarantine hold inputs the sources do not list: {unknown[:10]}")
 
-    decoded_with = "none"
-    if decoder != "none" and expected_frames:
-        if use_pyav:
-            decoded_with = "pyav" + (" (no GPU: DALI's CPU decoder has no H.264)" if manifest["codec"] == "h264" else "")
-        else:
-            device = "cpu" if manifest["codec"] == "vp9" else "mixed"
-            if device == "mixed" and not _gpu_available():
-                raise ValueError(f"{out}: H.264 shards need a GPU for DALI (use --decoder pyav)")
-            decoded_with = f"dali ({device})"
-            try:
-                decoded = _dali_frame_counts([str(out / s["path"]) for s in manifest["shards"]],
-                                             [str(out / s["idx_path"]) for s in manifest["shards"]],
-                                             extension, device, threads)
-            except RuntimeError as err:
-                problems.append(f"DALI failed to read/decode the shards: {str(err)[:500]}")
-        for key, frames in decoded.items():
-            if frames != expected_frames.get(key):
-                problems.append(f"{key}: decoded {frames} frames, its json says {expected_frames.get(key)}")
-        if len(decoded) != len(expected_frames) and not any("DALI failed" in p for p in problems):
-            problems.append(f"decoded {len(decoded)} videos of {len(expected_frames)}")
     return {"ok": not problems, "out": str(out), "shards": len(manifest["shards"]),
             "samples": len(sample_input_ids), "quarantined": len(quarantine), "inputs": totals["inputs"],
-            "invariant": relist_note, "decoded_with": decoded_with, "videos_decoded": len(decoded),
+            "invariant": relist_note, "decoded_with": decoded_with if manifest["shards"] else "none",
+            "videos_decoded": videos_decoded,
             "num_problems": len(problems), "problems": problems[:MAX_LISTED_PROBLEMS]}

@@ -82,7 +82,7 @@ def estimate_sample_bytes(key: str, extension: str, payload_size: int, record: d
             + _member_bytes(len(str(record["label"]))))
 
 
-def write_dali_index(tar_path: Path, idx_path: Path) -> None:
+def write_dali_index(tar_path: Path, idx_path: Path, *, sync: bool = True) -> None:
     """Write the index DALI's ``fn.readers.webdataset`` reads, in ``wds2idx``'s v1.2 format.
 
     One line per sample: ``ext offset size name`` for each component, offsets of the member data.
@@ -109,17 +109,19 @@ def write_dali_index(tar_path: Path, idx_path: Path) -> None:
         raise ValueError(f"{tar_path}: empty shard, nothing to index")
     lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
     lines += [" ".join(" ".join(map(str, c)) for c in sample) for sample in samples]
-    atomic_write_bytes(idx_path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(idx_path, ("\n".join(lines) + "\n").encode(), sync=sync)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to ``path.tmp``, fsync, rename: readers see the old file or the whole new one."""
+def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write to ``path.tmp``, fsync (unless ``sync=False``: scratch files), rename: readers see the
+    old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

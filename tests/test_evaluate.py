@@ -173,6 +173,38 @@ def test_configs_reject_unknown_keys_and_bad_values():
         LinearProbeConfig(epochs=0)
 
 
+def test_evaluate_takes_train_py_overrides_and_extract_embeds_the_data_section(tmp_path, capsys):
+    """One config route: YAML section, then flags, then trailing section.key=value overrides (train.py's
+    parser); extract's loader settings are a DataConfig section, its clips the data.eval section."""
+    import evaluate
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("extract:\n  batch_size: 2\n  data:\n    num_threads: 3\n    eval: {crops: 1, slow_size: 64}\n")
+    argv = ["extract", "--checkpoint", "random", "--shards", "S", "--out", "f.pt", "--config", str(config)]
+    args = evaluate.build_parser().parse_args([*argv, "--slow-frames", "4", "extract.data.eval.clips=2",
+                                               "extract.batch_size=5", "extract.precision=bfloat16"])
+    cfg = evaluate._extract_config(args)
+    assert (cfg.data.shards, cfg.data.recipe, cfg.data.shuffle, cfg.data.num_threads) == ("S", "eval", False, 3)
+    assert (cfg.data.eval.clips, cfg.data.eval.crops, cfg.data.eval.slow_frames, cfg.data.eval.slow_size) == (2, 1, 4, 64)
+    assert (cfg.data.eval.fast_frames, cfg.batch_size, cfg.precision) == (64, 5, "bf16")
+    assert evaluate._extract_config(args, clips=1).data.eval.clips == 1  # attention draws one clip
+
+    # The flat keys of earlier versions name their new place; a section of another command is an error.
+    for text, expected in (("extract:\n  clips: 2\n", "extract.clips: moved to extract.data.eval.clips"),
+                           ("extract:\n  data_device: cpu\n", "extract.data_device: moved to extract.data.device"),
+                           ("extract:\n  data: {mean: [0, 0, 0]}\n", "extract.data.mean: taken from the checkpoint")):
+        config.write_text(text)
+        assert evaluate.main(argv) == 2
+        assert expected in capsys.readouterr().err
+    config.write_text("")
+    assert evaluate.main([*argv, "knn.ks=[5]"]) == 2
+    assert "reads the extract: section" in capsys.readouterr().err
+    assert evaluate.main([*argv, "extract.data.eval.clip=2"]) == 2
+    assert "extract.data.eval.clip: unknown key" in capsys.readouterr().err
+    assert evaluate.main(["knn", "--train", "a.pt", "--val", "b.pt", "knn.temprature=0.1"]) == 2
+    assert "knn.temprature" in capsys.readouterr().err
+
+
 def test_results_json_and_markdown(tmp_path):
     record = ResultRecord(protocol="knn", variant="k=20", feature="slowfast", checkpoint="ck", backbone="teacher",
                           train_data="tr", val_data="va", metrics={"top1": 91.25, "top5": 99.0},

@@ -80,9 +80,10 @@ def test_frozen_protocols_separate_the_classes_and_shuffled_labels_stay_at_chanc
     # The saved slow-fast feature is the mean slow CLS feature plus the mean fast one, per video.
     model = load_backbone("random", model_name=MODEL[1], model_kwargs=json.loads(MODEL[3])).model
     loader = evaluate._eval_loader(
-        config_from_dict(ExtractConfig, {"shards": str(eval_shards["train"]), "slow_frames": 4,
-                                                           "slow_size": 32, "fast_frames": 8, "fast_size": 32,
-                                                           "batch_size": 4, "num_threads": 1}, "extract"),
+        config_from_dict(ExtractConfig, {"data": {"shards": str(eval_shards["train"]), "num_threads": 1,
+                                                  "eval": {"slow_frames": 4, "slow_size": 32, "fast_frames": 8,
+                                                           "fast_size": 32}},
+                                         "batch_size": 4}, "extract"),
         train.meta["mean"], train.meta["std"])
     batch = next(iter(loader))
     groups = group_eval_views(loader.view_names)
@@ -211,5 +212,5 @@ def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path)
     record = json.loads(results.read_text())[0]
     assert record["protocol"] == "svt-finetune" and record["variant"] == "4x32 clip; test 2 clip(s) x centre crop"
     assert record["changes"] == {"epochs": 2, "milestones": [1], "lr": 0.05, "batch_size": 4, "inputs": "single",
-                                 "clip_frames": 4, "clip_size": 32, "test_clips": 2, "test_crops": 1}
+                                 "eval.slow_frames": 4, "eval.slow_size": 32, "eval.clips": 2, "eval.crops": 1}
     assert record["metrics"]["num_val"] == 8 and record["metrics"]["top1"] >= 87.5

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small clips for a CPU test: the clip shapes are data, not optimizer settings, and are overridden;
 # every optimizer setting (lr, schedule, momentum, weight decay, batch, epochs) is the protocol's own.
 SMALL_CLIPS = ["--clip-frames", "4", "--clip-size", "32", "--fast-frames", "8", "--fast-size", "32"]
-SHAPE_CHANGES = {"clip_frames": 4, "clip_size": 32, "fast_frames": 8, "fast_size": 32}
+SHAPE_CHANGES = {"eval.slow_frames": 4, "eval.slow_size": 32, "eval.fast_frames": 8, "eval.fast_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +110,9 @@ def test_lstcl_finetune_uses_stride_8_clips_and_the_5_clip_centre_crop_test(batc
     _assert_settings_reached_the_optimizer(steps, "lstcl-finetune")
     assert record["protocol"] == "lstcl-finetune" and record["feature"] == "CLS"
     assert record["variant"] == "4x32 clip; test 5 clip(s) stride 8 x centre crop"
-    assert record["changes"] == {"clip_frames": 4, "clip_size": 32, "max_steps": 2}
-    assert {k: record["settings"][k] for k in ("epochs", "train_stride", "test_clips", "test_crops", "test_stride")} == \
-        {"epochs": 200, "train_stride": 8, "test_clips": 5, "test_crops": 1, "test_stride": 8}
+    assert record["changes"] == {"eval.slow_frames": 4, "eval.slow_size": 32, "max_steps": 2}
+    assert {k: record["settings"][k] for k in ("epochs", "train_stride")} == {"epochs": 200, "train_stride": 8}
+    assert {k: record["settings"]["eval"][k] for k in ("clips", "crops", "stride")} == {"clips": 5, "crops": 1, "stride": 8}
 
 
 def test_protocol_presets_and_schedules():
@@ -129,6 +129,14 @@ def test_protocol_presets_and_schedules():
         resolve_protocol({"protocol": "svt-linear"}, "svt-finetune", ("svt-finetune", "lstcl-finetune"))
     with pytest.raises(ValueError, match="finetune.epoch"):
         resolve_protocol({"epoch": 3}, "svt-finetune")
+    # the clips are an EvalConfig section: a nested key overlays the protocol's section key by key
+    lstcl = resolve_protocol({"eval": {"slow_size": 32}}, "lstcl-finetune")
+    assert (lstcl.eval.slow_size, lstcl.eval.clips, lstcl.eval.crops, lstcl.eval.stride) == (32, 5, 1, 8)
+    assert lstcl.changes() == {"eval.slow_size": 32}
+    with pytest.raises(ValueError, match=r"^finetune\.test_clips: moved to finetune\.eval\.clips$"):
+        resolve_protocol({"test_clips": 2}, "svt-finetune")
+    with pytest.raises(ValueError, match=r"probe\.eval\.clips must be >= 1 and eval\.crops 1 or 3"):
+        resolve_protocol({"eval": {"crops": 2}}, "svt-linear", section="probe")
     assert set(PROTOCOLS) == {"svt-finetune", "svt-linear", "lstcl-finetune"}
 
 

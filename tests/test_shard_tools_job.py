@@ -63,7 +63,7 @@ def test_kinetics_run_quarantines_every_bad_kind_and_keeps_the_invariant(kinetic
     assert sum(s["num_samples"] for s in manifest["shards"]) == len(sample_ids)
     assert all(set(s) >= {"path", "idx_path", "num_samples", "keys"} for s in manifest["shards"])
     assert not (out / ".work").exists() and not list(out.glob("*.tmp"))
-    report = verify_shards(out)
+    report = verify_shards(out, decoder="dali")
     assert report["ok"], report["problems"]
     assert report["decoded_with"] == "dali (cpu)" and report["videos_decoded"] == len(sample_ids)
     assert report["invariant"] == f"sources listed again: {len(expected)} inputs"
@@ -220,6 +220,22 @@ def _folder_dataset(root: Path, count: int) -> Path:
     return videos
 
 
+def _journal_lines(out: Path) -> int:
+    path = out / ".work" / "journal.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _damage_payloads(out: Path, keys) -> None:
+    """Zero the encoded bytes of ``keys`` inside the payload segments (their crc no longer matches)."""
+    for line in (out / ".work" / "journal.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["key"] in keys and entry["payload"]:
+            segment, offset, length, _ = entry["payload"]
+            with open(out / ".work" / f"payloads-{segment:06d}.bin", "r+b") as f:
+                f.seek(offset)
+                f.write(bytes(length))
+
+
 def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path):
     videos = _folder_dataset(tmp_path, 10)
     common = ["--videos", str(videos), "--shard-size", "3", "--seed", "7", "--no-progress"]
@@ -231,20 +247,19 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "shard_tools", *common, "--out", str(out), "--workers", "1"],
                             cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    done_dir = out / ".work" / "done"
     deadline = time.monotonic() + 120
-    while len(list(done_dir.glob("*.json"))) < 4:
+    while _journal_lines(out) < 4:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "the sharding run made no progress"
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its pool worker, mid-encode
     proc.wait()
-    done_at_kill = len(list(done_dir.glob("*.json")))
+    done_at_kill = _journal_lines(out)
     assert not (out / "manifest.json").exists() and done_at_kill < 11
     # Shards are written as their inputs finish (inputs are processed in shard order): the first
-    # shard was complete, and its encoded videos already left .work, before the kill.
+    # shard was complete before the kill. No file per input: the journal and payload segments only.
     assert (out / "folder-train-000000.tar").exists()
-    assert len(list(done_dir.glob("*.webm"))) < done_at_kill
+    assert {p.name for p in (out / ".work").iterdir()} <= {"job.json", "journal.jsonl", "payloads-000000.bin"}
 
     assert main(common + ["--out", str(out), "--workers", "1"]) == 0
     assert _files(out) == _files(reference)
@@ -266,8 +281,7 @@ def test_resume_after_a_kill_while_writing_shards(tmp_path, shard_size):
     assert len(tars) >= 3
     (out / "manifest.json").unlink()
     (out / "quarantine.jsonl").unlink()
-    for key in manifest["shards"][3 if len(tars) > 3 else 2]["keys"]:     # written, videos removed
-        (out / ".work" / "done" / f"{key}.webm").unlink()
+    _damage_payloads(out, manifest["shards"][3 if len(tars) > 3 else 2]["keys"])  # written, videos gone
     half = tars[0].read_bytes()[:1000]
     tars[0].unlink()                                             # killed before the rename ...
     (out / (tars[0].name + ".tmp")).write_bytes(half)            # ... with half a tar written
@@ -302,7 +316,7 @@ def test_verify_decodes_with_dali_and_reports_wrong_frame_counts_and_corrupt_vid
     # Same length edit inside the tar: one json now claims 17 frames (the index stays valid).
     assert pristine.count(b'"num_frames":16') == 2
     tar.write_bytes(pristine.replace(b'"num_frames":16', b'"num_frames":17', 1))
-    report = verify_shards(out)
+    report = verify_shards(out, decoder="dali")
     assert not report["ok"] and report["decoded_with"] == "dali (cpu)"
     assert any("decoded 16 frames, its json says 17" in p for p in report["problems"]), report["problems"]
     # Overwrite one video's bytes with garbage of the same length: DALI cannot decode it.
@@ -311,7 +325,7 @@ def test_verify_decodes_with_dali_and_reports_wrong_frame_counts_and_corrupt_vid
     corrupt = bytearray(pristine)
     corrupt[offset:offset + size] = b"\x00garbage" * (size // 8) + b"\x00" * (size % 8)
     tar.write_bytes(bytes(corrupt))
-    report = verify_shards(out)
+    report = verify_shards(out, decoder="dali")
     assert not report["ok"] and any("DALI failed" in p for p in report["problems"]), report["problems"]
 
 

@@ -106,3 +106,17 @@ def test_train_py_reports_config_errors(tmp_path):
                             cwd=ROOT, env={"DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"}, timeout=120)
     assert result.returncode == 2
     assert "trainer.precision" in result.stderr and "zero_stage >= 1" in result.stderr
+
+
+def test_data_is_a_typed_section_and_train_py_needs_its_shards(tmp_path, capsys):
+    from pipelines import DataConfig
+    from training.cli import main
+
+    assert Config().data == DataConfig() and config_from_dict({}).data == DataConfig()  # tests feed their own data
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["data.dtype=bf16", "trainer.precision=bfloat16"])
+    assert isinstance(cfg.data, DataConfig) and (cfg.data.dtype, cfg.trainer.precision) == ("bfloat16", "bf16")
+    assert config_to_dict(cfg)["data"]["svt"] == config_to_dict(load_config(ROOT / "configs" / "demo_cpu.yaml"))["data"]["svt"]
+    recipe = tmp_path / "no_data.yaml"
+    recipe.write_text("model: {backbone: tiny_stand_in}\n")
+    assert main(["--config", str(recipe)]) == 2
+    assert "no_data.yaml: data.shards: missing" in capsys.readouterr().err

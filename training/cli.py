@@ -88,8 +88,8 @@ def _export(cfg, args) -> int:
 
 
 def _train(cfg, args) -> int:
-    if cfg.data is None:
-        raise ConfigError(f"{args.config}: data: section missing (the shards to train on)")
+    if not cfg.data.shards.strip():
+        raise ConfigError(f"{args.config}: data.shards: missing (the data section names the shards to train on)")
     if args.resume not in (None, "auto") and not (Path(args.resume) / "trainer.pt").is_file():
         # checked before any model or engine is built
         raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint (no trainer.pt); give a "

@@ -13,11 +13,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from typed_config import ConfigError, dataclass_from_dict
+from pipelines.config import DataConfig
+from typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections, precision_name
 
 __all__ = [
     "ConfigError",
@@ -27,6 +25,7 @@ __all__ = [
     "TrainerConfig",
     "Config",
     "load_config",
+    "apply_overrides",
     "config_from_dict",
     "config_to_dict",
 ]
@@ -123,7 +122,7 @@ class TrainerConfig:
     batch_size_per_gpu: int = 8  # micro-batch per rank
     grad_accum_steps: int = 1
     zero_stage: int = 2  # 0 (plain data parallel), 1, 2, 3
-    precision: str = "fp32"  # fp32 | bf16 (bf16 needs zero_stage >= 1)
+    precision: str = "fp32"  # fp32 | bf16 (also float32 | bfloat16; bf16 needs zero_stage >= 1)
     zero3_param_persistence_threshold: int = 100_000  # 0 partitions every parameter (tests)
     zero3_model_persistence_threshold: int = 9_223_372_036_854_775_807
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed JSON keys merged last
@@ -144,13 +143,14 @@ class TrainerConfig:
 
 @dataclass
 class Config:
-    """A whole recipe. ``data`` is a ``pipelines.DataConfig`` (or None for runs fed by tests)."""
+    """A whole recipe. ``data`` is checked against the objective only when the recipe has a data section
+    (runs fed by tests and the fine-tuning engine have none); ``train.py`` needs its ``shards``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    data: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 _SECTIONS: dict[str, type] = {
@@ -163,14 +163,6 @@ _SECTIONS: dict[str, type] = {
 OBJECTIVES = ("svt", "mocov3", "byol", "simsiam")
 
 
-def _data_config_class() -> type:
-    try:
-        from pipelines import DataConfig
-    except ImportError as exc:  # pipelines is a sibling package; say what is missing
-        raise ConfigError(f"data: cannot import pipelines.DataConfig ({exc})") from exc
-    return DataConfig
-
-
 def config_from_dict(raw: dict) -> Config:
     """Builds and validates a ``Config`` from nested plain data (as read from YAML)."""
     if not isinstance(raw, dict):
@@ -179,25 +171,22 @@ def config_from_dict(raw: dict) -> Config:
         if key not in _SECTIONS and key != "data":
             raise ConfigError(f"{key}: unknown section (valid: data, {', '.join(_SECTIONS)})")
     sections = {name: dataclass_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
-    data = raw.get("data")
-    if data is not None:
-        data_cls = _data_config_class()
-        try:  # the data area's own loader rejects unknown keys and names them (data.svt.xyz)
-            data = data_cls.from_dict(data) if hasattr(data_cls, "from_dict") else dataclass_from_dict(data_cls, data, "data")
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc) if "data" in str(exc) else f"data: {exc}") from exc
+    has_data = raw.get("data") is not None
+    data = DataConfig.from_dict(raw["data"]) if has_data else DataConfig()
     cfg = Config(data=data, **sections)
-    validate(cfg)
+    validate(cfg, check_data=has_data)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that a dataclass alone cannot express."""
+def validate(cfg: Config, check_data: bool = True) -> None:
+    """Cross-field checks that a dataclass alone cannot express (``check_data``: the data section too).
+
+    Normalizes ``trainer.precision`` to its short name (``bfloat16`` -> ``bf16``), which DeepSpeed's
+    config and the checkpoint use."""
     t, o, opt = cfg.trainer, cfg.objective, cfg.optim
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"trainer.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
-    if t.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"trainer.precision: must be 'fp32' or 'bf16', got {t.precision!r}")
+    t.precision = precision_name(t.precision, "trainer.precision", allowed=("fp32", "bf16"))
     if t.precision == "bf16" and t.zero_stage == 0:
         # DeepSpeed's bf16 path without ZeRO (FP16_UnfusedOptimizer) takes a dummy step, so Adam's
         # step count and weight decay drift (DESIGN.md section 8).
@@ -213,13 +202,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.loader: must be 'dali' or 'baseline', got {t.loader!r}")
     if t.dist_backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"trainer.dist_backend: must be auto, gloo or nccl, got {t.dist_backend!r}")
-    if cfg.data is not None:
-        if not str(getattr(cfg.data, "shards", "")).strip():
+    if check_data:
+        if not cfg.data.shards.strip():
             raise ConfigError("data.shards: empty; set it to a shard folder written by `python -m shard_tools shard`")
-        recipe = getattr(cfg.data, "recipe", None)
         wanted = "svt" if o.name == "svt" else "lstcl"
-        if recipe != wanted:
-            raise ConfigError(f"data.recipe: objective.name={o.name!r} needs data.recipe={wanted!r}, got {recipe!r}")
+        if cfg.data.recipe != wanted:
+            raise ConfigError(f"data.recipe: objective.name={o.name!r} needs data.recipe={wanted!r}, "
+                              f"got {cfg.data.recipe!r}")
     if o.name not in OBJECTIVES:
         raise ConfigError(f"objective.name: must be one of {OBJECTIVES}, got {o.name!r}")
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "temperature"):
@@ -240,44 +229,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.warmup_epochs / optim.freeze_last_layer_epochs: must be >= 0")
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value")
-    dotted, value_text = text.split("=", 1)
-    keys = dotted.strip().split(".")
-    if len(keys) < 2 or not all(keys):
-        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. trainer.zero_stage=3)")
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {dotted}: cannot parse value {value_text!r} ({exc})") from exc
-    return keys, value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Sets ``section.key[.sub]=value`` entries in a nested dict (creating sections as needed)."""
-    for text in overrides:
-        keys, value = _parse_override(text)
-        node = raw
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {key} is not a section")
-            node = child
-        node[keys[-1]] = value
-    return raw
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Reads a YAML recipe, applies ``section.key=value`` overrides and validates the result."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config file not found") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    apply_overrides(raw, list(overrides or []))
+    raw = load_yaml_sections(path, overrides)
     try:
         return config_from_dict(raw)
     except ConfigError as exc:
@@ -286,7 +241,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain nested data (for checkpoints and the run's config.yaml)."""
-    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTIONS}
-    if cfg.data is not None:
-        out["data"] = dataclasses.asdict(cfg.data) if dataclasses.is_dataclass(cfg.data) else dict(cfg.data)
-    return out
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in (*_SECTIONS, "data")}

@@ -1,0 +1,99 @@
+"""The shared config vocabulary: overrides, nested sections, precision names, derived seeds."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from typed_config import (ConfigError, apply_overrides, dataclass_from_dict, derive_seed, load_yaml_sections,
+                          precision_name, seed_all, seed_sequence, torch_dtype)
+
+
+def test_derived_seeds_never_collide_over_a_rank_step_grid():
+    # the trainer's old seed + 1000 * rank + step: rank 0 at step 1000 replays rank 1 at step 0
+    assert 0 + 1000 * 0 + 1000 == 0 + 1000 * 1 + 0
+    grid = [(rank, step) for rank in range(64) for step in range(1024)]
+    seeds = {derive_seed(0, rank, step) for rank, step in grid}
+    assert len(seeds) == len(grid)
+    assert derive_seed(0, 0, 1000) != derive_seed(0, 1, 0)
+    assert not seeds & {derive_seed(1, rank, step) for rank, step in grid[:4096]}  # other roots, other streams
+    assert all(0 <= s < 2**63 for s in seeds)
+    # deterministic, and numpy's own SeedSequence with that spawn key
+    state = np.random.SeedSequence(7, spawn_key=(3, 5)).generate_state(2, np.uint32)
+    assert derive_seed(7, 3, 5) == derive_seed(7, 3, 5) == ((int(state[1]) << 32) | int(state[0])) & (2**63 - 1)
+    assert seed_sequence(7, 3, 5).spawn_key == (3, 5)
+    with pytest.raises(ValueError, match=">= 0"):
+        derive_seed(0, -1)
+
+
+def test_seed_all_gives_each_rank_and_step_its_own_streams():
+    draws = {}
+    for rank, step in ((0, 1000), (1, 0), (0, 0)):
+        seed_all(0, rank, step)
+        draws[rank, step] = (torch.rand(1).item(), float(np.random.rand()), random.random())
+    assert len({d for d in draws.values()}) == 3 and len({x for d in draws.values() for x in d}) == 9
+    seed_all(0, 1, 0)
+    assert (torch.rand(1).item(), float(np.random.rand()), random.random()) == draws[1, 0]
+
+
+def test_one_precision_vocabulary():
+    for names, dtype in ((("fp32", "float32"), torch.float32), (("bf16", "bfloat16"), torch.bfloat16),
+                         (("fp16", "float16"), torch.float16)):
+        for name in names:
+            assert torch_dtype(name) is dtype
+            assert precision_name(name) == names[0] and precision_name(name, long=True) == names[1]
+    with pytest.raises(ConfigError, match="trainer.precision: must be one of fp32 / float32, bf16 / bfloat16, got 'fp16'"):
+        precision_name("fp16", "trainer.precision", allowed=("fp32", "bf16"))
+    with pytest.raises(ConfigError, match="precision: must be one of"):
+        torch_dtype("half")
+
+
+def test_trainer_and_data_take_either_spelling():
+    from pipelines import DataConfig
+    from training.config import config_from_dict
+
+    cfg = config_from_dict({"trainer": {"precision": "bfloat16", "zero_stage": 2}})
+    assert cfg.trainer.precision == "bf16"  # the name DeepSpeed's config and checkpoints use
+    assert DataConfig(dtype="bf16").dtype == "bfloat16" and DataConfig.from_dict({"dtype": "fp32"}).dtype == "float32"
+    with pytest.raises(ConfigError, match="data.dtype: must be one of"):
+        DataConfig.from_dict({"dtype": "int8"})
+
+
+@dataclasses.dataclass
+class _Inner:
+    a: int = 1
+    b: str = "x"
+
+
+@dataclasses.dataclass
+class _Outer:
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"a": "inner.a"}
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(b="protocol"))
+    c: float = 0.5
+
+
+def test_nested_sections_start_from_the_fields_default_and_moved_keys_name_their_place():
+    outer = dataclass_from_dict(_Outer, {"inner": {"a": 3}}, "p")
+    assert outer.inner == _Inner(a=3, b="protocol")  # the field's default instance, not _Inner()
+    assert dataclass_from_dict(_Outer, {}, "p").inner.b == "protocol"
+    with pytest.raises(ConfigError, match=r"^p\.a: moved to p\.inner\.a$"):
+        dataclass_from_dict(_Outer, {"a": 3}, "p")
+    with pytest.raises(ConfigError, match=r"p\.inner\.z: unknown key"):
+        dataclass_from_dict(_Outer, {"inner": {"z": 3}}, "p")
+
+
+def test_yaml_sections_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extract:\nknn: {ks: [5]}\n")
+    raw = load_yaml_sections(path, ["extract.data.eval.clips=2", "knn.temperature=0.1"])
+    assert raw == {"extract": {"data": {"eval": {"clips": 2}}}, "knn": {"ks": [5], "temperature": 0.1}}
+    assert load_yaml_sections(None, ["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
+    with pytest.raises(ConfigError, match="knn is not a section"):
+        apply_overrides({"knn": 3}, ["knn.ks=1"])
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ConfigError, match="c.yaml: expected a mapping"):
+        load_yaml_sections(path)
