@@ -259,7 +259,8 @@ def clip_gradients_per_parameter(engine, clip: float) -> torch.Tensor:
 
 
 def build_engine(student: nn.Module, cfg: Config, world_size: int, teacher: nn.Module | None = None):
-    """Wraps the student in a DeepSpeed engine with a client AdamW; returns (engine, group infos, freezer).
+    """Wraps the student in a DeepSpeed engine with a client AdamW (or SGD: ``optim.optimizer``); returns
+    (engine, group infos, freezer).
 
     With more than one rank every BatchNorm of the student and the teacher becomes a SyncBatchNorm
     first (MoCo v3 / BYOL / SimSiam train their heads with global-batch statistics); DeepSpeed then
@@ -276,8 +277,11 @@ def build_engine(student: nn.Module, cfg: Config, world_size: int, teacher: nn.M
     last_layer_groups = [i for i, info in enumerate(infos) if info.last_layer]
     last_layer_params = [p for i in last_layer_groups for p in groups[i]["params"]]
     freezer = LastLayerFreezer(last_layer_params, last_layer_groups)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=0.0)
+    if cfg.optim.optimizer == "sgd":  # the fine-tuning protocols; weight decay per group, as set_hyperparameters
+        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world_size))
     return engine, infos, freezer

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-__all__ = ["MetricsWriter", "summarize", "read_jsonl", "format_summary"]
+__all__ = ["MetricsWriter", "summarize", "read_jsonl", "format_summary", "truncate_jsonl"]
 
 
 class MetricsWriter:
@@ -43,7 +43,7 @@ class MetricsWriter:
         # logged after that step are dropped, since the resumed run logs those steps again (each step
         # once); a fresh run in an old folder starts the file again
         if append:
-            _truncate_jsonl(self.jsonl_path, start_step)
+            truncate_jsonl(self.jsonl_path, start_step)
         self._file = open(self.jsonl_path, "a" if append else "w", buffering=1)
         if tensorboard:
             # purge_step: TensorBoard hides the old run's events from this step on (same reason)
@@ -84,7 +84,7 @@ class MetricsWriter:
             self._file.close()
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keeps the records of steps <= ``last_step`` (rewritten through a temp file and ``os.replace``)."""
     if not path.is_file():
         return

@@ -11,6 +11,7 @@ forward, loss, the cross-rank non-finite check) and ``_backward_step`` (backward
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,10 +28,10 @@ from training.config import Config, config_to_dict
 from training.engine import DistInfo, build_engine, clip_gradients_per_parameter, set_hyperparameters
 from training.lineage import LineageWriter
 from training.methods import SSLMethod
-from training.metrics import MetricsWriter, read_jsonl, summarize
+from training.metrics import MetricsWriter, read_jsonl, summarize, truncate_jsonl
 from training.teacher import EMATeacher
 
-__all__ = ["Trainer", "Schedules", "NonFiniteLossError"]
+__all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,14 +54,34 @@ class Schedules:
         lr = opt.lr * (global_batch / opt.lr_reference_batch if opt.lr_reference_batch > 0 else 1.0)
         warmup = min(int(round(opt.warmup_epochs * steps_per_epoch)), total_steps)
         temp_warmup = min(int(round(o.warmup_teacher_temp_epochs * steps_per_epoch)), total_steps)
+        if opt.schedule == "cosine":
+            lr_values = cosine_schedule(lr, opt.min_lr, total_steps, warmup_steps=warmup)
+        else:  # set once per epoch: the value of the epoch each step falls in
+            epochs = np.floor(np.arange(total_steps) / steps_per_epoch).astype(int)
+            lr_values = np.array([epoch_lr(opt.schedule, lr, int(e), cfg.trainer.epochs, opt.milestones, opt.gamma)
+                                  for e in epochs], dtype=np.float64)
         return cls(
-            lr=cosine_schedule(lr, opt.min_lr, total_steps, warmup_steps=warmup),
+            lr=lr_values,
             weight_decay=cosine_schedule(opt.weight_decay, opt.weight_decay_end, total_steps),
             momentum=cosine_schedule(o.momentum_teacher, o.momentum_teacher_final, total_steps),
             teacher_temp=cosine_schedule(o.teacher_temp, o.teacher_temp, total_steps, warmup_steps=temp_warmup,
                                          warmup_start=o.warmup_teacher_temp),
             freeze_last_layer_steps=int(round(opt.freeze_last_layer_epochs * steps_per_epoch)),
         )
+
+
+def epoch_lr(schedule: str, lr: float, epoch: int, epochs: float, milestones=(), gamma: float = 0.1) -> float:
+    """lr of ``epoch`` (0-based) for the per-epoch schedules of the fine-tuning protocols.
+
+    ``multistep``: ``lr * gamma ** (milestones <= epoch)`` (TimeSformer's / SVT's fine-tuning);
+    ``cosine_epochs``: cosine from ``lr`` to 0 over ``epochs``, as the official SVT / DINO
+    eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)`` stepped once per epoch.
+    """
+    if schedule == "cosine_epochs":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "multistep":
+        return lr * gamma ** sum(epoch >= m for m in milestones)
+    raise ValueError(f"epoch_lr: schedule must be multistep or cosine_epochs, got {schedule!r}")
 
 
 class _EpochIterator:
@@ -242,6 +263,12 @@ class Trainer:
                                append=ckpt is not None)
         self._lineage = LineageWriter(self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                       resume_step=self.step if ckpt is not None else None)
+        self._optimizer_log = None
+        if t.optimizer_log and self.dist.rank == 0:
+            log_path = self.run_dir / t.optimizer_log
+            if ckpt is not None:
+                truncate_jsonl(log_path, self.step)  # the resumed run logs the later steps again
+            self._optimizer_log = open(log_path, "a" if ckpt is not None else "w", buffering=1)
         if ckpt is not None:
             writer.message(f"[train] resumed from {ckpt} at step {self.step}")
         try:
@@ -255,6 +282,8 @@ class Trainer:
         finally:
             writer.close()
             self._lineage.close()
+            if self._optimizer_log is not None:
+                self._optimizer_log.close()
             self.epoch = self._data.epoch
         summary = summarize(read_jsonl(writer.jsonl_path)) if self.dist.rank == 0 else {}
         summary.update(checkpoint=str(find_latest(self.run_dir / "checkpoints")), tensorboard=str(writer.tb_dir),
@@ -312,8 +341,9 @@ class Trainer:
         with torch.no_grad():
             # the teacher keeps fp32 weights (EMA precision) and runs in fp32: autocast would
             # leave BatchNorm (MoCo / BYOL heads) with bf16 inputs and fp32 weights
+            # without a teacher the second list goes to the loss as it is (a classifier's labels)
             teacher_out = (self.method.teacher([v.float() for v in teacher_views])
-                           if self.method.teacher is not None else None)
+                           if self.method.teacher is not None else teacher_views)
         student_out = self.engine(student_views)
         # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy to undo
         objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
@@ -349,10 +379,25 @@ class Trainer:
             # DeepSpeed reports no global norm without ZeRO; gradients are all-reduced by now
             grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
             totals.grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        if boundary:
+            self._log_optimizer(totals)
         self.engine.step()
         totals.micro_done += 1
         if totals.micro_done == self.cfg.trainer.grad_accum_steps and not boundary:
             raise RuntimeError("engine and trainer disagree on the gradient-accumulation boundary")
+
+    def _log_optimizer(self, totals: _StepTotals) -> None:
+        """``trainer.optimizer_log``: what the optimizer is about to apply, one line per step (rank 0)."""
+        if self._optimizer_log is None:
+            return
+        groups = self.engine.optimizer.param_groups
+        keys = [k for k in ("lr", "momentum", "weight_decay") if k in groups[0]]
+        record = {"step": self.step + 1, "epoch": self._data.epoch, "batch": self.global_batch,
+                  "loss": totals.term_sums.get("loss", float("nan")) / (totals.micro_done + 1),
+                  "optimizer": type(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)).__name__,
+                  "param_groups": [{k: g[k] for k in keys} | {"params": sum(p.numel() for p in g["params"])}
+                                   for g in groups]}
+        self._optimizer_log.write(json.dumps(record) + "\n")
 
     def _per_param_clip(self) -> bool:
         return self.cfg.optim.clip_mode == "per_param" and self.cfg.optim.clip_grad > 0
