@@ -393,3 +393,20 @@ def test_checkpoint_visible_only_when_complete(killed_and_resumed, tmp_path):
     backbone.load_state_dict(exported["backbone"], strict=True)
     final = torch.load(killed_and_resumed / "killed" / "final.pt", weights_only=False)
     assert _max_diff(exported["teacher"], final["teacher"]) == 0.0
+
+
+def test_per_epoch_schedules_and_optimizer_settings():
+    """The fine-tuning protocols' lr, set once per epoch (multistep / cosine over epochs), and strict
+    optimizer settings."""
+    from training.config import ConfigError
+    from training.trainer import Schedules
+
+    base = {"optim.optimizer": "sgd", "optim.lr": 0.1, "optim.lr_reference_batch": 0, "optim.warmup_epochs": 0}
+    multistep = tiny_config(**base, **{"optim.schedule": "multistep", "optim.milestones": [1], "optim.gamma": 0.1})
+    assert Schedules.build(multistep, 6, 3, 8).lr.tolist() == pytest.approx([0.1] * 3 + [0.01] * 3, rel=1e-12)
+    cosine = tiny_config(**base, **{"optim.schedule": "cosine_epochs"})  # 2 epochs: 0.1, then 0.1 (1 + cos(pi/2)) / 2
+    assert Schedules.build(cosine, 6, 3, 8).lr.tolist() == pytest.approx([0.1] * 3 + [0.05] * 3, rel=1e-12)
+    for key, value in (("optim.optimizer", "adam"), ("optim.schedule", "step"), ("optim.momentum", 1.0),
+                       ("optim.milestones", [3, 1])):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            tiny_config(**base, **{key: value})
