@@ -409,4 +409,4 @@ def test_per_epoch_schedules_and_optimizer_settings():
     for key, value in (("optim.optimizer", "adam"), ("optim.schedule", "step"), ("optim.momentum", 1.0),
                        ("optim.milestones", [3, 1])):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            tiny_config(**base, **{key: value})
+            tiny_config(**{**base, key: value})
