@@ -3,16 +3,16 @@
 Three sources, named on the command line:
 
 * a file written by ``train.py --export`` (``training.checkpoint.export_weights``): ``student``,
-  ``teacher`` and ``config`` in one torch file;
+  ``teacher``, ``backbone_prefix`` and ``config`` in one torch file;
 * a checkpoint folder of a run (``<run>/checkpoints/step_N``, or ``<run>/checkpoints`` to take the
-  newest complete one): the student is consolidated from DeepSpeed's own files (at ZeRO-1/2/3 with
-  ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, which gathers the
-  partitioned fp32 masters of every rank; at ZeRO-0 the module file already holds full weights), the
-  teacher comes from the trainer state (it lives outside the engine and is never partitioned);
+  newest complete one): ``training.checkpoint.consolidated_weights``, the one consolidation path (the
+  student's full fp32 parameters from ``portable.pt``, at any ZeRO stage and world size; the teacher
+  from the trainer state, where it lives outside the engine, never partitioned);
 * ``random``: a freshly initialised backbone (``--model``), the chance-level reference row.
 
-The backbone is taken out of the student / teacher module by its key prefix (``backbone.`` or
-``runner.backbone.``) and loaded strictly: a key that does not fit is an error, never silently skipped.
+The backbone is taken out of the student / teacher state dict by the prefix the checkpoint records
+(``backbone_prefix``: ``backbone.`` for every method of the trainer, fine-tuning included) and loaded
+strictly: a key that does not fit is an error, never silently skipped.
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import models
+from training.checkpoint import TRAINER_FILE, consolidated_weights, find_latest
+
 __all__ = ["LoadedBackbone", "load_backbone", "read_checkpoint_weights"]
 
-TRAINER_FILE = "trainer.pt"  # training.checkpoint.TRAINER_FILE; named here so reading needs no DeepSpeed
 BACKBONES = ("teacher", "student")
 
 
@@ -57,8 +59,6 @@ def _resolve_checkpoint_folder(path: Path) -> Path:
     """``step_N`` folder itself, or the newest complete one under a ``checkpoints`` root."""
     if (path / TRAINER_FILE).is_file():
         return path
-    from training.checkpoint import find_latest
-
     latest = find_latest(path)
     if latest is None:
         raise ValueError(f"{path}: neither a checkpoint folder (no {TRAINER_FILE}) nor a checkpoints root "
@@ -66,63 +66,47 @@ def _resolve_checkpoint_folder(path: Path) -> Path:
     return latest
 
 
-def _student_from_deepspeed_files(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 student state dict from DeepSpeed's files in ``folder`` (any ZeRO stage, any world size)."""
-    if zero_stage == 0:
-        # Stage 0 keeps no partitioned optimizer files: the module state is whole in mp_rank_00.
-        model_file = folder / "mp_rank_00_model_states.pt"
-        state = _torch_load(model_file, trusted_objects=True)
-        if "module" not in state:
-            raise ValueError(f"{model_file}: no 'module' entry; not a DeepSpeed model-states file")
-        return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+def _read_folder(folder: Path) -> dict:
     try:
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name))
+        return consolidated_weights(folder)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{folder}: incomplete checkpoint ({error.filename} missing)") from None
+    except KeyError as error:
+        raise ValueError(f"{folder}: the checkpoint records no {error} (written by an older trainer)") from None
     except Exception as error:
-        raise ValueError(f"{folder}: cannot consolidate the ZeRO-{zero_stage} checkpoint ({error})") from error
+        raise ValueError(f"{folder}: cannot read checkpoint ({type(error).__name__}: {error})") from error
 
 
-def read_checkpoint_weights(path: str | os.PathLike, which: str) -> tuple[dict[str, torch.Tensor], dict, int | None]:
-    """(module state dict of ``which``, run config dict, step) from an export file or a checkpoint folder."""
+def read_checkpoint_weights(path: str | os.PathLike, which: str
+                            ) -> tuple[dict[str, torch.Tensor], str, dict, int | None]:
+    """(module state dict of ``which``, its backbone prefix, run config dict, step) from an export file
+    or a checkpoint folder."""
     if which not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {which!r}")
     path = Path(path)
     if path.is_dir():
-        folder = _resolve_checkpoint_folder(path)
-        trainer_state = _torch_load(folder / TRAINER_FILE, trusted_objects=True)
-        config, step = trainer_state.get("config") or {}, trainer_state.get("step")
-        if which == "teacher":
-            state = trainer_state.get("teacher")
-        else:
-            state = _student_from_deepspeed_files(folder, int(trainer_state.get("zero_stage", 0)))
+        payload = _read_folder(_resolve_checkpoint_folder(path))
     elif path.is_file():
         payload = _torch_load(path, trusted_objects=False)
         if not isinstance(payload, dict) or "student" not in payload:
             raise ValueError(f"{path}: not a train.py export (expected keys student / teacher / config)")
-        config, step, state = payload.get("config") or {}, payload.get("step"), payload.get(which)
+        if "backbone_prefix" not in payload:
+            raise ValueError(f"{path}: the export records no backbone_prefix (an older train.py --export); "
+                             f"export the checkpoint again")
     else:
         raise FileNotFoundError(f"{path}: checkpoint does not exist")
+    state = payload.get(which)
     if state is None:
         raise ValueError(f"{path}: the run has no {which} (e.g. SimSiam keeps no EMA teacher); use --backbone student")
-    return state, config, step
+    return state, payload["backbone_prefix"], payload.get("config") or {}, payload.get("step")
 
 
-def _backbone_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """The backbone's entries of a student / teacher state dict, prefix removed.
-
-    The prefix is whatever precedes the first ``backbone.`` (``backbone.`` for SVT's student,
-    ``runner.backbone.`` for the LSTCL methods); a bare backbone state dict is taken as is.
-    """
-    marker = "backbone."
-    prefixed = [k for k in state if marker in k]
-    if not prefixed:
-        if any(k.startswith(("head.", "projector.", "predictor.")) for k in state):
-            raise ValueError(f"{source}: no '*{marker}' keys among {sorted(state)[:5]}...")
-        return dict(state)
-    first = prefixed[0]
-    prefix = first[: first.index(marker) + len(marker)]
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def _backbone_state(state: dict[str, torch.Tensor], prefix: str, source: str) -> dict[str, torch.Tensor]:
+    """The backbone's entries of a student / teacher state dict, ``prefix`` (the checkpoint's) removed."""
+    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not backbone:
+        raise ValueError(f"{source}: no '{prefix}*' keys (the checkpoint's backbone_prefix) among {sorted(state)[:5]}")
+    return backbone
 
 
 def _build(models, name: str, kwargs: dict[str, Any], source: str) -> nn.Module:
@@ -143,8 +127,6 @@ def load_backbone(checkpoint: str, *, which: str = "teacher", model_name: str | 
             (required for ``random``).
         seed: initialisation seed for ``random``.
     """
-    import models
-
     if checkpoint == "random":
         if model_name is None:
             raise ValueError("--checkpoint random needs --model (a models.build_backbone name)")
@@ -153,14 +135,14 @@ def load_backbone(checkpoint: str, *, which: str = "teacher", model_name: str | 
         model = _build(models, model_name, kwargs, "random")
         return LoadedBackbone(model.eval(), model_name, kwargs, "random", "random")
 
-    state, config, step = read_checkpoint_weights(checkpoint, which)
+    state, prefix, config, step = read_checkpoint_weights(checkpoint, which)
     model_config = config.get("model", {}) if isinstance(config, dict) else {}
     name = model_name or model_config.get("backbone")
     if not name:
         raise ValueError(f"{checkpoint}: the run config names no model.backbone; pass --model")
     kwargs = {**model_config.get("backbone_kwargs", {}), **(model_kwargs or {})}
     model = _build(models, name, kwargs, checkpoint)
-    backbone_state = _backbone_state(state, checkpoint)
+    backbone_state = _backbone_state(state, prefix, checkpoint)
     try:
         model.load_state_dict(backbone_state, strict=True)
     except RuntimeError as error:

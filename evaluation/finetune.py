@@ -18,40 +18,48 @@ Training clips are the SVT recipe's views without colour augmentation: the slow 
 of the video, random resized crop + flip, each clip drawn independently). At test time the softmax
 scores of the views (crop pairs / clips) are averaged.
 
-It runs through the trainer's DeepSpeed machinery (``training.engine``: process group, param groups
-without decay on biases / norms, the DeepSpeed JSON incl. ZeRO stage and bf16), so the same command
-runs on one CPU process, under ``torchrun`` or ``deepspeed``. ``batch_size`` is the global batch (the
-papers' figure); each rank takes ``batch_size / world_size``. Every optimizer step appends the
-optimizer's param-group settings (lr, momentum, weight decay) and the global batch to
-``OUT/finetune_steps.jsonl``. Checkpoints are DeepSpeed's own files (``engine.save_checkpoint``) plus
-the epoch in the client state and each rank's loader position, every ``ckpt_every_epochs`` epochs and
-when ``max_steps`` stops a run, under ``OUT/checkpoints/step_N``; a rerun with ``--resume auto``
-continues from the newest one with the same next batches. Resuming needs the same ZeRO stage and
-world size (DeepSpeed's own files; docs/design.md section 8).
-
-Not the trainer's ``CheckpointManager``: its portable state stores AdamW moments by name and does
-not fit SGD's momentum buffer.
+Training is ``training.Trainer`` with ``training.methods.ClassifierMethod`` (cross-entropy on a
+``VideoClassifier``) and a recipe built from the protocol (``trainer_config``): SGD with momentum, the
+protocol's per-epoch lr (``multistep`` / ``cosine_epochs``), weight decay on weights only, no clipping.
+So it has the trainer's DeepSpeed engine (ZeRO stage, bf16), global data order, metrics
+(``OUT/metrics.jsonl``) and checkpoint manager: ``OUT/checkpoints/step_N`` every ``ckpt_every_epochs``
+epochs and at the end (or when ``max_steps`` stops a run), with ``portable.pt`` (fp32 weights and
+SGD momentum by parameter name), so a rerun with ``--resume auto`` continues with the same next
+batches in any rank layout, and ``evaluate.py`` reads a fine-tuned backbone like a pretrained one.
+``batch_size`` is the global batch (the papers' figure); each rank takes ``batch_size / world_size``.
+Every optimizer step appends the optimizer's param-group settings (lr, momentum, weight decay) and
+the global batch to ``OUT/finetune_steps.jsonl`` (``trainer.optimizer_log``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipelines.config import EvalConfig
-from typed_config import precision_name, torch_dtype
+from evaluation.checkpoints import load_backbone
+from evaluation.config import config_from_dict
+from evaluation.features import group_eval_views
+from evaluation.results import ResultRecord, append_result
+from pipelines import DataConfig, build_loader
+from pipelines.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, EvalConfig, LSTCLConfig, SVTConfig
 from shard_tools.format import read_manifest
+from training.checkpoint import TRAINER_FILE, find_latest
+from training.config import Config, validate
+from training.engine import init_distributed
+from training.methods import ClassifierMethod, VideoClassifier
+from training.trainer import Trainer
+from training.trainer import epoch_lr as schedule_lr
+from typed_config import dataclass_from_dict, precision_name, torch_dtype
 
 __all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "multistep_lr",
-           "evaluate_classifier", "run_finetune_cli"]
+           "trainer_config", "evaluate_classifier", "run_finetune_cli"]
 
 # The papers' protocols. Each entry names every setting that defines the protocol; run mechanics
 # (threads, loader, ZeRO stage, precision, checkpoint period, seed) are not part of it.
@@ -205,8 +213,6 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def protocol_config(name: str) -> FinetuneConfig:
     """The settings of protocol ``name`` (``PROTOCOLS``), run mechanics at their defaults."""
-    from evaluation.config import config_from_dict
-
     return config_from_dict(FinetuneConfig, {**PROTOCOLS[name], "protocol": name}, "protocol")
 
 
@@ -215,8 +221,6 @@ def resolve_protocol(values: dict[str, Any], default: str, allowed: tuple[str, .
     """The named protocol's settings (``values["protocol"]``, else ``default``) overlaid with ``values``
     (a nested ``eval`` mapping overlays the protocol's ``eval`` key by key); a bad key is an error naming
     ``section.key``."""
-    from typed_config import dataclass_from_dict
-
     name = values.get("protocol", default)
     allowed = allowed or tuple(PROTOCOLS)
     if name not in allowed:
@@ -226,59 +230,47 @@ def resolve_protocol(values: dict[str, Any], default: str, allowed: tuple[str, .
 
 def epoch_lr(cfg: FinetuneConfig, epoch: int) -> float:
     """lr of ``epoch`` (0-based): multi-step decay, or cosine from ``lr`` to 0 over ``epochs`` (per epoch, as
-    the official SVT / DINO eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)``)."""
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
-    return multistep_lr(cfg, epoch)
+    the official SVT / DINO eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)``); the
+    trainer's ``epoch_lr``, which sets it."""
+    return schedule_lr(_SCHEDULES[cfg.schedule], cfg.lr, epoch, cfg.epochs, cfg.milestones, cfg.gamma)
 
 
 def multistep_lr(cfg: FinetuneConfig, epoch: int) -> float:
     """lr of ``epoch`` (0-based): ``lr * gamma ** (number of milestones <= epoch)``."""
-    return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return schedule_lr("multistep", cfg.lr, epoch, cfg.epochs, cfg.milestones, cfg.gamma)
 
 
-class VideoClassifier(nn.Module):
-    """``backbone`` + a linear ``head`` on its CLS feature (the SSL head is not carried over).
+# protocol schedule name -> the trainer's optim.schedule (both set once per epoch)
+_SCHEDULES = {"multistep": "multistep", "cosine": "cosine_epochs"}
 
-    ``forward(slow, fast)`` classifies ``CLS(slow) + CLS(fast)`` (SVT slow-fast, Fig. 3). With
-    ``freeze_backbone`` the backbone stays in eval mode and runs without gradients (linear probe).
-    """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, *, head_init_std: float = 0.02,
-                 freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.freeze_backbone = freeze_backbone
-        self.head = nn.Linear(backbone.embed_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=head_init_std)
-        nn.init.zeros_(self.head.bias)
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
-
-    def train(self, mode: bool = True) -> "VideoClassifier":
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()  # frozen features: no dropout / drop-path, as DINO's eval_linear
-        return self
-
-    def features(self, clip: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            return self.backbone.forward_features(clip)
-
-    def forward(self, clip: torch.Tensor, fast: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.features(clip)
-        if fast is not None:
-            features = features + self.features(fast)
-        return self.head(features)
+def trainer_config(cfg: FinetuneConfig, *, out: Path, rank_batch: int, steps_per_epoch: int, data: DataConfig,
+                   model_name: str, model_kwargs: dict[str, Any]) -> Config:
+    """The trainer recipe of a protocol run (validated like a pretraining recipe)."""
+    recipe = Config(data=data)
+    recipe.model.backbone, recipe.model.backbone_kwargs = model_name, dict(model_kwargs)
+    o = recipe.optim
+    o.optimizer, o.momentum = "sgd", cfg.momentum
+    o.lr, o.lr_reference_batch = cfg.lr, 0  # the protocols state their lr at their own batch: no scaling
+    o.schedule, o.milestones, o.gamma = _SCHEDULES[cfg.schedule], list(cfg.milestones), cfg.gamma
+    o.weight_decay = o.weight_decay_end = cfg.weight_decay  # constant; SGD's coupled decay, as before
+    o.warmup_epochs, o.clip_grad, o.freeze_last_layer_epochs = 0.0, 0.0, 0.0  # the protocols name none
+    t = recipe.trainer
+    t.epochs, t.max_steps, t.batch_size_per_gpu, t.grad_accum_steps = cfg.epochs, cfg.max_steps, rank_batch, 1
+    t.zero_stage, t.precision, t.seed = cfg.zero_stage, cfg.precision, cfg.seed
+    t.loader, t.torch_threads = cfg.loader, cfg.torch_threads
+    t.output_dir = str(out)
+    t.ckpt_every_steps = cfg.ckpt_every_epochs * steps_per_epoch
+    t.on_nonfinite_loss = "stop"  # a diverged fine-tuning run has no result worth testing
+    t.tensorboard, t.progress_bar = False, False
+    t.optimizer_log = "finetune_steps.jsonl"
+    validate(recipe, check_data=False)
+    return recipe
 
 
 def _train_data_config(cfg: FinetuneConfig, shards: str, mean, std):
     """Training clips: the SVT recipe's views (slow = global_0, fast = local_0) or, for a strided single clip,
     the LSTCL recipe's short clip (its long clip is one frame and unused). No colour augmentation."""
-    from pipelines import DataConfig
-    from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig
-
     clips = cfg.eval
     common = dict(shards=shards, num_threads=cfg.num_threads, mean=tuple(mean), std=tuple(std), shuffle=True,
                   drop_last=True, augment=AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur=False, solarize=False))
@@ -304,11 +296,7 @@ def _train_views(cfg: FinetuneConfig) -> tuple[str, str | None]:
 
 def _test_data_config(cfg: FinetuneConfig, shards: str, mean, std):
     """Test views: the eval recipe. Single-clip protocols ignore its fast clips (made one small frame)."""
-    import dataclasses
-
-    from pipelines import DataConfig
-
-    views = cfg.eval if cfg.inputs == "slowfast" else dataclasses.replace(cfg.eval, fast_frames=1, fast_size=16)
+    views = cfg.eval if cfg.inputs == "slowfast" else replace(cfg.eval, fast_frames=1, fast_size=16)
     return DataConfig(shards=shards, recipe="eval", num_threads=cfg.num_threads, mean=tuple(mean), std=tuple(std),
                       shuffle=False, eval=views)
 
@@ -317,31 +305,32 @@ def _test_data_config(cfg: FinetuneConfig, shards: str, mean, std):
 def evaluate_classifier(model: nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32,
                         slowfast: bool = False) -> dict[str, float]:
     """Top-1 / top-5 (percent) with softmax scores averaged over the test views of a video (each slow view,
-    or each slow view with the fast view of the same clip and crop); summed over ranks (each rank reads
-    its own part of the shards)."""
-    import torch.distributed as dist
-
-    from evaluation.features import group_eval_views
-
+    or each slow view with the fast view of the same clip and crop), each video counted once over all
+    ranks: the global order fills a partial last step by wrapping to the start (pipelines/order.py), and
+    those repeats are not counted again (as ``features.FeatureSet`` keeps a repeated key once)."""
     model.eval()
     slow_views = group_eval_views(loader.view_names)["slow"]
     # slow_K_J pairs with fast_K_J: the same clip position and crop.
     pairs = [(v, "fast" + v[len("slow"):] if slowfast else None) for v in slow_views]
-    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, videos
+    hits: dict[str, tuple[bool, bool]] = {}  # key -> (top-1 hit, top-5 hit), first occurrence
     for batch in loader:
         labels = torch.as_tensor(batch["label"]).view(-1).long()
-        scores = sum(F.softmax(model(batch[s].to(device, dtype),
-                                     batch[f].to(device, dtype) if f else None).float(), dim=1).cpu()
+        scores = sum(F.softmax(model([batch[v].to(device, dtype) for v in (s, f) if v]).float(), dim=1).cpu()
                      for s, f in pairs) / len(pairs)
-        ranked = scores.argsort(dim=1, descending=True, stable=True)
-        hits = ranked.eq(labels.view(-1, 1))
-        counts += torch.tensor([hits[:, :1].any(1).sum().item(), hits[:, : min(5, scores.shape[1])].any(1).sum().item(),
-                                len(labels)], dtype=torch.float64)
+        ranked = scores.argsort(dim=1, descending=True, stable=True).eq(labels.view(-1, 1))
+        for key, row in zip(batch["key"], ranked):
+            hits.setdefault(key, (bool(row[:1].any()), bool(row[: min(5, scores.shape[1])].any())))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
+        gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, hits)
+        hits = {}
+        for part in gathered:
+            for key, value in part.items():
+                hits.setdefault(key, value)
     model.train()
-    return {"top1": 100.0 * counts[0].item() / max(counts[2].item(), 1),
-            "top5": 100.0 * counts[1].item() / max(counts[2].item(), 1), "num_val": int(counts[2].item())}
+    videos = max(len(hits), 1)
+    return {"top1": 100.0 * sum(h[0] for h in hits.values()) / videos,
+            "top5": 100.0 * sum(h[1] for h in hits.values()) / videos, "num_val": len(hits)}
 
 
 def describe(cfg: FinetuneConfig) -> str:
@@ -354,21 +343,9 @@ def describe(cfg: FinetuneConfig) -> str:
     return f"{'frozen backbone, ' if cfg.freeze_backbone else ''}{inputs}; test {e.clips} clip(s){stride} x {crops}"
 
 
-def _latest_epoch_tag(ckpt_root: Path) -> str | None:
-    latest = ckpt_root / "latest"  # written by DeepSpeed only after every rank saved
-    return latest.read_text().strip() if latest.is_file() else None
-
-
 def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, default_protocol: str = "svt-finetune",
                      allowed: tuple[str, ...] = FINETUNE_PROTOCOLS, section: str = "finetune") -> int:
-    """``evaluate.py finetune`` / ``probe``: train, checkpoint every epoch, test, append to the results table."""
-    from evaluation.checkpoints import load_backbone
-    from evaluation.results import ResultRecord, append_result
-    from pipelines import build_loader
-    from pipelines.config import IMAGENET_MEAN, IMAGENET_STD
-    from training.config import Config
-    from training.engine import build_param_groups, deepspeed_config, init_distributed
-
+    """``evaluate.py finetune`` / ``probe``: train (``training.Trainer``), test, append to the results table."""
     cfg = resolve_protocol(values, default_protocol, allowed, section)
     dist_info = init_distributed("auto", torch_threads=cfg.torch_threads)
     rank, world = dist_info.rank, dist_info.world_size
@@ -376,7 +353,6 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
         raise ValueError(f"finetune.batch_size {cfg.batch_size} (global) does not split over {world} ranks")
     rank_batch = cfg.batch_size // world
     out = Path(args.out)
-    ckpt_root = out / "checkpoints"
 
     loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
                            model_kwargs=args.model_kwargs, seed=cfg.seed)
@@ -388,100 +364,32 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
     torch.manual_seed(cfg.seed)
     model = VideoClassifier(loaded.model.train(), num_classes=len(label_map), head_init_std=cfg.head_init_std,
                             freeze_backbone=cfg.freeze_backbone)
-
-    trainer_cfg = Config()
-    trainer_cfg.trainer.batch_size_per_gpu = rank_batch
-    trainer_cfg.trainer.grad_accum_steps = 1
-    trainer_cfg.trainer.zero_stage = cfg.zero_stage
-    trainer_cfg.trainer.precision = cfg.precision
-    trainer_cfg.optim.clip_grad = 0.0
-    groups, infos = build_param_groups(model)  # trainable parameters only: the head alone when frozen
-    for group, info in zip(groups, infos):
-        group["weight_decay"] = cfg.weight_decay if info.weight_decay else 0.0
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(trainer_cfg, world))
-
-    train_loader = build_loader(_train_data_config(cfg, args.train_shards, mean, std), batch_size=rank_batch,
-                                shard_id=rank, num_shards=world, seed=cfg.seed, loader=cfg.loader)
+    train_data = _train_data_config(cfg, args.train_shards, mean, std)
+    train_loader = build_loader(train_data, batch_size=rank_batch, shard_id=rank, num_shards=world, seed=cfg.seed,
+                                loader=cfg.loader)
     if len(train_loader) == 0:
         raise ValueError(f"{args.train_shards}: too few videos for one batch of {cfg.batch_size} "
                          f"(finetune.batch_size is the global batch)")
+    recipe = trainer_config(cfg, out=out, rank_batch=rank_batch, steps_per_epoch=len(train_loader), data=train_data,
+                            model_name=loaded.model_name, model_kwargs=loaded.model_kwargs)
     slow_view, fast_view = _train_views(cfg)
-    start_epoch, step = 0, 0
-    tag = _latest_epoch_tag(ckpt_root) if args.resume == "auto" else (None if args.resume == "none" else args.resume)
-    if tag is not None:
-        load_path, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
-        if load_path is None:
-            raise ValueError(f"{ckpt_root / tag}: DeepSpeed could not load this fine-tuning checkpoint")
-        start_epoch, step = int(client["epoch"]), int(client["step"])
-        if client.get("mid_epoch"):
-            # Stopped inside an epoch (max_steps): continue from this rank's exact loader position.
-            loader_file = ckpt_root / tag / f"loader_rank{rank:05d}.pt"
-            train_loader.load_state_dict(torch.load(loader_file, map_location="cpu", weights_only=False))
-        if rank == 0:
-            print(f"resumed {ckpt_root / tag}: continuing at epoch {start_epoch}, step {step}")
-    metrics_path, steps_path = out / "finetune_metrics.jsonl", out / "finetune_steps.jsonl"
+    trainer = Trainer(recipe, ClassifierMethod(model, [slow_view] + ([fast_view] if fast_view else [])),
+                      train_loader, dist_info)
+    resume = {"auto": "auto", "none": None}.get(args.resume, str(out / "checkpoints" / str(args.resume)))
+    ckpt = find_latest(out / "checkpoints") if resume == "auto" else (Path(resume) if resume else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         print(f"protocol {cfg.protocol}: {describe(cfg)}"
               + (f"; changed from the protocol: {cfg.changes()}" if cfg.changes() else ""))
-    # bf16 engines hold bf16 module weights: the clips must match them.
-    input_dtype = torch_dtype(cfg.precision)
-    done = False
-    for epoch in range(start_epoch, cfg.epochs):
-        lr = epoch_lr(cfg, epoch)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        train_loader.set_epoch(epoch)
-        started, losses = time.time(), []
-        for batch in train_loader:
-            clip = batch[slow_view].to(dist_info.device, input_dtype)
-            fast = batch[fast_view].to(dist_info.device, input_dtype) if fast_view else None
-            labels = torch.as_tensor(batch["label"]).view(-1).long().to(dist_info.device)
-            loss = F.cross_entropy(engine(clip, fast).float(), labels)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch}, step {step}")
-            engine.backward(loss)
-            if rank == 0:
-                # What the optimizer is about to apply: the protocol's settings as they reach it.
-                record = {"step": step, "epoch": epoch, "batch": len(labels) * world, "loss": loss.item(),
-                          "optimizer": type(optimizer).__name__,
-                          "param_groups": [{k: g[k] for k in ("lr", "momentum", "weight_decay")}
-                                           | {"params": sum(p.numel() for p in g["params"])}
-                                           for g in engine.optimizer.param_groups]}
-                with open(steps_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            engine.step()
-            losses.append(loss.item())
-            step += 1
-            if cfg.max_steps and step >= cfg.max_steps:
-                done = True
-                break
-        mid_epoch = done and len(losses) < len(train_loader)
-        if (epoch + 1) % cfg.ckpt_every_epochs == 0 or done or epoch == cfg.epochs - 1:
-            tag = f"step_{step:08d}"
-            (ckpt_root / tag).mkdir(parents=True, exist_ok=True)
-            # The loader position goes in first: DeepSpeed names the tag in `latest` when it is done.
-            torch.save(train_loader.state_dict(), ckpt_root / tag / f"loader_rank{rank:05d}.pt")
-            engine.save_checkpoint(str(ckpt_root), tag=tag,
-                                   client_state={"epoch": epoch if mid_epoch else epoch + 1, "step": step,
-                                                 "mid_epoch": mid_epoch, "config": asdict(cfg),
-                                                 "label_map": label_map})
-        if rank == 0:
-            record = {"epoch": epoch, "step": step, "lr": lr, "loss": sum(losses) / max(len(losses), 1),
-                      "seconds": time.time() - started}
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            print(f"{cfg.protocol} epoch {epoch}: loss {record['loss']:.4f} lr {lr:.2e} ({len(losses)} steps)")
-        if done:
-            break
+        if ckpt is not None and (ckpt / TRAINER_FILE).is_file():
+            state = torch.load(ckpt / TRAINER_FILE, map_location="cpu", weights_only=False)
+            print(f"resumed {ckpt}: continuing at epoch {state['epoch']}, step {state['step']}", flush=True)
+    trainer.fit(resume=resume)
+    step = trainer.step
 
     test_loader = build_loader(_test_data_config(cfg, args.val_shards, mean, std), batch_size=rank_batch,
                                shard_id=rank, num_shards=world, seed=cfg.seed, loader=cfg.loader)
-    metrics = evaluate_classifier(engine, test_loader, dist_info.device, input_dtype,
+    metrics = evaluate_classifier(trainer.engine, test_loader, dist_info.device, torch_dtype(cfg.precision),
                                   slowfast=cfg.inputs == "slowfast")
     if rank == 0:
         variant = describe(cfg)

@@ -154,8 +154,6 @@ def _worker_init(_: int) -> None:
 class BaselineLoader:
     """Same interface, order and position as ``DALILoader``; ``cfg.num_threads`` DataLoader workers."""
 
-    position_is_global = True
-
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
         self.cfg, self.batch_size = cfg, batch_size
@@ -169,8 +167,7 @@ class BaselineLoader:
         self._step = 0
         self._restored = False
         self.bad_keys: dict[str, str] = {}
-        self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "replacements": [],
-                                      "samples": 0, "steps": 0}
+        self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "replacements": []}
 
     def __len__(self) -> int:
         return self.order.steps
@@ -210,7 +207,5 @@ class BaselineLoader:
             for r in batch.pop("replaced"):
                 record_replacement(self, epoch, step, r["position"], r["key"], r["shard"], r["spare"])
             self._step = step + 1
-            self.stats["samples"] += len(batch["key"])
-            self.stats["steps"] += 1
             yield batch
         self.epoch, self._step = epoch + 1, 0

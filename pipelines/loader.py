@@ -8,7 +8,7 @@ pipeline decodes each video once and emits every view.
 
 Position: ``(epoch, data step)`` plus the keys found bad so far -- the same value on every rank, so
 a run saved on W ranks resumes on any W' that divides the global batch, at the next data step, with
-the same samples (``position_is_global``). Plans depend only on (seed, epoch, key).
+the same samples. Plans depend only on (seed, epoch, key).
 
 Bad samples keep batch sizes fixed: each is replaced by the first readable spare of its position
 (``GlobalOrder.spare_candidates``), logged with key, shard and step, counted, and its key kept in
@@ -112,8 +112,6 @@ class DALILoader:
         seed: base seed for the order, frame plans and augmentation.
     """
 
-    position_is_global = True
-
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
         if batch_size < 1:
@@ -138,7 +136,7 @@ class DALILoader:
         self._restored = False
         self.bad_keys: dict[str, str] = {}   # key -> shard, found bad on any rank so far
         self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "replacements": [],
-                                      "samples": 0, "steps": 0, "pipeline_rebuilds": 0}
+                                      "pipeline_rebuilds": 0}
 
     # ----------------------------------------------------------------- position
     def steps_in_epoch(self, epoch: int = 0) -> int:
@@ -240,8 +238,6 @@ class DALILoader:
             out = self._to_torch(outputs[:-1], batch)
             self._repair(out, outputs[-1], batch, epoch)
             self._step = batch.step + 1
-            self.stats["samples"] += len(batch.samples)
-            self.stats["steps"] += 1
             yield out
         # A completed epoch moves the position to the start of the next one.
         self.epoch, self._step = epoch + 1, 0

@@ -223,7 +223,7 @@ def _export_payload(student_prefix: str = "backbone.") -> tuple[dict, torch.nn.M
     student["head.last_layer.weight"] = torch.randn(4, 8)
     config = {"model": {"backbone": "timesformer_tiny_patch16", "backbone_kwargs": dict(TINY)},
               "data": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
-    return {"student": student, "teacher": None, "config": config, "step": 7}, backbone
+    return {"student": student, "teacher": None, "backbone_prefix": student_prefix, "config": config, "step": 7}, backbone
 
 
 def test_load_backbone_from_an_export_file(tmp_path):
@@ -242,3 +242,17 @@ def test_load_backbone_from_an_export_file(tmp_path):
     (tmp_path / "junk.pt").write_text("junk")
     with pytest.raises(ValueError, match="junk.pt"):
         load_backbone(str(tmp_path / "junk.pt"))
+
+
+def test_the_backbone_prefix_is_read_from_the_export_not_guessed(tmp_path):
+    payload, backbone = _export_payload("runner.backbone.")
+    # a key outside the backbone that also contains "backbone." comes first: a guess would take its prefix
+    payload["student"] = {"aux.backbone.scale": torch.ones(1), **payload["student"]}
+    torch.save(payload, tmp_path / "export.pt")
+    loaded = load_backbone(str(tmp_path / "export.pt"), which="student")
+    for name, value in backbone.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], value)
+    del payload["backbone_prefix"]
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="old.pt: the export records no backbone_prefix"):
+        load_backbone(str(tmp_path / "old.pt"), which="student")

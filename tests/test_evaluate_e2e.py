@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,7 +184,8 @@ def test_zero3_checkpoint_gives_the_features_of_the_zero0_checkpoint(eval_shards
 
 def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path):
     """Fine-tuning through DeepSpeed: an uninterrupted 2-epoch run and a run stopped after 3 steps then
-    resumed end with identical weights; the 2-clip test classifies the held-out videos."""
+    resumed end with identical weights; the 2-clip test classifies the held-out videos. The stopped run
+    resumed under ZeRO-1 ends with the same weights too, and the fine-tuned backbone loads for evaluation."""
     common = [sys.executable, str(ROOT / "evaluate.py"), "finetune", "--checkpoint", "random", *MODEL,
               "--train-shards", str(eval_shards["train"]), "--val-shards", str(eval_shards["val"]), "--epochs", "2",
               "--milestones", "1", "--lr", "0.05", "--batch-size", "4", "--inputs", "single", "--clip-frames", "4",
@@ -199,6 +201,7 @@ def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path)
     results = tmp_path / "results.json"
     finetune(tmp_path / "whole", "--results", str(results))
     finetune(tmp_path / "split", "--max-steps", "3")
+    shutil.copytree(tmp_path / "split", tmp_path / "relayout")  # resumed under ZeRO-1 below
     assert "continuing at epoch 0, step 3" in finetune(tmp_path / "split")
 
     def final_weights(run: Path) -> dict:
@@ -214,3 +217,19 @@ def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path)
     assert record["changes"] == {"epochs": 2, "milestones": [1], "lr": 0.05, "batch_size": 4, "inputs": "single",
                                  "eval.slow_frames": 4, "eval.slow_size": 32, "eval.clips": 2, "eval.crops": 1}
     assert record["metrics"]["num_val"] == 8 and record["metrics"]["top1"] >= 87.5
+
+    # The trainer's checkpoint: SGD momentum by parameter name in portable.pt, so the stopped run also
+    # resumes in another layout (ZeRO-1) and reaches the same weights (reduction order: float noise only).
+    portable = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000008" / "portable.pt", weights_only=False)
+    assert set(portable["moments"]) == set(portable["params"]) and "head.weight" in portable["moments"]
+    assert all(set(m) == {"momentum_buffer"} for m in portable["moments"].values())
+    assert "rank layout changed" in finetune(tmp_path / "relayout", "finetune.zero_stage=1")
+    relayout = torch.load(tmp_path / "relayout" / "checkpoints" / "step_00000008" / "portable.pt", weights_only=False)
+    for name, value in portable["params"].items():
+        torch.testing.assert_close(relayout["params"][name], value, rtol=1e-4, atol=1e-5)
+
+    # Evaluation reads the fine-tuned backbone from the checkpoint folder by its recorded backbone_prefix.
+    loaded = load_backbone(str(tmp_path / "whole" / "checkpoints"), which="student")
+    assert loaded.step == 8
+    for name, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, whole[f"backbone.{name}"].float(), rtol=0, atol=0)

@@ -119,6 +119,8 @@ def killed_and_resumed(workdir, stage_runs) -> Path:
          "nan_batches": [2]},
         {**_run("nan_stop", workdir, **{"trainer.zero_stage": 1, "trainer.batch_size_per_gpu": 4,
                                         "trainer.on_nonfinite_loss": "stop"}), "nan_batches": [2]},
+        {**_run("save_first", workdir, **{"trainer.zero_stage": 1, "trainer.batch_size_per_gpu": 4}),
+         "save_first": True},
     ]}
     _wait(_launch(single, workdir, 1, "single"), workdir, "single")
     return workdir
@@ -358,6 +360,21 @@ def test_nonfinite_loss_skipped_or_stops(killed_and_resumed):
     assert stop["status"].startswith("stopped: [train] non-finite loss at step 1")
 
 
+def test_save_before_fit(killed_and_resumed, reference):
+    """A checkpoint taken before the first step is complete, and a run resumed from it trains as one
+    that never stopped (same losses as the plain PyTorch reference)."""
+    run_dir = killed_and_resumed / "save_first"
+    assert (run_dir / "checkpoints" / "step_00000000" / "trainer.pt").is_file()
+    trainer_state = torch.load(run_dir / "checkpoints" / "step_00000000" / "trainer.pt", weights_only=False)
+    assert trainer_state["step"] == 0 and trainer_state["epoch"] == 0
+    assert trainer_state["data_position"]["next_batch"] == 0
+    assert "resumed from" in (killed_and_resumed / "single.log").read_text()
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, reference["total_steps"] + 1))
+    for step, ref_loss in reference["losses"].items():
+        assert abs(losses[step] - ref_loss) <= LOSS_TOL, (step, losses[step], ref_loss)
+
+
 def test_checkpoint_visible_only_when_complete(killed_and_resumed, tmp_path):
     from training.checkpoint import export_weights, find_latest
 
@@ -376,3 +393,20 @@ def test_checkpoint_visible_only_when_complete(killed_and_resumed, tmp_path):
     backbone.load_state_dict(exported["backbone"], strict=True)
     final = torch.load(killed_and_resumed / "killed" / "final.pt", weights_only=False)
     assert _max_diff(exported["teacher"], final["teacher"]) == 0.0
+
+
+def test_per_epoch_schedules_and_optimizer_settings():
+    """The fine-tuning protocols' lr, set once per epoch (multistep / cosine over epochs), and strict
+    optimizer settings."""
+    from training.config import ConfigError
+    from training.trainer import Schedules
+
+    base = {"optim.optimizer": "sgd", "optim.lr": 0.1, "optim.lr_reference_batch": 0, "optim.warmup_epochs": 0}
+    multistep = tiny_config(**base, **{"optim.schedule": "multistep", "optim.milestones": [1], "optim.gamma": 0.1})
+    assert Schedules.build(multistep, 6, 3, 8).lr.tolist() == pytest.approx([0.1] * 3 + [0.01] * 3, rel=1e-12)
+    cosine = tiny_config(**base, **{"optim.schedule": "cosine_epochs"})  # 2 epochs: 0.1, then 0.1 (1 + cos(pi/2)) / 2
+    assert Schedules.build(cosine, 6, 3, 8).lr.tolist() == pytest.approx([0.1] * 3 + [0.05] * 3, rel=1e-12)
+    for key, value in (("optim.optimizer", "adam"), ("optim.schedule", "step"), ("optim.momentum", 1.0),
+                       ("optim.milestones", [3, 1])):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            tiny_config(**{**base, key: value})

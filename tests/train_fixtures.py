@@ -138,8 +138,6 @@ class SyntheticLoader:
         nan_batches: global batch indices (epoch 0) whose first sample holds a NaN.
     """
 
-    position_is_global = True
-
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int = 0,
                  delay_s: float = 0.0, nan_batches: tuple[int, ...] = ()) -> None:
         self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
@@ -218,8 +216,12 @@ def run_worker(spec: dict) -> None:
                                  nan_batches=tuple(run.get("nan_batches", ())))
         trainer = Trainer(cfg, method, loader, info)
         status = "ok"
+        resume = run.get("resume")
+        if run.get("save_first"):
+            # a checkpoint before any step; the run then continues from it as a resume would
+            resume = str(trainer.save())
         try:
-            summary = trainer.fit(resume=run.get("resume"))
+            summary = trainer.fit(resume=resume)
         except NonFiniteLossError as exc:
             status, summary = f"stopped: {exc}", {}
         # final weights, gathered on every rank (collective), written by rank 0

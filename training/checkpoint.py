@@ -4,9 +4,11 @@ Layout under ``<run_dir>/checkpoints``::
 
     step_00000100/                     one complete checkpoint
         <DeepSpeed's files>            engine.save_checkpoint (exact same-layout resume)
-        trainer.pt                     step, epoch, teacher, objective buffers, config, layout
-        trainer_rank00000.pt ...       per rank: data-loader position, RNG states
-        portable.pt                    fp32 weights + Adam moments per parameter name, buffers
+        trainer.pt                     step, epoch, teacher, objective buffers, config, layout,
+                                       backbone prefix, the data position (the same for every rank)
+        trainer_rank00000.pt ...       per rank: RNG states
+        portable.pt                    fp32 weights + optimizer state (Adam moments / SGD momentum) per
+                                       parameter name, buffers: the one fp32 consolidation
     latest                             text file naming the newest complete checkpoint
 
 A checkpoint is written under ``tmp-step_...``, renamed when every rank has finished, and only then
@@ -28,10 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from training.engine import _optimizer_state_keys
+
 __all__ = ["CheckpointManager", "find_latest", "rng_state", "set_rng_state", "portable_state",
-           "load_portable_state", "export_weights"]
+           "load_portable_state", "consolidated_weights", "export_weights", "optimizer_state_keys"]
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+SGD_KEYS = ("momentum_buffer",)
 TRAINER_FILE = "trainer.pt"
 PORTABLE_FILE = "portable.pt"
 LATEST_FILE = "latest"
@@ -87,8 +92,6 @@ def _adam_steps_by_group(engine) -> list[int | None]:
     Groups can differ: DINO's last layer starts counting only when its freeze ends
     (``training.engine.LastLayerFreezer``), so one count for all would shift its bias corrections.
     """
-    from training.engine import _optimizer_state_keys
-
     inner = _inner_optimizer(engine)
     steps: list[int | None] = []
     for group in range(len(inner.param_groups)):
@@ -101,13 +104,25 @@ def _adam_steps_by_group(engine) -> list[int | None]:
     return steps
 
 
+def optimizer_state_keys(engine) -> tuple[str, ...]:
+    """The per-parameter optimizer state tensors a portable state carries: AdamW's two moments, or
+    SGD's momentum buffer (none without momentum)."""
+    inner = _inner_optimizer(engine)
+    if isinstance(inner, torch.optim.SGD):
+        return SGD_KEYS if any(group.get("momentum", 0) for group in inner.param_groups) else ()
+    return ADAM_KEYS
+
+
 def portable_state(engine) -> dict:
-    """Full fp32 parameters and Adam moments by parameter name (collective: call on every rank)."""
+    """Full fp32 parameters and optimizer state (Adam moments / SGD momentum) by parameter name
+    (collective: call on every rank)."""
+    # local imports of deepspeed here and below: importing it reads DS_ACCELERATOR, set by init_distributed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     module = engine.module
     inner = _inner_optimizer(engine)
-    has_state = len(inner.state) > 0
+    keys = optimizer_state_keys(engine)
+    has_state = len(inner.state) > 0 and bool(keys)
     if has_state:
         _link_optimizer_state(engine)
     params, moments = {}, {}
@@ -117,11 +132,11 @@ def portable_state(engine) -> dict:
         if _is_zero_param(param):
             params[name] = safe_get_full_fp32_param(param).detach().cpu().clone()
             if has_state:
-                moments[name] = {k: safe_get_full_optimizer_state(param, k).detach().cpu().clone() for k in ADAM_KEYS}
+                moments[name] = {k: safe_get_full_optimizer_state(param, k).detach().cpu().clone() for k in keys}
         else:  # stage 0: the module parameter is the fp32 master and the optimizer keys on it
             params[name] = param.detach().float().cpu().clone()
-            if param in inner.state:
-                moments[name] = {k: inner.state[param][k].detach().cpu().clone() for k in ADAM_KEYS}
+            if has_state and param in inner.state:
+                moments[name] = {k: inner.state[param][k].detach().cpu().clone() for k in keys}
     import deepspeed
 
     frozen_params = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
@@ -134,8 +149,10 @@ def portable_state(engine) -> dict:
             "adam_step": _adam_step_count(engine), "adam_steps_by_group": _adam_steps_by_group(engine)}
 
 
-def _ensure_adam_state(engine, step: int, steps_by_group: list[int | None] | None = None) -> None:
-    """Creates AdamW state (lazily made at the first step) so the moments can be written into it."""
+def _ensure_optimizer_state(engine, keys: tuple[str, ...], step: int,
+                            steps_by_group: list[int | None] | None = None) -> None:
+    """Creates the optimizer state (lazily made at the first step) so the saved values can be written
+    into it; Adam's step counts too."""
     inner = _inner_optimizer(engine)
     # The tensors the client optimizer keys its state on: DeepSpeed swaps its flat fp32 partitions
     # into the param groups only around step(), so ask the wrapper for them.
@@ -147,14 +164,12 @@ def _ensure_adam_state(engine, step: int, steps_by_group: list[int | None] | Non
     keyed = list(flat) if flat is not None else [p for group in inner.param_groups for p in group["params"]]
     for p in keyed:
         state = inner.state[p]
-        for key in ADAM_KEYS:
+        for key in keys:
             if key not in state:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        # torch keeps `step` as a float tensor per parameter (non-capturable, non-fused path)
-        state["step"] = torch.tensor(float(step))
-    if steps_by_group:
-        from training.engine import _optimizer_state_keys
-
+        if keys == ADAM_KEYS:  # torch keeps `step` as a float tensor per parameter (non-capturable, non-fused)
+            state["step"] = torch.tensor(float(step))
+    if steps_by_group and keys == ADAM_KEYS:
         for group, group_step in enumerate(steps_by_group):
             for key in _optimizer_state_keys(engine, [group]):
                 inner.state[key]["step"] = torch.tensor(float(group_step if group_step is not None else step))
@@ -199,6 +214,7 @@ def _set_zero3_full(engine, param, value: torch.Tensor, key: str | None = None) 
 @torch.no_grad()
 def load_portable_state(engine, state: dict) -> None:
     """Writes a portable state into an engine of any ZeRO stage / world size (call on every rank)."""
+    # local: importing deepspeed reads DS_ACCELERATOR, set by init_distributed first
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     module = engine.module
@@ -207,8 +223,10 @@ def load_portable_state(engine, state: dict) -> None:
     if names != set(state["params"]):
         missing, extra = sorted(names - set(state["params"])), sorted(set(state["params"]) - names)
         raise ValueError(f"portable checkpoint does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    if state["moments"]:
-        _ensure_adam_state(engine, state["adam_step"], state.get("adam_steps_by_group"))
+    # the saved state names its own keys: AdamW's moments or SGD's momentum buffer
+    keys = tuple(next(iter(state["moments"].values()))) if state["moments"] else ()
+    if keys:
+        _ensure_optimizer_state(engine, keys, state["adam_step"], state.get("adam_steps_by_group"))
     import deepspeed
 
     for name, param in module.named_parameters():
@@ -217,15 +235,15 @@ def load_portable_state(engine, state: dict) -> None:
         value = state["params"][name]
         if hasattr(param, "ds_id"):
             _set_zero3_full(engine, param, value)
-            for key in ADAM_KEYS if state["moments"] else ():
+            for key in keys:
                 _set_zero3_full(engine, param, state["moments"][name][key], key)
         elif _is_zero_param(param):
             safe_set_full_fp32_param(param, value.to(param.device))
-            for key in ADAM_KEYS if state["moments"] else ():
+            for key in keys:
                 safe_set_full_optimizer_state(param, state["moments"][name][key].to(param.device), key)
         else:
             param.copy_(value.to(param.dtype))
-            for key in ADAM_KEYS if state["moments"] else ():
+            for key in keys:
                 inner.state[param][key].copy_(state["moments"][name][key])
     # The low-precision / partitioned module copies must be refreshed from the fp32 masters.
     params = list(module.parameters())
@@ -308,24 +326,33 @@ class CheckpointManager:
         return trainer_state, rank_state
 
 
-def export_weights(ckpt_dir: Path, out_path: Path) -> Path:
-    """Consolidated fp32 weights of a checkpoint, without DeepSpeed or a process group.
+def consolidated_weights(ckpt_dir: Path) -> dict:
+    """The fp32 weights of a checkpoint folder, without DeepSpeed or a process group (any ZeRO stage,
+    any world size): the one consolidation path, read from ``portable.pt`` and ``trainer.pt``.
 
-    The file holds ``student`` (full student state dict: backbone + head[s]), ``teacher`` (the EMA
-    teacher's state dict, None for SimSiam), ``backbone`` (the teacher's backbone if there is one, as
-    DINO/SVT evaluate the teacher, else the student's) with the ``backbone.`` prefix stripped, and
-    ``config``. ``models.build_backbone(config['model']['backbone'])`` loads ``backbone`` strictly.
+    Returns ``student`` (every parameter, frozen ones included, and the buffers), ``teacher`` (the EMA
+    teacher's state dict, None without one), ``backbone_prefix`` (of the backbone's keys in both),
+    ``config`` and ``step``.
     """
     ckpt_dir = Path(ckpt_dir)
     trainer_state = torch.load(ckpt_dir / TRAINER_FILE, map_location="cpu", weights_only=False)
     portable = torch.load(ckpt_dir / PORTABLE_FILE, map_location="cpu", weights_only=False)
-    student = {**portable["params"], **portable["frozen_params"], **portable["buffers"]}
-    teacher = trainer_state.get("teacher")
-    source = teacher if teacher is not None else student
-    prefix = trainer_state.get("backbone_prefix", "backbone.")
-    backbone = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
-    payload = {"student": student, "teacher": teacher, "backbone": backbone, "config": trainer_state["config"],
-               "step": trainer_state["step"]}
+    return {"student": {**portable["params"], **portable["frozen_params"], **portable["buffers"]},
+            "teacher": trainer_state.get("teacher"), "backbone_prefix": trainer_state["backbone_prefix"],
+            "config": trainer_state["config"], "step": trainer_state["step"]}
+
+
+def export_weights(ckpt_dir: Path, out_path: Path) -> Path:
+    """Consolidated fp32 weights of a checkpoint (``consolidated_weights``) in one file.
+
+    The file holds ``student``, ``teacher``, ``backbone_prefix``, ``config``, ``step`` and ``backbone``
+    (the teacher's backbone if there is one, as DINO/SVT evaluate the teacher, else the student's) with
+    the prefix stripped. ``models.build_backbone(config['model']['backbone'])`` loads ``backbone`` strictly.
+    """
+    payload = consolidated_weights(ckpt_dir)
+    source = payload["teacher"] if payload["teacher"] is not None else payload["student"]
+    prefix = payload["backbone_prefix"]
+    payload["backbone"] = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")

@@ -12,7 +12,14 @@ import numpy as np
 import torch
 import yaml
 
+from models import resolve_pretrained
+from pipelines import build_loader
+from training.checkpoint import export_weights, find_latest
 from training.config import ConfigError, config_to_dict, load_config
+from training.engine import init_distributed
+from training.methods import build_method
+from training.metrics import format_summary
+from training.trainer import Trainer
 from typed_config import USER_ERRORS, disk_problem, error_line
 
 __all__ = ["main", "build_parser"]
@@ -34,8 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_to_export(cfg, resume: str | None) -> Path | None:
-    from training.checkpoint import find_latest
-
     if resume not in (None, "auto"):
         return Path(resume) if (Path(resume) / "trainer.pt").is_file() else None
     return find_latest(Path(cfg.trainer.output_dir) / "checkpoints")
@@ -54,8 +59,6 @@ def main(argv: list[str]) -> int:
             out_paths.insert(0, Path(args.export).parent)
             return _export(cfg, args)
         # missing initial weights stop the run here, before any loader or process group
-        from models import resolve_pretrained
-
         resolve_pretrained(cfg.model.pretrained)
         return _train(cfg, args)
     except USER_ERRORS as exc:
@@ -75,8 +78,6 @@ def main(argv: list[str]) -> int:
 
 
 def _export(cfg, args) -> int:
-    from training.checkpoint import export_weights
-
     ckpt = _checkpoint_to_export(cfg, args.resume)
     if ckpt is None:
         raise ValueError(f"no complete checkpoint to export (--resume {args.resume or 'auto'}, "
@@ -93,12 +94,6 @@ def _train(cfg, args) -> int:
         # checked before any model or engine is built
         raise FileNotFoundError(f"--resume {args.resume}: not a complete checkpoint (no trainer.pt); give a "
                                 f"checkpoints/step_N folder or 'auto'")
-
-    from pipelines import build_loader
-    from training.engine import init_distributed
-    from training.methods import build_method
-    from training.metrics import format_summary
-    from training.trainer import Trainer
 
     t = cfg.trainer
     info = init_distributed(t.dist_backend, timeout_s=t.dist_timeout_s, torch_threads=t.torch_threads)

@@ -111,6 +111,13 @@ class OptimConfig:
     clip_mode: str = "global"  # global (one norm over all parameters) | per_param (DINO utils.clip_gradients)
     model_no_weight_decay: bool = False  # also no wd for the model's no_weight_decay() names (Video Swin)
     freeze_last_layer_epochs: float = 1.0  # DINO: the head's last layer is frozen at first
+    # the fine-tuning protocols (evaluation/finetune.py: SVT Sec. 4.1, LSTCL Sec. 4) train with SGD and
+    # an lr set once per epoch; pretraining keeps AdamW and DINO's per-step cosine
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine (per step: warmup, then to min_lr) | multistep | cosine_epochs (per epoch)
+    milestones: list = field(default_factory=list)  # multistep: epochs at which the lr is multiplied by gamma
+    gamma: float = 0.1  # multistep
 
 
 @dataclass
@@ -132,6 +139,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 1
     on_nonfinite_loss: str = "skip"  # skip | stop
+    optimizer_log: str = ""  # a file name under output_dir: per optimizer step, the param groups as applied
     loader: str = "dali"  # dali | baseline
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     dist_timeout_s: int = 900
@@ -227,6 +235,17 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         raise ConfigError(f"optim.clip_mode: must be 'global' or 'per_param', got {opt.clip_mode!r}")
     if opt.warmup_epochs < 0 or opt.freeze_last_layer_epochs < 0:
         raise ConfigError("optim.warmup_epochs / optim.freeze_last_layer_epochs: must be >= 0")
+    if opt.optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"optim.optimizer: must be 'adamw' or 'sgd', got {opt.optimizer!r}")
+    if not 0.0 <= opt.momentum < 1.0:
+        raise ConfigError(f"optim.momentum: must be in [0, 1), got {opt.momentum}")
+    if opt.schedule not in ("cosine", "multistep", "cosine_epochs"):
+        raise ConfigError(f"optim.schedule: must be cosine, multistep or cosine_epochs, got {opt.schedule!r}")
+    if list(opt.milestones) != sorted(opt.milestones) or not 0.0 < opt.gamma <= 1.0:
+        raise ConfigError(f"optim.milestones / optim.gamma: need increasing epochs and 0 < gamma <= 1, got "
+                          f"{opt.milestones}, {opt.gamma}")
+    if opt.schedule != "cosine" and t.epochs <= 0:
+        raise ConfigError(f"optim.schedule: {opt.schedule} is set per epoch and needs trainer.epochs > 0")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

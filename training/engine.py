@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from models.heads import convert_sync_batchnorm
 from training.config import Config
 
 __all__ = ["DistInfo", "init_distributed", "ParamGroupInfo", "build_param_groups", "param_groups_weight_decay",
@@ -240,7 +241,7 @@ def clip_gradients_per_parameter(engine, clip: float) -> torch.Tensor:
     collectives at ZeRO 1-3: each assembles one full gradient, an extra all-reduce of the gradients
     per step at ZeRO 1/2 and an all-gather at ZeRO 3).
     """
-    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad  # local: after DS_ACCELERATOR is set
 
     norms = []
     for param in engine.module.parameters():
@@ -258,15 +259,14 @@ def clip_gradients_per_parameter(engine, clip: float) -> torch.Tensor:
 
 
 def build_engine(student: nn.Module, cfg: Config, world_size: int, teacher: nn.Module | None = None):
-    """Wraps the student in a DeepSpeed engine with a client AdamW; returns (engine, group infos, freezer).
+    """Wraps the student in a DeepSpeed engine with a client AdamW (or SGD: ``optim.optimizer``); returns
+    (engine, group infos, freezer).
 
     With more than one rank every BatchNorm of the student and the teacher becomes a SyncBatchNorm
     first (MoCo v3 / BYOL / SimSiam train their heads with global-batch statistics); DeepSpeed then
     wraps the converted student.
     """
-    import deepspeed
-
-    from models.heads import convert_sync_batchnorm
+    import deepspeed  # local: importing it reads DS_ACCELERATOR, which init_distributed sets first
 
     if world_size > 1:
         convert_sync_batchnorm(student)
@@ -277,8 +277,11 @@ def build_engine(student: nn.Module, cfg: Config, world_size: int, teacher: nn.M
     last_layer_groups = [i for i, info in enumerate(infos) if info.last_layer]
     last_layer_params = [p for i in last_layer_groups for p in groups[i]["params"]]
     freezer = LastLayerFreezer(last_layer_params, last_layer_groups)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=0.0)
+    if cfg.optim.optimizer == "sgd":  # the fine-tuning protocols; weight decay per group, as set_hyperparameters
+        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world_size))
     return engine, infos, freezer

@@ -7,6 +7,7 @@ methods from models/ and objectives/:
 - MoCo v3 / BYOL: query encoder = ContrastiveEncoder(backbone, projector, predictor) on both clips;
   momentum key encoder = backbone + projector (EMA); symmetric loss.
 - SimSiam: one encoder, no teacher; the stop-gradient branch is the student's own projection.
+- Fine-tuning (evaluation/finetune.py): ``ClassifierMethod``, a ``VideoClassifier`` with cross-entropy.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import math
 import torch
 import torch.nn as nn
 
+import models
 from models.flops import forward_flops
 from models.multiview import ContrastiveEncoder, MultiViewRunner
+from objectives import BYOLLoss, MoCoV3Loss, SimSiamLoss, SVTLoss
 from training.config import Config
 
-__all__ = ["SSLMethod", "SVTMethod", "TwoViewMethod", "build_method"]
+__all__ = ["SSLMethod", "SVTMethod", "TwoViewMethod", "ClassifierMethod", "VideoClassifier", "build_method"]
 
 
 class SSLMethod:
@@ -29,7 +32,8 @@ class SSLMethod:
         student: module wrapped by the DeepSpeed engine; called with a list of view tensors.
         teacher: EMA module (parameter names a subset of the student's) or None.
         objective: loss module; its buffers (e.g. SVT's center) are checkpointed.
-        student_views / teacher_views: view names fed to each.
+        student_views / teacher_views: view names fed to each. Without a teacher, the second value
+            ``split_views`` returns goes to ``loss`` as ``teacher_out`` (a classifier's labels).
         backbone_prefix: prefix of the backbone's parameters in student/teacher state dicts.
     """
 
@@ -79,6 +83,15 @@ def _split_terms(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, 
     return out["loss"], terms
 
 
+def _tokens(backbone: nn.Module, shapes: list[tuple[int, ...]]) -> float:
+    """Backbone tokens per sample over views of ``shapes`` (C, T, H, W)."""
+    patch = getattr(backbone, "patch_size", 16)
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+    tubelet = getattr(backbone, "tubelet_size", 1)
+    tubelet = tubelet[0] if isinstance(tubelet, (tuple, list)) else tubelet
+    return float(sum(math.ceil(t / tubelet) * (h // patch) * (w // patch) for _, t, h, w in shapes))
+
+
 def _throughput_counts(runner: nn.Module, backbone: nn.Module, shapes: list[tuple[int, ...]],
                        teacher_shapes: list[tuple[int, ...]]) -> tuple[float, float, float]:
     """(views, tokens, training FLOPs) per sample: 3x forward for the student (fwd + bwd), 1x for the teacher.
@@ -86,11 +99,7 @@ def _throughput_counts(runner: nn.Module, backbone: nn.Module, shapes: list[tupl
     ``runner`` should be an unpartitioned module (the teacher where there is one: ZeRO-3 empties the
     student's parameter tensors, and the head FLOPs are read from their sizes).
     """
-    patch = getattr(backbone, "patch_size", 16)
-    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
-    tubelet = getattr(backbone, "tubelet_size", 1)
-    tubelet = tubelet[0] if isinstance(tubelet, (tuple, list)) else tubelet
-    tokens = sum(math.ceil(t / tubelet) * (h // patch) * (w // patch) for _, t, h, w in shapes)
+    tokens = _tokens(backbone, shapes)
     try:
         cache: dict[tuple[int, ...], int] = {}
         flops = 0.0
@@ -146,6 +155,70 @@ class TwoViewMethod(SSLMethod):
         return MultiViewRunner(source.backbone, source.head)
 
 
+class VideoClassifier(nn.Module):
+    """``backbone`` + a linear ``head`` on its CLS feature (an SSL head is not carried over).
+
+    ``forward([slow])`` classifies ``CLS(slow)``, ``forward([slow, fast])`` ``CLS(slow) + CLS(fast)``
+    (SVT slow-fast, Fig. 3: one sum, no extra parameters). With ``freeze_backbone`` the backbone stays
+    in eval mode and runs without gradients (linear probe).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, head_init_std: float = 0.02,
+                 freeze_backbone: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.freeze_backbone = freeze_backbone
+        self.head = nn.Linear(backbone.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=head_init_std)
+        nn.init.zeros_(self.head.bias)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "VideoClassifier":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # frozen features: no dropout / drop-path, as DINO's eval_linear
+        return self
+
+    def features(self, clip: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            return self.backbone.forward_features(clip)
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(sum(self.features(v) for v in views))
+
+
+class ClassifierMethod(SSLMethod):
+    """Supervised fine-tuning as a trainer method: cross-entropy of a ``VideoClassifier`` on one clip
+    or a slow-fast pair. No teacher: ``split_views`` hands the labels to the loss in the teacher's place.
+
+    Args:
+        classifier: the student (in the engine).
+        view_names: the loader views it sees, slow clip first.
+    """
+
+    def __init__(self, classifier: VideoClassifier, view_names: list[str]) -> None:
+        self.student, self.teacher = classifier, None
+        self.objective = nn.CrossEntropyLoss()
+        self.student_views, self.teacher_views = list(view_names), []
+        self.backbone_prefix = "backbone."
+
+    def split_views(self, batch: dict, device: torch.device, bf16: bool) -> tuple[list, torch.Tensor]:
+        views, _ = super().split_views(batch, device, bf16)
+        return views, torch.as_tensor(batch["label"]).view(-1).long().to(device)
+
+    def loss(self, student_out, teacher_out, *, teacher_temp: float):
+        return self.objective(student_out.float(), teacher_out), {}
+
+    def throughput_counts(self, batch: dict) -> tuple[float, float, float]:
+        """Views and tokens per sample; no FLOPs (a frozen backbone runs no backward: MFU is not reported)."""
+        if self._counts is None:
+            shapes = [tuple(batch[n].shape[1:]) for n in self.student_views]
+            self._counts = (float(len(shapes)), _tokens(self.student.backbone, shapes), 0.0)
+        return self._counts
+
+
 def _teacher_from_student(teacher: nn.Module, student: nn.Module) -> nn.Module:
     """Copies the student's weights into the teacher (names the teacher lacks, e.g. a predictor, skipped)."""
     wanted = teacher.state_dict().keys()
@@ -160,9 +233,6 @@ def build_method(cfg: Config, view_names: list[str]) -> SSLMethod:
 
     The teacher is built with drop path 0 (DINO) and starts as a copy of the student.
     """
-    import models
-    from objectives import BYOLLoss, MoCoV3Loss, SimSiamLoss, SVTLoss
-
     m, o = cfg.model, cfg.objective
 
     def backbone(drop_path_rate: float, pretrained: str = "none") -> nn.Module:

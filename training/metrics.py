@@ -10,7 +10,10 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["MetricsWriter", "summarize", "read_jsonl", "format_summary"]
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+__all__ = ["MetricsWriter", "summarize", "read_jsonl", "format_summary", "truncate_jsonl"]
 
 
 class MetricsWriter:
@@ -40,16 +43,12 @@ class MetricsWriter:
         # logged after that step are dropped, since the resumed run logs those steps again (each step
         # once); a fresh run in an old folder starts the file again
         if append:
-            _truncate_jsonl(self.jsonl_path, start_step)
+            truncate_jsonl(self.jsonl_path, start_step)
         self._file = open(self.jsonl_path, "a" if append else "w", buffering=1)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             # purge_step: TensorBoard hides the old run's events from this step on (same reason)
             self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step + 1 if append else None)
         if progress_bar:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
@@ -85,7 +84,7 @@ class MetricsWriter:
             self._file.close()
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keeps the records of steps <= ``last_step`` (rewritten through a temp file and ``os.replace``)."""
     if not path.is_file():
         return

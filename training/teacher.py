@@ -48,6 +48,7 @@ class EMATeacher:
     def update(self, momentum: float) -> None:
         student_params = [s for _, s in self.pairs]
         if self.bf16:
+            # local: importing deepspeed reads DS_ACCELERATOR, set by init_distributed first
             from deepspeed.utils import safe_get_full_fp32_param
 
             for t, s in self.pairs:
@@ -56,7 +57,7 @@ class EMATeacher:
             return
         gather = contextlib.nullcontext()
         if self.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # local: after init_distributed set DS_ACCELERATOR
 
             gather = deepspeed.zero.GatheredParameters(student_params, modifier_rank=None)
         with gather:

@@ -3,12 +3,18 @@
 One optimizer step = ``trainer.grad_accum_steps`` micro-batches on every rank. Schedules are
 indexed by the optimizer step (DINO's ``cosine_scheduler``), written into the engine's param
 groups before the step's first micro-batch; the teacher is updated after every real optimizer step.
+
+A step is, in order: ``_begin_step`` (this step's lr / weight decay / last-layer freeze),
+per micro-batch ``_next_batch`` (data fetch + lineage), ``_forward_loss`` (teacher and student
+forward, loss, the cross-rank non-finite check) and ``_backward_step`` (backward, clipping,
+``engine.step``), then ``_update_teacher`` and ``_step_record`` (metrics).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -16,15 +22,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from objectives.schedules import cosine_schedule
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
 from training.engine import DistInfo, build_engine, clip_gradients_per_parameter, set_hyperparameters
 from training.lineage import LineageWriter
 from training.methods import SSLMethod
-from training.metrics import MetricsWriter, read_jsonl, summarize
+from training.metrics import MetricsWriter, read_jsonl, summarize, truncate_jsonl
 from training.teacher import EMATeacher
 
-__all__ = ["Trainer", "Schedules", "NonFiniteLossError"]
+__all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,20 +50,38 @@ class Schedules:
 
     @classmethod
     def build(cls, cfg: Config, total_steps: int, steps_per_epoch: float, global_batch: int) -> "Schedules":
-        from objectives.schedules import cosine_schedule
-
         o, opt = cfg.objective, cfg.optim
         lr = opt.lr * (global_batch / opt.lr_reference_batch if opt.lr_reference_batch > 0 else 1.0)
         warmup = min(int(round(opt.warmup_epochs * steps_per_epoch)), total_steps)
         temp_warmup = min(int(round(o.warmup_teacher_temp_epochs * steps_per_epoch)), total_steps)
+        if opt.schedule == "cosine":
+            lr_values = cosine_schedule(lr, opt.min_lr, total_steps, warmup_steps=warmup)
+        else:  # set once per epoch: the value of the epoch each step falls in
+            epochs = np.floor(np.arange(total_steps) / steps_per_epoch).astype(int)
+            lr_values = np.array([epoch_lr(opt.schedule, lr, int(e), cfg.trainer.epochs, opt.milestones, opt.gamma)
+                                  for e in epochs], dtype=np.float64)
         return cls(
-            lr=cosine_schedule(lr, opt.min_lr, total_steps, warmup_steps=warmup),
+            lr=lr_values,
             weight_decay=cosine_schedule(opt.weight_decay, opt.weight_decay_end, total_steps),
             momentum=cosine_schedule(o.momentum_teacher, o.momentum_teacher_final, total_steps),
             teacher_temp=cosine_schedule(o.teacher_temp, o.teacher_temp, total_steps, warmup_steps=temp_warmup,
                                          warmup_start=o.warmup_teacher_temp),
             freeze_last_layer_steps=int(round(opt.freeze_last_layer_epochs * steps_per_epoch)),
         )
+
+
+def epoch_lr(schedule: str, lr: float, epoch: int, epochs: float, milestones=(), gamma: float = 0.1) -> float:
+    """lr of ``epoch`` (0-based) for the per-epoch schedules of the fine-tuning protocols.
+
+    ``multistep``: ``lr * gamma ** (milestones <= epoch)`` (TimeSformer's / SVT's fine-tuning);
+    ``cosine_epochs``: cosine from ``lr`` to 0 over ``epochs``, as the official SVT / DINO
+    eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)`` stepped once per epoch.
+    """
+    if schedule == "cosine_epochs":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "multistep":
+        return lr * gamma ** sum(epoch >= m for m in milestones)
+    raise ValueError(f"epoch_lr: schedule must be multistep or cosine_epochs, got {schedule!r}")
 
 
 class _EpochIterator:
@@ -80,6 +105,17 @@ class _EpochIterator:
             return next(self._it)
 
 
+@dataclass
+class _StepTotals:
+    """What the micro-batches of one optimizer step add up for its metrics record."""
+
+    micro_done: int = 0
+    data_wait: float = 0.0
+    term_sums: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = float("nan")  # measured by the trainer (stage 0 / per-parameter clipping)
+    counts: tuple[float, float, float] = (0.0, 0.0, 0.0)  # views, tokens, FLOPs per sample
+
+
 class Trainer:
     """Runs a recipe: ``Trainer(cfg, method, loader, dist_info).fit(resume=...)``.
 
@@ -87,7 +123,9 @@ class Trainer:
         cfg: the validated recipe.
         method: the SSL method (student, teacher, objective, loss).
         loader: iterable of per-step dicts of views with ``__len__``, ``state_dict``/``load_state_dict``,
-            ``set_epoch`` and ``stats`` (pipelines contract).
+            ``set_epoch`` and ``stats`` (pipelines contract). Its position is global: the same on
+            every rank and valid for any rank layout (pipelines/order.py), optionally merged over
+            ranks by ``merge_states``.
         dist_info: from ``engine.init_distributed``.
     """
 
@@ -128,15 +166,19 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", rank=dist_info.rank,
                                              world_size=dist_info.world_size, keep=t.keep_checkpoints)
         self.step = 0
-        self.epoch = 0
+        self.epoch = 0  # of the next batch; _data keeps it once fit() runs
         self.nonfinite_skipped = 0
         self._fresh_epoch = True
+        self._data: _EpochIterator | None = None
 
     # ------------------------------------------------------------------ state
+    def _current_epoch(self) -> int:
+        return self._data.epoch if self._data is not None else self.epoch
+
     def _trainer_state(self) -> dict:
         return {
             "step": self.step,
-            "epoch": self._data.epoch,
+            "epoch": self._current_epoch(),
             "nonfinite_skipped": self.nonfinite_skipped,
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "objective": self.method.objective.state_dict(),
@@ -145,13 +187,12 @@ class Trainer:
             "zero_stage": self.cfg.trainer.zero_stage,
             "precision": self.cfg.trainer.precision,
             "backbone_prefix": self.method.backbone_prefix,
+            "data_position": self._data_position(),
         }
 
-    def _data_position(self) -> dict | None:
-        """A global-order loader's position, one value for the whole run (collective): every rank's
-        state gathered and merged, so samples found bad on any rank are part of it."""
-        if not getattr(self.loader, "position_is_global", False):
-            return None
+    def _data_position(self) -> dict:
+        """The loader's position, one value for the whole run (collective): every rank's state
+        gathered and merged, so samples found bad on any rank are part of it."""
         state = self.loader.state_dict()
         if self.dist.world_size > 1:
             states = [None] * self.dist.world_size
@@ -161,14 +202,10 @@ class Trainer:
         merge = getattr(self.loader, "merge_states", None)
         return merge(states) if merge is not None else states[0]
 
-    def _rank_state(self) -> dict:
-        return {"loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
-                "rng": rng_state(), "epoch": self._data.epoch}
-
     def save(self) -> Path:
-        trainer_state = self._trainer_state()
-        trainer_state["data_position"] = self._data_position()
-        return self.checkpoints.save(self.engine, self.step, trainer_state, self._rank_state())
+        """A complete checkpoint of the current step (collective); works before, during and after ``fit``."""
+        rank_state = {"rng": rng_state(), "epoch": self._current_epoch()}
+        return self.checkpoints.save(self.engine, self.step, self._trainer_state(), rank_state)
 
     def restore(self, ckpt_dir: Path) -> None:
         trainer_state, rank_state = self.checkpoints.load(self.engine, ckpt_dir, zero_stage=self.cfg.trainer.zero_stage,
@@ -179,42 +216,18 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.load_state_dict(trainer_state["teacher"])
         self.method.objective.load_state_dict(trainer_state["objective"], strict=True)
-        position = trainer_state.get("data_position")
-        if position is not None and getattr(self.loader, "position_is_global", False):
-            # one portable data position for every rank layout: (epoch, data step, bad samples)
-            self.loader.load_state_dict(position)
-            self._fresh_epoch = False
-            if rank_state is not None:
-                set_rng_state(rank_state["rng"])
-            else:
-                self._reseed()
-                if self.dist.rank == 0:
-                    print(f"[train] {ckpt_dir}: rank layout changed ({trainer_state['world_size']} ranks, ZeRO "
-                          f"{trainer_state['zero_stage']}, {trainer_state['precision']} -> {self.dist.world_size} "
-                          f"ranks, ZeRO {self.cfg.trainer.zero_stage}, {self.cfg.trainer.precision}); restored from "
-                          f"the portable state; the data position carries over", flush=True)
-        elif rank_state is not None:
+        # one portable data position for every rank layout: (epoch, data step, bad samples)
+        self.loader.load_state_dict(trainer_state["data_position"])
+        self._fresh_epoch = False
+        if rank_state is not None:
             set_rng_state(rank_state["rng"])
-            if rank_state["loader"] is not None:
-                self.loader.load_state_dict(rank_state["loader"])
-            self._fresh_epoch = False
-        else:
-            self._reseed()
-            if getattr(self.loader, "position_is_global", False):
-                # a loader whose position does not depend on the rank layout continues exactly
-                rank0 = torch.load(Path(ckpt_dir) / "trainer_rank00000.pt", map_location="cpu", weights_only=False)
-                self.loader.load_state_dict(rank0["loader"])
-                self._fresh_epoch = False
-                data_note = "the data position carries over"
-            else:
-                # per-rank positions do not map onto a new set of shards: restart the epoch's data order
-                self._fresh_epoch = True
-                data_note = f"epoch {self.epoch} restarts its data order"
-            if self.dist.rank == 0:
-                print(f"[train] {ckpt_dir}: rank layout changed ({trainer_state['world_size']} ranks, ZeRO "
-                      f"{trainer_state['zero_stage']}, {trainer_state['precision']} -> {self.dist.world_size} ranks, "
-                      f"ZeRO {self.cfg.trainer.zero_stage}, {self.cfg.trainer.precision}); restored from the "
-                      f"portable state; {data_note}", flush=True)
+            return
+        self._reseed()
+        if self.dist.rank == 0:
+            print(f"[train] {ckpt_dir}: rank layout changed ({trainer_state['world_size']} ranks, ZeRO "
+                  f"{trainer_state['zero_stage']}, {trainer_state['precision']} -> {self.dist.world_size} "
+                  f"ranks, ZeRO {self.cfg.trainer.zero_stage}, {self.cfg.trainer.precision}); restored from "
+                  f"the portable state; the data position carries over", flush=True)
 
     def _reseed(self) -> None:
         seed = self.cfg.trainer.seed + 1000 * self.dist.rank + self.step
@@ -250,12 +263,18 @@ class Trainer:
                                append=ckpt is not None)
         self._lineage = LineageWriter(self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                       resume_step=self.step if ckpt is not None else None)
+        self._optimizer_log = None
+        if t.optimizer_log and self.dist.rank == 0:
+            log_path = self.run_dir / t.optimizer_log
+            if ckpt is not None:
+                truncate_jsonl(log_path, self.step)  # the resumed run logs the later steps again
+            self._optimizer_log = open(log_path, "a" if ckpt is not None else "w", buffering=1)
         if ckpt is not None:
             writer.message(f"[train] resumed from {ckpt} at step {self.step}")
         try:
             while self.step < self.total_steps:
                 record = self._train_step(writer)
-                if record is not None and (self.step % t.log_every_steps == 0 or self.step == self.total_steps):
+                if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
                     writer.log(record)
                 if save_checkpoints and (self.step % t.ckpt_every_steps == 0 or self.step == self.total_steps):
                     path = self.save()
@@ -263,98 +282,148 @@ class Trainer:
         finally:
             writer.close()
             self._lineage.close()
+            if self._optimizer_log is not None:
+                self._optimizer_log.close()
+            self.epoch = self._data.epoch
         summary = summarize(read_jsonl(writer.jsonl_path)) if self.dist.rank == 0 else {}
         summary.update(checkpoint=str(find_latest(self.run_dir / "checkpoints")), tensorboard=str(writer.tb_dir),
                        metrics=str(writer.jsonl_path))
         return summary
 
-    def _train_step(self, writer: MetricsWriter) -> dict | None:
+    def _train_step(self, writer: MetricsWriter) -> dict:
         """One optimizer step (grad_accum micro-batches); returns its metrics record."""
-        t = self.cfg.trainer
         s = self.step
-        frozen = s < self.schedules.freeze_last_layer_steps
+        self._begin_step(s)
+        totals = _StepTotals()
+        step_start = time.perf_counter()
+        while totals.micro_done < self.cfg.trainer.grad_accum_steps:
+            batch = self._next_batch(s, totals)
+            result = self._forward_loss(batch, s, totals.micro_done, writer)
+            if result is None:
+                continue  # non-finite loss skipped: no backward, the engine's micro-step counter stays
+            loss, reduced_terms = result
+            for name, value in reduced_terms.items():
+                totals.term_sums[name] = totals.term_sums.get(name, 0.0) + value
+            self._backward_step(loss, totals)
+            if totals.micro_done == 1:
+                totals.counts = self.method.throughput_counts(batch)
+        self._update_teacher(s)
+        self.step += 1
+        return self._step_record(s, totals, time.perf_counter() - step_start)
+
+    def _frozen(self, s: int) -> bool:
+        return s < self.schedules.freeze_last_layer_steps
+
+    def _begin_step(self, s: int) -> None:
+        """This step's lr and weight decay into the param groups; the last layer frozen or released."""
         set_hyperparameters(self.engine, self.group_infos, lr=float(self.schedules.lr[s]),
-                            weight_decay=float(self.schedules.weight_decay[s]), freeze_last_layer=frozen,
+                            weight_decay=float(self.schedules.weight_decay[s]), freeze_last_layer=self._frozen(s),
                             freezer=self.freezer,
                             release_last_layer=s > 0 and s == self.schedules.freeze_last_layer_steps)
-        teacher_temp = float(self.schedules.teacher_temp[s])
-        step_start = time.perf_counter()
-        data_wait = 0.0
-        term_sums: dict[str, float] = {}
-        micro_done = 0
-        stage0_grad_norm = float("nan")
-        per_param_clip = self.cfg.optim.clip_mode == "per_param" and self.cfg.optim.clip_grad > 0
-        views_per_sample = tokens_per_sample = flops_per_sample = 0.0
-        while micro_done < t.grad_accum_steps:
-            wait_start = time.perf_counter()
-            stats = getattr(self.loader, "stats", None)
-            seen = len(stats.get("replacements", [])) if isinstance(stats, dict) else 0
-            batch = next(self._data)
-            data_wait += time.perf_counter() - wait_start
-            replaced = stats.get("replacements", [])[seen:] if isinstance(stats, dict) else []
-            self._lineage.write(s + 1, batch, replaced)
-            student_views, teacher_views = self.method.split_views(batch, self.dist.device, self.bf16)
-            with torch.no_grad():
-                # the teacher keeps fp32 weights (EMA precision) and runs in fp32: autocast would
-                # leave BatchNorm (MoCo / BYOL heads) with bf16 inputs and fp32 weights
-                teacher_out = (self.method.teacher([v.float() for v in teacher_views])
-                               if self.method.teacher is not None else None)
-            student_out = self.engine(student_views)
-            # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy to undo
-            objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
-            loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=teacher_temp)
-            # one all-reduce carries the loss terms and the non-finite flag of every rank
-            names = ["loss", *terms]
-            packed = torch.stack([loss.detach().float(), *[v.detach().float() for v in terms.values()]])
-            nonfinite_local = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=packed.device)
-            reduced = self._all_reduce_mean(torch.cat([torch.nan_to_num(packed, nan=0.0, posinf=0.0, neginf=0.0),
-                                                       nonfinite_local]))
-            if reduced[-1] > 0:
-                self.nonfinite_skipped += 1
-                message = (f"[train] non-finite loss at step {s} (micro-batch {micro_done}, epoch {self._data.epoch}, "
-                           f"keys {batch.get('key', [])[:4]}...)")
-                writer.message(message + ("; stopping" if t.on_nonfinite_loss == "stop" else "; micro-batch skipped"))
-                writer.log({"step": s, "event": "nonfinite_loss", "nonfinite_skipped": self.nonfinite_skipped})
-                if t.on_nonfinite_loss == "stop":
-                    raise NonFiniteLossError(message)
-                self.method.objective.load_state_dict(objective_before)
-                continue  # no backward: the engine's micro-step counter stays where it is
-            for name, value in zip(names, reduced[:-1].tolist()):
-                term_sums[name] = term_sums.get(name, 0.0) + value
-            self.engine.backward(loss)
-            boundary = self.engine.is_gradient_accumulation_boundary()  # read before step()
-            if boundary and per_param_clip:
-                # DINO's utils.clip_gradients on the reduced gradients; the logged norm is the global
-                # norm before clipping, as DeepSpeed reports it in global mode
-                norms = clip_gradients_per_parameter(self.engine, self.cfg.optim.clip_grad)
-                stage0_grad_norm = float(norms.norm()) if norms.numel() else 0.0
-            elif boundary and t.zero_stage == 0:
-                # DeepSpeed reports no global norm without ZeRO; gradients are all-reduced by now
-                grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-                stage0_grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-            self.engine.step()
-            micro_done += 1
-            if micro_done == t.grad_accum_steps and not boundary:
-                raise RuntimeError("engine and trainer disagree on the gradient-accumulation boundary")
-            if micro_done == 1:
-                views_per_sample, tokens_per_sample, flops_per_sample = self.method.throughput_counts(batch)
+
+    def _next_batch(self, s: int, totals: _StepTotals) -> dict:
+        """The next micro-batch; its wait counts as data wait, its keys go to the lineage (collective)."""
+        wait_start = time.perf_counter()
+        stats = getattr(self.loader, "stats", None)
+        seen = len(stats.get("replacements", [])) if isinstance(stats, dict) else 0
+        batch = next(self._data)
+        totals.data_wait += time.perf_counter() - wait_start
+        replaced = stats.get("replacements", [])[seen:] if isinstance(stats, dict) else []
+        self._lineage.write(s + 1, batch, replaced)
+        return batch
+
+    def _forward_loss(self, batch: dict, s: int, micro: int, writer: MetricsWriter
+                      ) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """Teacher and student forward and the loss; returns (loss, rank-averaged terms), or None when
+        the loss is non-finite on any rank and the micro-batch is skipped (objective buffers restored)."""
+        t = self.cfg.trainer
+        student_views, teacher_views = self.method.split_views(batch, self.dist.device, self.bf16)
+        with torch.no_grad():
+            # the teacher keeps fp32 weights (EMA precision) and runs in fp32: autocast would
+            # leave BatchNorm (MoCo / BYOL heads) with bf16 inputs and fp32 weights
+            # without a teacher the second list goes to the loss as it is (a classifier's labels)
+            teacher_out = (self.method.teacher([v.float() for v in teacher_views])
+                           if self.method.teacher is not None else teacher_views)
+        student_out = self.engine(student_views)
+        # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy to undo
+        objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
+        loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=float(self.schedules.teacher_temp[s]))
+        # one all-reduce carries the loss terms and the non-finite flag of every rank
+        names = ["loss", *terms]
+        packed = torch.stack([loss.detach().float(), *[v.detach().float() for v in terms.values()]])
+        nonfinite_local = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=packed.device)
+        reduced = self._all_reduce_mean(torch.cat([torch.nan_to_num(packed, nan=0.0, posinf=0.0, neginf=0.0),
+                                                   nonfinite_local]))
+        if reduced[-1] == 0:
+            return loss, dict(zip(names, reduced[:-1].tolist()))
+        self.nonfinite_skipped += 1
+        message = (f"[train] non-finite loss at step {s} (micro-batch {micro}, epoch {self._data.epoch}, "
+                   f"keys {batch.get('key', [])[:4]}...)")
+        writer.message(message + ("; stopping" if t.on_nonfinite_loss == "stop" else "; micro-batch skipped"))
+        writer.log({"step": s, "event": "nonfinite_loss", "nonfinite_skipped": self.nonfinite_skipped})
+        if t.on_nonfinite_loss == "stop":
+            raise NonFiniteLossError(message)
+        self.method.objective.load_state_dict(objective_before)
+        return None
+
+    def _backward_step(self, loss: torch.Tensor, totals: _StepTotals) -> None:
+        """Backward, then at the accumulation boundary the clipping, then ``engine.step``."""
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()  # read before step()
+        if boundary and self._per_param_clip():
+            # DINO's utils.clip_gradients on the reduced gradients; the logged norm is the global
+            # norm before clipping, as DeepSpeed reports it in global mode
+            norms = clip_gradients_per_parameter(self.engine, self.cfg.optim.clip_grad)
+            totals.grad_norm = float(norms.norm()) if norms.numel() else 0.0
+        elif boundary and self.cfg.trainer.zero_stage == 0:
+            # DeepSpeed reports no global norm without ZeRO; gradients are all-reduced by now
+            grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+            totals.grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        if boundary:
+            self._log_optimizer(totals)
+        self.engine.step()
+        totals.micro_done += 1
+        if totals.micro_done == self.cfg.trainer.grad_accum_steps and not boundary:
+            raise RuntimeError("engine and trainer disagree on the gradient-accumulation boundary")
+
+    def _log_optimizer(self, totals: _StepTotals) -> None:
+        """``trainer.optimizer_log``: what the optimizer is about to apply, one line per step (rank 0)."""
+        if self._optimizer_log is None:
+            return
+        groups = self.engine.optimizer.param_groups
+        keys = [k for k in ("lr", "momentum", "weight_decay") if k in groups[0]]
+        record = {"step": self.step + 1, "epoch": self._data.epoch, "batch": self.global_batch,
+                  "loss": totals.term_sums.get("loss", float("nan")) / (totals.micro_done + 1),
+                  "optimizer": type(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)).__name__,
+                  "param_groups": [{k: g[k] for k in keys} | {"params": sum(p.numel() for p in g["params"])}
+                                   for g in groups]}
+        self._optimizer_log.write(json.dumps(record) + "\n")
+
+    def _per_param_clip(self) -> bool:
+        return self.cfg.optim.clip_mode == "per_param" and self.cfg.optim.clip_grad > 0
+
+    def _update_teacher(self, s: int) -> None:
         if self.teacher is not None:
             self.teacher.update(float(self.schedules.momentum[s]))
-        self.step += 1
-        step_time = time.perf_counter() - step_start
-        grad_norm = stage0_grad_norm if (t.zero_stage == 0 or per_param_clip) else self.engine.get_global_grad_norm()
+
+    def _step_record(self, s: int, totals: _StepTotals, step_time: float) -> dict:
+        """The metrics record of the step that just ended (``self.step`` is already its 1-based number)."""
+        t = self.cfg.trainer
+        own_norm = t.zero_stage == 0 or self._per_param_clip()
+        grad_norm = totals.grad_norm if own_norm else self.engine.get_global_grad_norm()
+        views_per_sample, tokens_per_sample, flops_per_sample = totals.counts
         videos_per_s = self.global_batch / step_time
         record = {
             "step": self.step,
             "epoch": self._data.epoch,
-            **{name: total / t.grad_accum_steps for name, total in term_sums.items()},
+            **{name: total / t.grad_accum_steps for name, total in totals.term_sums.items()},
             "lr": float(self.schedules.lr[s]),
             "wd": float(self.schedules.weight_decay[s]),
             "momentum": float(self.schedules.momentum[s]),
-            "teacher_temp": teacher_temp,
-            "last_layer_frozen": frozen,
+            "teacher_temp": float(self.schedules.teacher_temp[s]),
+            "last_layer_frozen": self._frozen(s),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "data_wait_ms": 1000.0 * data_wait,
+            "data_wait_ms": 1000.0 * totals.data_wait,
             "step_ms": 1000.0 * step_time,
             "videos_per_s": videos_per_s,
             "views_per_s": videos_per_s * views_per_sample,
