@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_fixtures import index_videos, write_shards  # noqa: E402
+import pytest
+from pipeline_fixtures import index_videos, write_shards
 
-from benchmarks import data as benchmark  # noqa: E402
+from benchmarks import data as benchmark
 
 
+@pytest.mark.slow
 def test_bench_data_writes_json_and_chart(tmp_path, capsys):
     shards = write_shards(tmp_path / "shards", index_videos(tmp_path / "media", [40, 50, 60, 70, 80, 90]),
                           per_shard=3)

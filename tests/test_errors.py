@@ -122,6 +122,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, mount, named", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_bad_input_is_one_line_and_exit_2(inputs, tmp_path, command, mount, named):
     values = {**{k: str(v) for k, v in inputs.items()}, "tmp": str(tmp_path)}

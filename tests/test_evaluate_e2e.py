@@ -146,6 +146,7 @@ TRAIN_TINY = ["trainer.max_steps=1", "model.backbone_kwargs={depth: 1, img_size:
               "optim.lr=0.01"]
 
 
+@pytest.mark.slow
 def test_zero3_checkpoint_gives_the_features_of_the_zero0_checkpoint(eval_shards, tmp_path, capsys):
     """One SVT step at ZeRO-0 and at ZeRO-3 (partitioned: persistence thresholds 0) from the same seed and data
     reach the same weights (docs/design.md section 8); features read from either checkpoint folder (ZeRO-3
@@ -182,6 +183,7 @@ def test_zero3_checkpoint_gives_the_features_of_the_zero0_checkpoint(eval_shards
     assert (student.slow - teacher.slow).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_finetune_learns_and_resumes_exactly_after_a_stop(eval_shards, tmp_path):
     """Fine-tuning through DeepSpeed: an uninterrupted 2-epoch run and a run stopped after 3 steps then
     resumed end with identical weights; the 2-clip test classifies the held-out videos. The stopped run

@@ -25,8 +25,7 @@ from pipelines.views import eval_crop_box, plan_sample, recipe_views, view_param
 from tests.test_evaluate_e2e import MODEL, make_eval_shards
 from tests.train_fixtures import subprocess_env
 
-sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_fixtures import frame_indices, index_videos, meta_of, write_shards  # noqa: E402
+from pipeline_fixtures import frame_indices, index_videos, meta_of, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small clips for a CPU test: the clip shapes are data, not optimizer settings, and are overridden;
@@ -69,6 +68,7 @@ def _assert_settings_reached_the_optimizer(steps: list, protocol: str) -> None:
                                                                   else {0.0})
 
 
+@pytest.mark.slow
 def test_svt_linear_probe_trains_only_the_head_with_the_papers_settings(batch32_shards, tmp_path):
     steps, record = _run_protocol("probe", "svt-linear", batch32_shards, tmp_path / "probe", *SMALL_CLIPS)
     _assert_settings_reached_the_optimizer(steps, "svt-linear")
@@ -92,6 +92,7 @@ def test_svt_linear_probe_trains_only_the_head_with_the_papers_settings(batch32_
     assert record["metrics"]["num_val"] == 4
 
 
+@pytest.mark.slow
 def test_svt_finetune_trains_the_whole_network_on_slow_fast_clips(batch32_shards, tmp_path):
     steps, record = _run_protocol("finetune", "svt-finetune", batch32_shards, tmp_path / "ft", *SMALL_CLIPS)
     _assert_settings_reached_the_optimizer(steps, "svt-finetune")
@@ -104,6 +105,7 @@ def test_svt_finetune_trains_the_whole_network_on_slow_fast_clips(batch32_shards
     assert record["settings"]["milestones"] == [11, 14] and record["settings"]["epochs"] == 15
 
 
+@pytest.mark.slow
 def test_lstcl_finetune_uses_stride_8_clips_and_the_5_clip_centre_crop_test(batch32_shards, tmp_path):
     steps, record = _run_protocol("finetune", "lstcl-finetune", batch32_shards, tmp_path / "lstcl",
                                   "--clip-frames", "4", "--clip-size", "32")

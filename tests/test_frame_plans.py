@@ -259,7 +259,6 @@ def test_loader_views_span_the_same_seconds_in_15_25_30_fps_shards(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from pipeline_fixtures import FixtureVideo, assert_views_hold_planned_frames, frame_indices, meta_of, write_shards
 
     from pipelines import build_loader

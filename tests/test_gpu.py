@@ -7,19 +7,16 @@ Skipped where no CUDA GPU is visible (this project's CI machines have none). On 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, frame_indices,  # noqa: E402
+from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, frame_indices,
                               index_videos, write_shards)
 
-from pipelines import DataConfig, build_loader  # noqa: E402
-from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig  # noqa: E402
-from shard_tools.media import write_synthetic_video  # noqa: E402
+from pipelines import DataConfig, build_loader
+from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig
+from shard_tools.media import write_synthetic_video
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device='mixed', NVDEC)")
 

@@ -4,16 +4,13 @@ the world size; rank slices that tile each data step; spares that depend on posi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-from pipelines.order import GlobalOrder, MemberReader, read_sample_index  # noqa: E402
+from pipelines.order import GlobalOrder, MemberReader, read_sample_index
 
 
 @st.composite

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, frame_indices,  # noqa: E402
+from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, frame_indices,
                               index_videos, meta_of, reencode_vp9, write_shards)
 
-from pipelines import DataConfig, build_loader  # noqa: E402
-from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig  # noqa: E402
-from pipelines.loader import resolve_device  # noqa: E402
-from pipelines.views import plan_sample  # noqa: E402
+from pipelines import DataConfig, build_loader
+from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig
+from pipelines.loader import resolve_device
+from pipelines.views import plan_sample
 
 torch.set_num_threads(1)
 # Index videos: lengths cover long, short (< T of the largest view) and 1-frame clips.
@@ -138,6 +137,7 @@ def _epoch_steps(loader) -> list[list[str]]:
     return [batch["key"] for batch in loader]
 
 
+@pytest.mark.slow
 def test_one_global_order_at_every_world_size(twelve_shards):
     """An epoch is one permutation; data step s holds the same 6 samples at W = 1, 2, 3
     (rank r the r-th slice), every sample exactly once, and the baseline loader takes the same order."""
@@ -313,6 +313,7 @@ def test_bad_metadata_names_the_shard(tmp_path, index_shards):
         list(build_loader(config(shards, recipe="lstcl"), batch_size=2))
 
 
+@pytest.mark.slow
 def test_shards_written_by_shard_tools_load(tmp_path):
     """The contract between the areas: `python -m shard_tools` output feeds both loaders."""
     import subprocess

@@ -293,6 +293,7 @@ def test_resume_after_a_kill_while_writing_shards(tmp_path, shard_size):
     assert not (out / ".work").exists()
 
 
+@pytest.mark.slow
 def test_ray_executor_writes_the_same_shards_as_the_process_pool(tmp_path):
     import ray
 

@@ -71,6 +71,7 @@ def _records(run_dir: Path) -> list[dict]:
     return read_jsonl(run_dir / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_svt_two_ranks_resume_and_export(demo_shards, tmp_path):
     run_dir = tmp_path / "svt"
     common = [f"data.shards={demo_shards}", f"trainer.output_dir={run_dir}", *TINY_MODEL, *TINY_TRAINER, *SVT_TINY]
@@ -117,6 +118,7 @@ def test_svt_two_ranks_resume_and_export(demo_shards, tmp_path):
     ("byol", ["trainer.zero_stage=3", "trainer.zero3_param_persistence_threshold=0"]),
     ("simsiam", ["trainer.zero_stage=2"]),
 ])
+@pytest.mark.slow
 def test_lstcl_objectives_train(demo_shards, tmp_path, objective, extra):
     run_dir = tmp_path / objective
     config = {"mocov3": "lstcl_timesformer_mocov3.yaml", "byol": "lstcl_timesformer_byol.yaml",
@@ -143,6 +145,7 @@ def test_lstcl_objectives_train(demo_shards, tmp_path, objective, extra):
     assert loaded.model.embed_dim == 192
 
 
+@pytest.mark.slow
 def test_bench_e2e_compares_loaders(demo_shards, tmp_path):
     """``python bench.py e2e`` trains the same model with the DALI and the baseline loader and reports both."""
     out = tmp_path / "e2e.json"

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_fixtures import FixtureVideo, index_videos, write_shards  # noqa: E402
-from test_pipelines import damaged  # noqa: E402
-from train_fixtures import subprocess_env  # noqa: E402
+from pipeline_fixtures import FixtureVideo, index_videos, write_shards
+from test_pipelines import damaged
+from train_fixtures import subprocess_env
 
-from training.lineage import read_lineage  # noqa: E402
-from training.metrics import read_jsonl  # noqa: E402
+from training.lineage import read_lineage
+from training.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow  # multi-process runs (make test-fast skips them)
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 6

@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 GLOBAL_SHAPE = (3, 4, 8, 8)  # (C, T, H, W)
 LOCAL_SHAPE = (3, 2, 4, 4)

@@ -30,6 +30,7 @@ from training.lineage import LineageWriter
 from training.methods import SSLMethod
 from training.metrics import MetricsWriter, read_jsonl, summarize, truncate_jsonl
 from training.teacher import EMATeacher
+from typed_config import seed_all, torch_dtype
 
 __all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
 
@@ -160,7 +161,7 @@ class Trainer:
             # in the MoCo / BYOL / SimSiam heads) in fp32, which batch_norm rejects
             for buffer in self.engine.module.buffers():
                 if buffer.is_floating_point():
-                    buffer.data = buffer.data.to(torch.bfloat16)
+                    buffer.data = buffer.data.to(torch_dtype(t.precision))
         self.teacher = (EMATeacher(method.teacher, self.engine.module, zero_stage=t.zero_stage, bf16=self.bf16)
                         if method.teacher is not None else None)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", rank=dist_info.rank,
@@ -230,9 +231,10 @@ class Trainer:
                   f"the portable state; the data position carries over", flush=True)
 
     def _reseed(self) -> None:
-        seed = self.cfg.trainer.seed + 1000 * self.dist.rank + self.step
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
+        # one independent stream per (rank, step): drop path etc. differ across ranks and steps, and a
+        # resumed run redraws exactly what the uninterrupted one drew (SeedSequence: no collisions, unlike
+        # seed + 1000 * rank + step, where rank 0 at step 1000 is rank 1 at step 0)
+        seed_all(self.cfg.trainer.seed, self.dist.rank, self.step)
 
     # ------------------------------------------------------------------ loop
     def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
