@@ -1,7 +1,7 @@
 """The shard format, in one place: file names, the manifest, tar member names and the DALI index.
 
 A shard folder holds ``{name}-{split}-{shard:06d}.tar`` shards, one DALI index ``{same}.idx`` beside
-each, ``manifest.json`` (:class:`Manifest`) and ``quarantine.jsonl`` (DESIGN.md section 1).
+each, ``manifest.json`` (:class:`Manifest`) and ``quarantine.jsonl`` (docs/design.md section 1).
 Everything that writes or reads these goes through this module: the sharding job writes the
 manifest with :func:`write_manifest`; the loaders, ``evaluate.py`` and ``verify`` / ``stats`` read
 it with :func:`read_manifest`. Shard paths come from the manifest only (count-sized shards are

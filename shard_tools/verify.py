@@ -22,31 +22,43 @@ import tarfile
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import av
 
+from shard_tools.format import read_manifest, split_member_name, write_dali_index
 from shard_tools.sources import load_label_map, read_folder, read_kinetics_csv, read_ssv2
-from shard_tools.format import read_manifest, write_dali_index
 from shard_tools.writer import read_jsonl
 
 MAX_LISTED_PROBLEMS = 50
 
 
+def members_by_sample(archive: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo]]]]:
+    """``(key, [(extension, member), ...])`` per sample of an open shard, in order, grouped as webdataset
+    groups them (``format.split_member_name``)."""
+    key, group = None, []
+    for member in archive:
+        if not member.isreg():
+            continue
+        member_key, ext = split_member_name(member.name)
+        if member_key is None:
+            continue
+        if member_key != key:
+            if group:
+                yield key, group
+            key, group = member_key, []
+        group.append((ext, member))
+    if group:
+        yield key, group
+
+
 def read_shard_samples(tar_path: Path, *, with_video: bool = False) -> list[dict]:
     """Samples of a shard in order: {key, members: {ext: bytes-or-size}}; video bytes only if asked."""
-    samples: list[dict] = []
     with tarfile.open(tar_path, "r:") as archive:
-        for member in archive:
-            if not member.isreg():
-                continue
-            dot = member.name.find(".", member.name.rfind("/") + 1)
-            key, ext = member.name[:dot], member.name[dot + 1:]
-            if not samples or samples[-1]["key"] != key:
-                samples.append({"key": key, "members": {}})
-            small = ext in ("json", "cls")
-            data = archive.extractfile(member).read() if (small or with_video) else member.size
-            samples[-1]["members"][ext] = data
-    return samples
+        return [{"key": key, "members": {ext: archive.extractfile(member).read()
+                                         if (ext in ("json", "cls") or with_video) else member.size
+                                         for ext, member in group}}
+                for key, group in members_by_sample(archive)]
 
 
 def relist_input_ids(manifest: dict) -> set[str]:
@@ -139,7 +151,6 @@ def check_shard(out: str, shard: dict, extension: str, label_names: dict, decode
     expected_frames: dict[str, int] = {}
     decoded: dict[str, int] = {}
     keys: list[str] = []
-    members: dict[str, bytes | int] = {}
 
     def check_sample(key: str, members: dict) -> None:
         if set(members) != {extension, "json", "cls"}:
@@ -164,27 +175,20 @@ def check_shard(out: str, shard: dict, extension: str, label_names: dict, decode
         input_ids.append(record.get("input_id"))
 
     with tarfile.open(tar_path, "r:") as archive:
-        for member in archive:
-            if not member.isreg():
-                continue
-            dot = member.name.find(".", member.name.rfind("/") + 1)
-            key, ext = member.name[:dot], member.name[dot + 1:]
-            if not keys or keys[-1] != key:
-                if keys:
-                    check_sample(keys[-1], members)
-                keys.append(key)
-                members = {}
-            if ext in ("json", "cls"):
-                members[ext] = archive.extractfile(member).read()
-            else:
+        for key, group in members_by_sample(archive):
+            keys.append(key)
+            members: dict[str, bytes | int] = {}
+            for ext, member in group:
+                if ext in ("json", "cls"):
+                    members[ext] = archive.extractfile(member).read()
+                    continue
                 members[ext] = member.size
                 if ext == extension and decoder == "stream":
                     try:  # decoded straight from the tar member: never the whole video in memory
                         decoded[key] = stream_frame_count(archive.extractfile(member))
                     except (av.error.FFmpegError, IndexError) as err:
                         problems.append(f"{shard['path']}:{key}: PyAV cannot decode it ({err})")
-        if keys:
-            check_sample(keys[-1], members)
+            check_sample(key, members)
     if keys != shard["keys"] or len(keys) != shard["num_samples"]:
         problems.append(f"{shard['path']}: holds {len(keys)} samples {keys[:3]}..., the manifest says "
                         f"{shard['num_samples']} {shard['keys'][:3]}...")
