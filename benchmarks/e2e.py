@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
         cfg = load_config(args.config, overrides + [f"trainer.max_steps={args.warmup + args.steps}",
                                                     "trainer.progress_bar=false", "trainer.tensorboard=false",
-                                                    "trainer.log_every_steps=1", f"trainer.output_dir={tmp}"])
+                                                    "trainer.log_every_steps=1", "trainer.ckpt_every_steps=0",
+                                                    f"trainer.output_dir={tmp}"])
         if args.shards is None and "demo" in str(cfg.data.shards):
             _ensure_demo_shards(Path(cfg.data.shards))
         t = cfg.trainer
@@ -83,7 +84,7 @@ def main(argv: list[str]) -> int:
             loader = build_loader(cfg.data, batch_size=t.batch_size_per_gpu, shard_id=info.rank,
                                   num_shards=info.world_size, seed=t.seed, loader=loader_name)
             trainer = Trainer(cfg, build_method(cfg, list(loader.view_names)), loader, info)
-            trainer.fit(save_checkpoints=False)
+            trainer.fit()
             if info.rank == 0:
                 timed = read_jsonl(Path(cfg.trainer.output_dir) / "metrics.jsonl")[args.warmup:]
                 step_ms = np.array([r["step_ms"] for r in timed])

@@ -54,6 +54,7 @@ def test_every_recipe_value_has_a_source_comment():
     (["trainer.batch_size_per_gpu=0"], "trainer.batch_size_per_gpu"),
     (["trainer.batch_size_per_gpu=two"], "trainer.batch_size_per_gpu"),
     (["trainer.on_nonfinite_loss=ignore"], "trainer.on_nonfinite_loss"),
+    (["trainer.ckpt_every_steps=-1"], "trainer.ckpt_every_steps"),  # 0 (no checkpoints) is allowed
     (["optim.lr=-1"], "optim.lr"),
     (["optim.betas=[0.9]"], "optim.betas"),
     (["optim.clip_mode=norm"], "optim.clip_mode"),

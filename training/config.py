@@ -135,7 +135,7 @@ class TrainerConfig:
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed JSON keys merged last
     seed: int = 0
     output_dir: str = "runs/default"
-    ckpt_every_steps: int = 500
+    ckpt_every_steps: int = 500        # and at the end; 0: no checkpoints (throughput runs)
     keep_checkpoints: int = 2
     log_every_steps: int = 1
     on_nonfinite_loss: str = "skip"  # skip | stop
@@ -199,9 +199,11 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         # DeepSpeed's bf16 path without ZeRO (FP16_UnfusedOptimizer) takes a dummy step, so Adam's
         # step count and weight decay drift (docs/design.md section 8).
         raise ConfigError("trainer.precision: bf16 needs trainer.zero_stage >= 1 (stage 0 bf16 is wrong in DeepSpeed)")
-    for name in ("batch_size_per_gpu", "grad_accum_steps", "ckpt_every_steps", "log_every_steps", "keep_checkpoints"):
+    for name in ("batch_size_per_gpu", "grad_accum_steps", "log_every_steps", "keep_checkpoints"):
         if getattr(t, name) < 1:
             raise ConfigError(f"trainer.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.ckpt_every_steps < 0:
+        raise ConfigError(f"trainer.ckpt_every_steps: must be >= 1, or 0 for no checkpoints, got {t.ckpt_every_steps}")
     if t.epochs <= 0 and t.max_steps <= 0:
         raise ConfigError(f"trainer.epochs: must be > 0 unless trainer.max_steps is set, got {t.epochs}")
     if t.on_nonfinite_loss not in ("skip", "stop"):

@@ -242,10 +242,11 @@ class Trainer:
         dist.all_reduce(values)
         return values / self.dist.world_size
 
-    def fit(self, resume: str | None = None, save_checkpoints: bool = True) -> dict:
+    def fit(self, resume: str | None = None) -> dict:
         """Trains to ``total_steps``; ``resume`` is None, "auto" or a checkpoint folder.
 
-        ``save_checkpoints=False`` is for benchmarks, which only want the per-step metrics.
+        Checkpoints every ``trainer.ckpt_every_steps`` steps and at the end; 0 writes none (throughput
+        runs that only want the per-step metrics).
         """
         t = self.cfg.trainer
         ckpt = None
@@ -278,7 +279,7 @@ class Trainer:
                 record = self._train_step(writer)
                 if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
                     writer.log(record)
-                if save_checkpoints and (self.step % t.ckpt_every_steps == 0 or self.step == self.total_steps):
+                if t.ckpt_every_steps and (self.step % t.ckpt_every_steps == 0 or self.step == self.total_steps):
                     path = self.save()
                     writer.message(f"[train] checkpoint {path}")
         finally:
