@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -58,9 +59,11 @@ def main(argv: list[str]) -> int:
         if args.export:
             out_paths.insert(0, Path(args.export).parent)
             return _export(cfg, args)
-        # missing initial weights stop the run here, before any loader or process group
-        resolve_pretrained(cfg.model.pretrained)
-        return _train(cfg, args)
+        resume_from = _checkpoint_to_export(cfg, args.resume) if args.resume else None
+        if resume_from is None:
+            # missing initial weights stop the run here, before any loader or process group
+            resolve_pretrained(cfg.model.pretrained)
+        return _train(cfg, args, resuming=resume_from is not None)
     except USER_ERRORS as exc:
         print(f"error: {error_line(exc, where=out_paths[0] if out_paths else None)}", file=sys.stderr)
         return 2
@@ -87,7 +90,7 @@ def _export(cfg, args) -> int:
     return 0
 
 
-def _train(cfg, args) -> int:
+def _train(cfg, args, resuming: bool = False) -> int:
     if not cfg.data.shards.strip():
         raise ConfigError(f"{args.config}: data.shards: missing (the data section names the shards to train on)")
     if args.resume not in (None, "auto") and not (Path(args.resume) / "trainer.pt").is_file():
@@ -110,8 +113,11 @@ def _train(cfg, args) -> int:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     loader = build_loader(cfg.data, batch_size=t.batch_size_per_gpu, shard_id=info.rank, num_shards=info.world_size,
                           seed=t.seed, loader=t.loader)
+    # a resumed run restores every weight from its checkpoint: the initial weights (model.pretrained) are
+    # not needed and may no longer be reachable (a preempted job restarting on offline nodes)
+    build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained="none")) if resuming else cfg
     try:
-        method = build_method(cfg, list(loader.view_names))
+        method = build_method(build_cfg, list(loader.view_names))
     except TypeError as exc:  # a misspelt model.backbone_kwargs key
         raise ConfigError(f"model.backbone_kwargs: cannot build {cfg.model.backbone} with "
                           f"{cfg.model.backbone_kwargs}: {exc}") from exc
