@@ -65,6 +65,21 @@ def check_codec(shards: ShardSet, device: str) -> None:
         raise ValueError(f"{shards.folder / 'manifest.json'}: unknown codec {shards.codec!r} (vp9 | h264)")
 
 
+# NVDEC decodes VP9 frames of at least 128x128 (NVIDIA's Video Codec SDK documentation; not verified
+# here): a smaller sample on `mixed` would fail the whole graph, so it is replaced before decoding.
+NVDEC_VP9_MIN_SIDE = 128
+
+
+def decoder_min_side(device: str, codec: str) -> int:
+    """The smallest frame side the graph's video decoder reads (0: no limit): NVDEC's for VP9 on
+    ``mixed``; DALI's CPU decoder has none."""
+    return NVDEC_VP9_MIN_SIDE if device == "mixed" and codec == "vp9" else 0
+
+
+class UnusableSample(ValueError):
+    """A sample this loader's decoder cannot read, known before decoding it (replaced by a spare)."""
+
+
 @dataclass
 class _Sample:
     """One sample read and planned: what the views graph needs, and where it came from."""
@@ -124,6 +139,7 @@ class DALILoader:
         self.shards = read_shard_set(cfg.shards)
         self.device = resolve_device(cfg.device)
         check_codec(self.shards, self.device)
+        self.min_side = decoder_min_side(self.device, self.shards.codec)
         self.index: list[IndexedSample] = read_sample_index(self.shards.paths, self.shards.index_paths,
                                                             self.shards.num_samples)
         self.order = build_order(cfg, self.shards, batch_size * num_shards, seed)
@@ -169,6 +185,9 @@ class DALILoader:
         record = _parse_meta(self.reader.read(entry.shard, entry.meta), entry.shard)
         if record["key"] != entry.key:
             raise ValueError(f"{entry.shard}: member {entry.key}.json names key {record['key']!r}")
+        if min(int(record["width"]), int(record["height"])) < self.min_side:
+            raise UnusableSample(f"{record['width']}x{record['height']} is below the decoder's minimum side "
+                                 f"{self.min_side} (NVDEC, VP9); shard with --min-side {self.min_side}")
         encoded = np.frombuffer(self.reader.read(entry.shard, entry.video), dtype=np.uint8)
         plan = plan_sample(self.cfg, self.views, seed=self.seed, epoch=epoch, key=entry.key,
                            num_frames=int(record["num_frames"]), fps=float(record.get("fps", 30.0)),
@@ -181,11 +200,21 @@ class DALILoader:
         sample_id = self.order.sample_at(epoch, position)
         entry = self.index[sample_id]
         if entry.key not in self.bad_keys:
-            return self._read(sample_id, position, epoch)
+            try:
+                return self._read(sample_id, position, epoch)
+            except UnusableSample as err:
+                self._report_bad(entry.key, entry.shard, str(err))
         for spare in self.order.spare_candidates(epoch, position):
-            if self.index[spare].key not in self.bad_keys:
-                record_replacement(self, epoch, step, position, entry.key, entry.shard, self.index[spare].key)
-                return self._read(spare, position, epoch)
+            spare_entry = self.index[spare]
+            if spare_entry.key in self.bad_keys:
+                continue
+            try:
+                sample = self._read(spare, position, epoch)
+            except UnusableSample as err:
+                self._report_bad(spare_entry.key, spare_entry.shard, str(err))
+                continue
+            record_replacement(self, epoch, step, position, entry.key, entry.shard, spare_entry.key)
+            return sample
         raise RuntimeError(f"{self.cfg.shards}: every sample is bad, no spare left")
 
     def planned_batches(self, epoch: int = 0) -> Iterator[_Batch]:

@@ -18,7 +18,7 @@ from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, f
 
 from pipelines import DataConfig, build_loader
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig
-from pipelines.loader import resolve_device
+from pipelines.loader import NVDEC_VP9_MIN_SIDE, decoder_min_side, resolve_device
 from pipelines.views import plan_sample
 
 torch.set_num_threads(1)
@@ -387,3 +387,24 @@ def test_damaged_members_are_replaced_identically_by_both_loaders(damaged_shards
                     got = frame_indices(batch["global_0"][b:b + 1], cfg)[0]
                     assert got == plan.view_frames(loader.views[0]).tolist()
     assert steps["dali"] == steps["baseline"]
+
+
+def test_samples_below_the_decoders_minimum_are_replaced_before_decoding(tmp_path, caplog):
+    """On ``mixed``, NVDEC cannot decode VP9 under 128x128 and a failure would end the graph: such
+    samples are replaced by spares before decoding, reported and counted. The CPU decoder has no
+    minimum, so the test sets the loader's ``min_side`` to stand for NVDEC's on the same code path."""
+    assert decoder_min_side("mixed", "vp9") == NVDEC_VP9_MIN_SIDE == 128
+    assert decoder_min_side("cpu", "vp9") == decoder_min_side("mixed", "h264") == 0
+    small = index_videos(tmp_path / "media", [24, 24], width=64, height=48, prefix="small")
+    large = index_videos(tmp_path / "media", [24, 24, 24, 24], width=96, height=64, prefix="large")
+    shards = write_shards(tmp_path / "shards", small + large, per_shard=3)
+    loader = build_loader(config(shards, recipe="svt"), batch_size=3, seed=0)
+    assert loader.min_side == 0   # cpu: every sample decodes
+    loader.min_side = 64
+    with caplog.at_level("WARNING"):
+        batches = list(loader)
+    assert [len(b["key"]) for b in batches] == [3, 3]
+    assert {k for b in batches for k in b["key"]} == {v.key for v in large}
+    assert sorted(r["key"] for r in loader.stats["skipped_keys"]) == ["small000", "small001"]
+    assert loader.stats["decode_failures"] == 2
+    assert any("below the decoder's minimum side 64" in r.getMessage() for r in caplog.records)
