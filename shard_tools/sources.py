@@ -195,12 +195,6 @@ def index_files_by_stem(root: Path) -> tuple[dict[str, list[str]], dict[str, lis
     return videos, others, unreadable
 
 
-def index_videos_by_stem(root: Path) -> dict[str, list[Path]]:
-    """All video files under ``root`` keyed by file name without suffix (one walk, sorted paths)."""
-    videos, _, _ = index_files_by_stem(root)
-    return {stem: [Path(p) for p in paths] for stem, paths in videos.items()}
-
-
 def _skipped_summary(root: Path, paths: list[str], unreadable_folders: list[str]) -> dict:
     """What the manifest says about files that are not inputs: under a folder layout, files with an
     unlisted extension; under any layout, folders that could not be read."""
