@@ -270,7 +270,12 @@ class IndexMember:
 
 
 def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike, *, sync: bool = True) -> None:
-    """Write the index DALI's ``fn.readers.webdataset`` reads, in ``wds2idx``'s v1.2 format.
+    """Write the index DALI's ``fn.readers.webdataset`` reads (:func:`dali_index_bytes`) atomically."""
+    atomic_write_bytes(Path(idx_path), dali_index_bytes(tar_path), sync=sync)
+
+
+def dali_index_bytes(tar_path: str | os.PathLike) -> bytes:
+    """The index DALI's ``fn.readers.webdataset`` reads for a shard, in ``wds2idx``'s v1.2 format.
 
     One line per sample: ``ext offset size name`` for each member, offsets of the member data.
     Byte-identical to DALI's ``wds2idx`` (a test compares them), without spawning ``tar`` twice.
@@ -294,7 +299,7 @@ def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike, *
         raise ValueError(f"{tar_path}: empty shard, nothing to index")
     lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
     lines += [" ".join(f"{c.ext} {c.offset} {c.size} {c.name}" for c in sample) for sample in samples]
-    atomic_write_bytes(Path(idx_path), ("\n".join(lines) + "\n").encode(), sync=sync)
+    return ("\n".join(lines) + "\n").encode()
 
 
 def read_dali_index(idx_path: str | os.PathLike) -> list[list[IndexMember]]:

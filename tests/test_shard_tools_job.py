@@ -205,10 +205,13 @@ def test_verify_catches_a_broken_shard(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     (out / "quarantine.jsonl").write_text(json.dumps({"input_id": "cls/0.webm", "key": "cls_0", "source": "x",
                                                       "stage": "probe", "reason": "missing", "detail": ""}) + "\n")
+    idx = out / "folder-train-000000.idx"
+    idx.write_bytes(idx.read_bytes().replace(b"json", b"jsox", 1))  # an index that no longer fits its tar
     report = verify_shards(out, decoder="none")
     assert not report["ok"]
     text = "\n".join(report["problems"])
     assert "more than one place" in text and "manifest totals say 3" in text
+    assert "folder-train-000000.idx: does not index folder-train-000000.tar correctly" in text
 
 
 def _folder_dataset(root: Path, count: int) -> Path:
