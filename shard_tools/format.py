@@ -21,6 +21,7 @@ import re
 import tarfile
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,25 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     if not match:
         return None, None
     return match.group(1), match.group(2)
+
+
+def members_by_sample(archive: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo]]]]:
+    """``(key, [(extension, member), ...])`` per sample of an open shard, in order, grouped as webdataset
+    groups them (:func:`split_member_name`)."""
+    key, group = None, []
+    for member in archive:
+        if not member.isreg():
+            continue
+        member_key, ext = split_member_name(member.name)
+        if member_key is None:
+            continue
+        if member_key != key:
+            if group:
+                yield key, group
+            key, group = member_key, []
+        group.append((ext, member))
+    if group:
+        yield key, group
 
 
 def _dali_split_name(name: str) -> tuple[str, str]:

@@ -21,34 +21,14 @@ import json
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import av
 
-from shard_tools.format import dali_index_bytes, read_manifest, split_member_name
+from shard_tools.format import dali_index_bytes, members_by_sample, read_manifest
 from shard_tools.sources import load_label_map, read_folder, read_kinetics_csv, read_ssv2
 from shard_tools.writer import read_jsonl
 
 MAX_LISTED_PROBLEMS = 50
-
-
-def members_by_sample(archive: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo]]]]:
-    """``(key, [(extension, member), ...])`` per sample of an open shard, in order, grouped as webdataset
-    groups them (``format.split_member_name``)."""
-    key, group = None, []
-    for member in archive:
-        if not member.isreg():
-            continue
-        member_key, ext = split_member_name(member.name)
-        if member_key is None:
-            continue
-        if member_key != key:
-            if group:
-                yield key, group
-            key, group = member_key, []
-        group.append((ext, member))
-    if group:
-        yield key, group
 
 
 def read_shard_samples(tar_path: Path, *, with_video: bool = False) -> list[dict]:

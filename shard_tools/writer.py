@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shard_tools.format import atomic_write_bytes, split_member_name, write_dali_index
+from shard_tools.format import atomic_write_bytes, members_by_sample, write_dali_index
 
 # ustar header (512) + data padded to 512 per member: used to estimate a shard's size in bytes.
 TAR_BLOCK = 512
@@ -105,14 +105,8 @@ def write_shard(tar_path: Path, idx_path: Path, samples) -> int:
 
 def shard_keys(tar_path: Path) -> list[str]:
     """Sample keys of a shard in order (reads only the tar headers)."""
-    keys: list[str] = []
     with tarfile.open(tar_path, "r:") as archive:
-        for member in archive:
-            if member.isreg():
-                key, _ = split_member_name(member.name)
-                if key is not None and (not keys or keys[-1] != key):
-                    keys.append(key)
-    return keys
+        return [key for key, _ in members_by_sample(archive)]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
