@@ -120,7 +120,7 @@ def check_shard(out: str, shard: dict, extension: str, label_names: dict, decode
     if not tar_path.exists() or not idx_path.exists():
         return {"problems": [f"{shard['path']}: tar or index missing"], "input_ids": [], "videos_decoded": 0}
     size = tar_path.stat().st_size
-    if "bytes" in shard and size != shard["bytes"]:
+    if size != shard["bytes"]:  # read_manifest guarantees every shard entry has its bytes
         problems.append(f"{shard['path']}: {size} bytes, the manifest says {shard['bytes']}")
     if dali_index_bytes(tar_path) != idx_path.read_bytes():
         problems.append(f"{shard['idx_path']}: does not index {shard['path']} correctly")
