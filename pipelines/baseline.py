@@ -110,7 +110,7 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         samples, failed, replaced = [], [], []
         for position in ld.order.positions(step, ld.shard_id, ld.num_shards):
             own = ld.order.sample_at(self.epoch, position)
-            for candidate in (own, *ld.order.spare_candidates(self.epoch, position)):
+            for candidate in ld.order.candidates(self.epoch, position):
                 entry = ld.index[candidate]
                 if entry.key in self.bad:
                     continue

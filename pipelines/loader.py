@@ -197,23 +197,19 @@ class DALILoader:
     def _sample_at(self, epoch: int, step: int, position: int) -> _Sample:
         """The sample at ``position``, or its first spare not known to be bad (the replacement is
         logged and counted)."""
-        sample_id = self.order.sample_at(epoch, position)
-        entry = self.index[sample_id]
-        if entry.key not in self.bad_keys:
+        own = self.order.sample_at(epoch, position)
+        for candidate in self.order.candidates(epoch, position):
+            entry = self.index[candidate]
+            if entry.key in self.bad_keys:
+                continue
             try:
-                return self._read(sample_id, position, epoch)
+                sample = self._read(candidate, position, epoch)
             except UnusableSample as err:
                 self._report_bad(entry.key, entry.shard, str(err))
-        for spare in self.order.spare_candidates(epoch, position):
-            spare_entry = self.index[spare]
-            if spare_entry.key in self.bad_keys:
                 continue
-            try:
-                sample = self._read(spare, position, epoch)
-            except UnusableSample as err:
-                self._report_bad(spare_entry.key, spare_entry.shard, str(err))
-                continue
-            record_replacement(self, epoch, step, position, entry.key, entry.shard, spare_entry.key)
+            if candidate != own:
+                first = self.index[own]
+                record_replacement(self, epoch, step, position, first.key, first.shard, entry.key)
             return sample
         raise RuntimeError(f"{self.cfg.shards}: every sample is bad, no spare left")
 

@@ -109,6 +109,12 @@ class GlobalOrder:
         """Sample id at an epoch position (positions past the end wrap to the start)."""
         return int(self.permutation(epoch)[position % self.num_samples])
 
+    def candidates(self, epoch: int, position: int) -> Iterator[int]:
+        """The sample at ``position``, then its spares in order. Lazy: a readable sample costs no
+        spare computation (``spare_candidates`` draws a permutation of every sample)."""
+        yield self.sample_at(epoch, position)
+        yield from self.spare_candidates(epoch, position)
+
     def spare_candidates(self, epoch: int, position: int) -> Iterator[int]:
         """Sample ids to try, in order, in place of the sample at ``position``: never one of its own
         data step's samples (a duplicate inside a batch would, e.g., be its own negative in MoCo)."""
