@@ -123,6 +123,8 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
                     # other processes).
                     self.bad[entry.key] = entry.shard
                     failed.append({"key": entry.key, "shard": entry.shard, "reason": str(err)})
+            else:
+                raise RuntimeError(f"{ld.cfg.shards}: every sample is bad, no spare left")
             if candidate != own:
                 replaced.append({"position": position, "key": ld.index[own].key, "shard": ld.index[own].shard,
                                  "spare": entry.key})
