@@ -30,7 +30,6 @@ from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, R
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
 
 log = logging.getLogger(__name__)
-VIDEO_KEYS = ("webm", "mp4")
 
 
 def decode_frames(data: bytes, frames: np.ndarray) -> torch.Tensor:

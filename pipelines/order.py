@@ -43,7 +43,6 @@ from shard_tools.format import MANIFEST_NAME, VIDEO_EXTENSIONS, read_dali_index,
 if TYPE_CHECKING:
     from .config import DataConfig
 
-VIDEO_EXTS = VIDEO_EXTENSIONS
 # The DALI loader's logger: both loaders log replacements under one name.
 log = logging.getLogger("pipelines.loader")
 # Seeds of the different random streams, so the order never shares a stream with the spares.
@@ -183,7 +182,7 @@ def read_sample_index(paths: list[str], index_paths: list[str], counts: list[int
         for row in rows:
             members = {m.ext: Member(m.offset, m.size) for m in row}
             key, _ = split_member_name(row[0].name)
-            video_ext = next((e for e in VIDEO_EXTS if e in members), None)
+            video_ext = next((e for e in VIDEO_EXTENSIONS if e in members), None)
             if video_ext is None or "json" not in members:
                 raise ValueError(f"{idx}: sample {key} lacks a video (webm/mp4) or json member")
             samples.append(IndexedSample(key, tar, video_ext, members[video_ext], members["json"]))
