@@ -269,17 +269,17 @@ class DALILoader:
 
     def _repair(self, out: dict[str, Any], check, batch: _Batch, epoch: int) -> None:
         """Replace the samples whose decode lacked planned frames (``frames_check`` 0) by spares."""
-        if self.device != "cpu":
-            check = check.as_cpu()
-        distance = np.array(check.as_tensor()).reshape(-1)
-        for i in np.flatnonzero(distance == 0):
+        missing = np.flatnonzero(self._frames_check(check) == 0)
+        if missing.size:
+            for name in self.view_names:
+                out[name] = out[name].clone()   # DALI's output memory: write into a copy
+        for i in missing:
             bad = batch.samples[i]
             self._report_bad(bad.key, bad.shard, f"the decoder delivered fewer real frames than the plan "
                                                  f"needs (frame {int(bad.plan.frames[-1])})")
             spare, views = self._decode_spare(epoch, batch.step, bad.position)
             batch.samples[i] = spare
             for name in self.view_names:
-                out[name] = out[name].clone()   # DALI's output memory: write into a copy
                 out[name][i] = views[name][0]
             out["label"][i] = spare.label
             out["key"][i] = spare.key
@@ -297,11 +297,15 @@ class DALILoader:
                 continue
             finally:
                 del pipe
-            if np.array((outputs[-1].as_cpu() if self.device != "cpu" else outputs[-1]).as_tensor()).min() == 0:
+            if self._frames_check(outputs[-1]).min() == 0:
                 self._report_bad(sample.key, sample.shard, "the decoder delivered fewer real frames than the "
                                                            "plan needs")
                 continue
             return sample, self._to_torch(outputs[:-1], one)
+
+    def _frames_check(self, check) -> np.ndarray:
+        """The graph's ``frames_check`` output per sample (0: the decoder ran out of real frames)."""
+        return np.array((check.as_cpu() if self.device != "cpu" else check).as_tensor()).reshape(-1)
 
     def _to_torch(self, outputs, batch: _Batch) -> dict[str, Any]:
         out: dict[str, Any] = {}
