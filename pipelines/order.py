@@ -28,6 +28,7 @@ baseline loader reads shards without importing DALI.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -287,8 +288,7 @@ def load_position(loader, state: dict[str, Any]) -> None:
         raise ValueError(f"the checkpoint's data order {theirs} differs from this run's {mine} "
                          f"(data.shards, data.shuffle, data.drop_last, data.block_shards)")
     loader.seed = state["seed"]
-    loader.order = GlobalOrder(o.num_samples, o.global_batch, seed=state["seed"], drop_last=o.drop_last,
-                               shuffle=o.shuffle, shard_sizes=o.shard_sizes, block_shards=o.block_shards)
+    loader.order = dataclasses.replace(o, seed=state["seed"])
     loader.epoch, loader._step = state["epoch"], state["step"]
     loader.bad_keys = dict(state.get("bad_keys", {}))
     loader._restored = True
