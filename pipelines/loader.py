@@ -103,10 +103,6 @@ class _Batch:
     def keys(self) -> list[str]:
         return [s.key for s in self.samples]
 
-    @property
-    def plans(self) -> list[SamplePlan]:
-        return [s.plan for s in self.samples]
-
     def decode_inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The decoder's external-source inputs: encoded videos and the frames each must give."""
         return [s.encoded for s in self.samples], [s.plan.frames for s in self.samples]
