@@ -30,7 +30,6 @@ from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, R
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
 
 log = logging.getLogger(__name__)
-VIDEO_KEYS = ("webm", "mp4")
 
 
 def decode_frames(data: bytes, frames: np.ndarray) -> torch.Tensor:
@@ -110,7 +109,7 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         samples, failed, replaced = [], [], []
         for position in ld.order.positions(step, ld.shard_id, ld.num_shards):
             own = ld.order.sample_at(self.epoch, position)
-            for candidate in (own, *ld.order.spare_candidates(self.epoch, position)):
+            for candidate in ld.order.candidates(self.epoch, position):
                 entry = ld.index[candidate]
                 if entry.key in self.bad:
                     continue
@@ -123,6 +122,8 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
                     # other processes).
                     self.bad[entry.key] = entry.shard
                     failed.append({"key": entry.key, "shard": entry.shard, "reason": str(err)})
+            else:
+                raise RuntimeError(f"{ld.cfg.shards}: every sample is bad, no spare left")
             if candidate != own:
                 replaced.append({"position": position, "key": ld.index[own].key, "shard": ld.index[own].shard,
                                  "spare": entry.key})

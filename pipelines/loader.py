@@ -103,10 +103,6 @@ class _Batch:
     def keys(self) -> list[str]:
         return [s.key for s in self.samples]
 
-    @property
-    def plans(self) -> list[SamplePlan]:
-        return [s.plan for s in self.samples]
-
     def decode_inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The decoder's external-source inputs: encoded videos and the frames each must give."""
         return [s.encoded for s in self.samples], [s.plan.frames for s in self.samples]
@@ -197,23 +193,19 @@ class DALILoader:
     def _sample_at(self, epoch: int, step: int, position: int) -> _Sample:
         """The sample at ``position``, or its first spare not known to be bad (the replacement is
         logged and counted)."""
-        sample_id = self.order.sample_at(epoch, position)
-        entry = self.index[sample_id]
-        if entry.key not in self.bad_keys:
+        own = self.order.sample_at(epoch, position)
+        for candidate in self.order.candidates(epoch, position):
+            entry = self.index[candidate]
+            if entry.key in self.bad_keys:
+                continue
             try:
-                return self._read(sample_id, position, epoch)
+                sample = self._read(candidate, position, epoch)
             except UnusableSample as err:
                 self._report_bad(entry.key, entry.shard, str(err))
-        for spare in self.order.spare_candidates(epoch, position):
-            spare_entry = self.index[spare]
-            if spare_entry.key in self.bad_keys:
                 continue
-            try:
-                sample = self._read(spare, position, epoch)
-            except UnusableSample as err:
-                self._report_bad(spare_entry.key, spare_entry.shard, str(err))
-                continue
-            record_replacement(self, epoch, step, position, entry.key, entry.shard, spare_entry.key)
+            if candidate != own:
+                first = self.index[own]
+                record_replacement(self, epoch, step, position, first.key, first.shard, entry.key)
             return sample
         raise RuntimeError(f"{self.cfg.shards}: every sample is bad, no spare left")
 
@@ -273,17 +265,17 @@ class DALILoader:
 
     def _repair(self, out: dict[str, Any], check, batch: _Batch, epoch: int) -> None:
         """Replace the samples whose decode lacked planned frames (``frames_check`` 0) by spares."""
-        if self.device != "cpu":
-            check = check.as_cpu()
-        distance = np.array(check.as_tensor()).reshape(-1)
-        for i in np.flatnonzero(distance == 0):
+        missing = np.flatnonzero(self._frames_check(check) == 0)
+        if missing.size:
+            for name in self.view_names:
+                out[name] = out[name].clone()   # DALI's output memory: write into a copy
+        for i in missing:
             bad = batch.samples[i]
             self._report_bad(bad.key, bad.shard, f"the decoder delivered fewer real frames than the plan "
                                                  f"needs (frame {int(bad.plan.frames[-1])})")
             spare, views = self._decode_spare(epoch, batch.step, bad.position)
             batch.samples[i] = spare
             for name in self.view_names:
-                out[name] = out[name].clone()   # DALI's output memory: write into a copy
                 out[name][i] = views[name][0]
             out["label"][i] = spare.label
             out["key"][i] = spare.key
@@ -301,11 +293,15 @@ class DALILoader:
                 continue
             finally:
                 del pipe
-            if np.array((outputs[-1].as_cpu() if self.device != "cpu" else outputs[-1]).as_tensor()).min() == 0:
+            if self._frames_check(outputs[-1]).min() == 0:
                 self._report_bad(sample.key, sample.shard, "the decoder delivered fewer real frames than the "
                                                            "plan needs")
                 continue
             return sample, self._to_torch(outputs[:-1], one)
+
+    def _frames_check(self, check) -> np.ndarray:
+        """The graph's ``frames_check`` output per sample (0: the decoder ran out of real frames)."""
+        return np.array((check.as_cpu() if self.device != "cpu" else check).as_tensor()).reshape(-1)
 
     def _to_torch(self, outputs, batch: _Batch) -> dict[str, Any]:
         out: dict[str, Any] = {}

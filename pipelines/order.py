@@ -28,6 +28,7 @@ baseline loader reads shards without importing DALI.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -43,7 +44,6 @@ from shard_tools.format import MANIFEST_NAME, VIDEO_EXTENSIONS, read_dali_index,
 if TYPE_CHECKING:
     from .config import DataConfig
 
-VIDEO_EXTS = VIDEO_EXTENSIONS
 # The DALI loader's logger: both loaders log replacements under one name.
 log = logging.getLogger("pipelines.loader")
 # Seeds of the different random streams, so the order never shares a stream with the spares.
@@ -108,6 +108,12 @@ class GlobalOrder:
     def sample_at(self, epoch: int, position: int) -> int:
         """Sample id at an epoch position (positions past the end wrap to the start)."""
         return int(self.permutation(epoch)[position % self.num_samples])
+
+    def candidates(self, epoch: int, position: int) -> Iterator[int]:
+        """The sample at ``position``, then its spares in order. Lazy: a readable sample costs no
+        spare computation (``spare_candidates`` draws a permutation of every sample)."""
+        yield self.sample_at(epoch, position)
+        yield from self.spare_candidates(epoch, position)
 
     def spare_candidates(self, epoch: int, position: int) -> Iterator[int]:
         """Sample ids to try, in order, in place of the sample at ``position``: never one of its own
@@ -177,7 +183,7 @@ def read_sample_index(paths: list[str], index_paths: list[str], counts: list[int
         for row in rows:
             members = {m.ext: Member(m.offset, m.size) for m in row}
             key, _ = split_member_name(row[0].name)
-            video_ext = next((e for e in VIDEO_EXTS if e in members), None)
+            video_ext = next((e for e in VIDEO_EXTENSIONS if e in members), None)
             if video_ext is None or "json" not in members:
                 raise ValueError(f"{idx}: sample {key} lacks a video (webm/mp4) or json member")
             samples.append(IndexedSample(key, tar, video_ext, members[video_ext], members["json"]))
@@ -282,8 +288,7 @@ def load_position(loader, state: dict[str, Any]) -> None:
         raise ValueError(f"the checkpoint's data order {theirs} differs from this run's {mine} "
                          f"(data.shards, data.shuffle, data.drop_last, data.block_shards)")
     loader.seed = state["seed"]
-    loader.order = GlobalOrder(o.num_samples, o.global_batch, seed=state["seed"], drop_last=o.drop_last,
-                               shuffle=o.shuffle, shard_sizes=o.shard_sizes, block_shards=o.block_shards)
+    loader.order = dataclasses.replace(o, seed=state["seed"])
     loader.epoch, loader._step = state["epoch"], state["step"]
     loader.bad_keys = dict(state.get("bad_keys", {}))
     loader._restored = True

@@ -76,6 +76,11 @@ def test_spares_depend_on_position_only_and_avoid_the_sample(order_world, epoch,
     assert set(drawn) == outside                              # samples of other data steps first
     own = order.sample_at(epoch, position)
     assert set(first[len(tail) + len(outside):]) == step - {own}   # then (tiny data sets) the step's
+    # What the loaders try: the sample itself, then these spares (never the sample again at the
+    # positions of the epoch's steps, the only ones the loaders ask for).
+    assert list(order.candidates(epoch, position)) == [own, *first]
+    if position < order.steps * g:
+        assert own not in first
 
 
 def test_epochs_and_seeds_differ_and_world_size_must_divide():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -236,6 +237,19 @@ def test_corrupt_sample_is_replaced_and_reported(tmp_path, index_shards):
     assert _epoch_steps(loader) == steps
     assert loader.stats["pipeline_rebuilds"] == rebuilds
     assert loader.state_dict()["bad_keys"] == {"broken": str(shards / "test-train-000000.tar")}
+
+
+@pytest.mark.parametrize("kind", ["dali", "baseline"])
+def test_a_data_set_with_no_readable_sample_fails_with_one_clear_line(tmp_path, kind):
+    """Every sample bad leaves no spare: both loaders say so, naming the shard folder."""
+    source = index_videos(tmp_path / "media", [30])[0]
+    videos = [FixtureVideo(f"broken{i}", source.path, raw=b"\x1aE\xdf\xa3 this is not a video" * 50)
+              for i in range(2)]
+    shards = write_shards(tmp_path / "shards", videos, per_shard=2,
+                          meta_override={v.key: {"num_frames": 30} for v in videos})
+    loader = build_loader(config(shards, recipe="lstcl", shuffle=False), batch_size=2, seed=0, loader=kind)
+    with pytest.raises(RuntimeError, match=re.escape(f"{shards}: every sample is bad, no spare left")):
+        list(loader)
 
 
 def test_h264_shards_on_cpu_fail_at_build(tmp_path, index_shards):
