@@ -58,8 +58,8 @@ from training.trainer import Trainer
 from training.trainer import epoch_lr as schedule_lr
 from typed_config import dataclass_from_dict, precision_name, torch_dtype
 
-__all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "multistep_lr",
-           "trainer_config", "evaluate_classifier", "run_finetune_cli"]
+__all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "trainer_config",
+           "evaluate_classifier", "run_finetune_cli"]
 
 # The papers' protocols. Each entry names every setting that defines the protocol; run mechanics
 # (threads, loader, ZeRO stage, precision, checkpoint period, seed) are not part of it.
@@ -233,11 +233,6 @@ def epoch_lr(cfg: FinetuneConfig, epoch: int) -> float:
     the official SVT / DINO eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)``); the
     trainer's ``epoch_lr``, which sets it."""
     return schedule_lr(_SCHEDULES[cfg.schedule], cfg.lr, epoch, cfg.epochs, cfg.milestones, cfg.gamma)
-
-
-def multistep_lr(cfg: FinetuneConfig, epoch: int) -> float:
-    """lr of ``epoch`` (0-based): ``lr * gamma ** (number of milestones <= epoch)``."""
-    return schedule_lr("multistep", cfg.lr, epoch, cfg.epochs, cfg.milestones, cfg.gamma)
 
 
 # protocol schedule name -> the trainer's optim.schedule (both set once per epoch)
