@@ -341,13 +341,18 @@ def describe(cfg: FinetuneConfig) -> str:
 def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, default_protocol: str = "svt-finetune",
                      allowed: tuple[str, ...] = FINETUNE_PROTOCOLS, section: str = "finetune") -> int:
     """``evaluate.py finetune`` / ``probe``: train (``training.Trainer``), test, append to the results table."""
+    out = Path(args.out)
+    resume = {"auto": "auto", "none": None}.get(args.resume, str(out / "checkpoints" / str(args.resume)))
+    if resume not in ("auto", None) and not any(Path(resume).glob("*model_states.pt")):
+        # checked before DeepSpeed, whose loader only asserts on a folder without its files
+        raise ValueError(f"--resume {args.resume}: {resume} is not a fine-tuning checkpoint (no DeepSpeed "
+                         f"model states); give 'auto', 'none' or an epoch folder under {out / 'checkpoints'}")
     cfg = resolve_protocol(values, default_protocol, allowed, section)
     dist_info = init_distributed("auto", torch_threads=cfg.torch_threads)
     rank, world = dist_info.rank, dist_info.world_size
     if cfg.batch_size % world:
         raise ValueError(f"finetune.batch_size {cfg.batch_size} (global) does not split over {world} ranks")
     rank_batch = cfg.batch_size // world
-    out = Path(args.out)
 
     loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
                            model_kwargs=args.model_kwargs, seed=cfg.seed)
@@ -370,7 +375,6 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
     slow_view, fast_view = _train_views(cfg)
     trainer = Trainer(recipe, ClassifierMethod(model, [slow_view] + ([fast_view] if fast_view else [])),
                       train_loader, dist_info)
-    resume = {"auto": "auto", "none": None}.get(args.resume, str(out / "checkpoints" / str(args.resume)))
     ckpt = find_latest(out / "checkpoints") if resume == "auto" else (Path(resume) if resume else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
