@@ -348,6 +348,7 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
         raise ValueError(f"--resume {args.resume}: {resume} is not a fine-tuning checkpoint (no DeepSpeed "
                          f"model states); give 'auto', 'none' or an epoch folder under {out / 'checkpoints'}")
     cfg = resolve_protocol(values, default_protocol, allowed, section)
+    variant, changes = describe(cfg), cfg.changes()  # printed at the start, recorded with the result
     dist_info = init_distributed("auto", torch_threads=cfg.torch_threads)
     rank, world = dist_info.rank, dist_info.world_size
     if cfg.batch_size % world:
@@ -378,8 +379,7 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
     ckpt = find_latest(out / "checkpoints") if resume == "auto" else (Path(resume) if resume else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"protocol {cfg.protocol}: {describe(cfg)}"
-              + (f"; changed from the protocol: {cfg.changes()}" if cfg.changes() else ""))
+        print(f"protocol {cfg.protocol}: {variant}" + (f"; changed from the protocol: {changes}" if changes else ""))
         if ckpt is not None and (ckpt / TRAINER_FILE).is_file():
             state = torch.load(ckpt / TRAINER_FILE, map_location="cpu", weights_only=False)
             print(f"resumed {ckpt}: continuing at epoch {state['epoch']}, step {state['step']}", flush=True)
@@ -391,8 +391,6 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
     metrics = evaluate_classifier(trainer.engine, test_loader, dist_info.device, torch_dtype(cfg.precision),
                                   slowfast=cfg.inputs == "slowfast")
     if rank == 0:
-        variant = describe(cfg)
-        changes = cfg.changes()
         print(f"{cfg.protocol} test ({variant}): top-1 {metrics['top1']:.1f}  top-5 {metrics['top5']:.1f} "
               f"on {metrics['num_val']} videos" + (f"  [changed from the protocol: {changes}]" if changes else ""))
         (out / "finetune_results.json").write_text(
