@@ -337,13 +337,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from evaluation.finetune import FINETUNE_PROTOCOLS, run_finetune_cli
 
-    if args.resume not in ("auto", "none"):
-        # checked before DeepSpeed, whose loader only asserts on a folder without its files
-        root = Path(args.out) / "checkpoints"
-        folder = root / args.resume
-        if not any(folder.glob("*model_states.pt")):
-            raise ValueError(f"--resume {args.resume}: {folder} is not a fine-tuning checkpoint (no DeepSpeed "
-                             f"model states); give 'auto', 'none' or an epoch folder under {root}")
     return run_finetune_cli(args, _section(args, "finetune", FINETUNE_FIELDS), default_protocol="svt-finetune",
                             allowed=FINETUNE_PROTOCOLS)
 

@@ -58,8 +58,8 @@ from training.trainer import Trainer
 from training.trainer import epoch_lr as schedule_lr
 from typed_config import dataclass_from_dict, precision_name, torch_dtype
 
-__all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "multistep_lr",
-           "trainer_config", "evaluate_classifier", "run_finetune_cli"]
+__all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "trainer_config",
+           "evaluate_classifier", "run_finetune_cli"]
 
 # The papers' protocols. Each entry names every setting that defines the protocol; run mechanics
 # (threads, loader, ZeRO stage, precision, checkpoint period, seed) are not part of it.
@@ -235,11 +235,6 @@ def epoch_lr(cfg: FinetuneConfig, epoch: int) -> float:
     return schedule_lr(_SCHEDULES[cfg.schedule], cfg.lr, epoch, cfg.epochs, cfg.milestones, cfg.gamma)
 
 
-def multistep_lr(cfg: FinetuneConfig, epoch: int) -> float:
-    """lr of ``epoch`` (0-based): ``lr * gamma ** (number of milestones <= epoch)``."""
-    return schedule_lr("multistep", cfg.lr, epoch, cfg.epochs, cfg.milestones, cfg.gamma)
-
-
 # protocol schedule name -> the trainer's optim.schedule (both set once per epoch)
 _SCHEDULES = {"multistep": "multistep", "cosine": "cosine_epochs"}
 
@@ -346,13 +341,19 @@ def describe(cfg: FinetuneConfig) -> str:
 def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, default_protocol: str = "svt-finetune",
                      allowed: tuple[str, ...] = FINETUNE_PROTOCOLS, section: str = "finetune") -> int:
     """``evaluate.py finetune`` / ``probe``: train (``training.Trainer``), test, append to the results table."""
+    out = Path(args.out)
+    resume = {"auto": "auto", "none": None}.get(args.resume, str(out / "checkpoints" / str(args.resume)))
+    if resume not in ("auto", None) and not any(Path(resume).glob("*model_states.pt")):
+        # checked before DeepSpeed, whose loader only asserts on a folder without its files
+        raise ValueError(f"--resume {args.resume}: {resume} is not a fine-tuning checkpoint (no DeepSpeed "
+                         f"model states); give 'auto', 'none' or an epoch folder under {out / 'checkpoints'}")
     cfg = resolve_protocol(values, default_protocol, allowed, section)
+    variant, changes = describe(cfg), cfg.changes()  # printed at the start, recorded with the result
     dist_info = init_distributed("auto", torch_threads=cfg.torch_threads)
     rank, world = dist_info.rank, dist_info.world_size
     if cfg.batch_size % world:
         raise ValueError(f"finetune.batch_size {cfg.batch_size} (global) does not split over {world} ranks")
     rank_batch = cfg.batch_size // world
-    out = Path(args.out)
 
     loaded = load_backbone(args.checkpoint, which=args.backbone, model_name=args.model,
                            model_kwargs=args.model_kwargs, seed=cfg.seed)
@@ -375,12 +376,10 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
     slow_view, fast_view = _train_views(cfg)
     trainer = Trainer(recipe, ClassifierMethod(model, [slow_view] + ([fast_view] if fast_view else [])),
                       train_loader, dist_info)
-    resume = {"auto": "auto", "none": None}.get(args.resume, str(out / "checkpoints" / str(args.resume)))
     ckpt = find_latest(out / "checkpoints") if resume == "auto" else (Path(resume) if resume else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"protocol {cfg.protocol}: {describe(cfg)}"
-              + (f"; changed from the protocol: {cfg.changes()}" if cfg.changes() else ""))
+        print(f"protocol {cfg.protocol}: {variant}" + (f"; changed from the protocol: {changes}" if changes else ""))
         if ckpt is not None and (ckpt / TRAINER_FILE).is_file():
             state = torch.load(ckpt / TRAINER_FILE, map_location="cpu", weights_only=False)
             print(f"resumed {ckpt}: continuing at epoch {state['epoch']}, step {state['step']}", flush=True)
@@ -392,8 +391,6 @@ def run_finetune_cli(args: argparse.Namespace, values: dict[str, Any], *, defaul
     metrics = evaluate_classifier(trainer.engine, test_loader, dist_info.device, torch_dtype(cfg.precision),
                                   slowfast=cfg.inputs == "slowfast")
     if rank == 0:
-        variant = describe(cfg)
-        changes = cfg.changes()
         print(f"{cfg.protocol} test ({variant}): top-1 {metrics['top1']:.1f}  top-5 {metrics['top5']:.1f} "
               f"on {metrics['num_val']} videos" + (f"  [changed from the protocol: {changes}]" if changes else ""))
         (out / "finetune_results.json").write_text(

@@ -111,6 +111,10 @@ CASES = [
     ("finetune-resume-missing", [*EVALUATE, "finetune", *RANDOM_TINY, "--train-shards", "{vp9}", "--val-shards",
                                  "{vp9}", "--out", "{tmp}/ft", "--resume", "{tmp}/nope"], None,
      ["--resume {tmp}/nope"]),
+    # the probe shares the fine-tuning run's resume check (it failed later, inside the trainer, without the flag)
+    ("probe-resume-missing", [*EVALUATE, "probe", *RANDOM_TINY, "--train-shards", "{vp9}", "--val-shards",
+                              "{vp9}", "--out", "{tmp}/probe", "--resume", "{tmp}/nope"], None,
+     ["--resume {tmp}/nope"]),
     ("shard-out-is-a-file", [*SHARD, "--videos", "{videos}", "--out", "{a_file}"], None, ["--out {a_file}"]),
     ("shard-kinetics-without-csv", [*SHARD[:4], "--source", "kinetics", "--videos", "{videos}", "--out", "{tmp}/s"],
      None, ["--annotations"]),
