@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from training.engine import _optimizer_state_keys
+from training.engine import _inner_optimizer, _optimizer_state_keys
 
 __all__ = ["CheckpointManager", "find_latest", "rng_state", "set_rng_state", "portable_state",
            "load_portable_state", "consolidated_weights", "export_weights", "optimizer_state_keys"]
@@ -71,12 +71,6 @@ def _is_zero_param(param: nn.Parameter) -> bool:
     # `_hp_mapping` is None on ranks that own no fragment of the parameter, but the get/set calls are
     # collectives every rank must join, so test for the attribute, not its value.
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
-
-
-def _inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The client torch optimizer (its params are DeepSpeed's flat fp32 partitions under ZeRO)."""
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _adam_step_count(engine) -> int:
