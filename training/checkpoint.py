@@ -150,13 +150,7 @@ def _ensure_optimizer_state(engine, keys: tuple[str, ...], step: int,
     inner = _inner_optimizer(engine)
     # The tensors the client optimizer keys its state on: DeepSpeed swaps its flat fp32 partitions
     # into the param groups only around step(), so ask the wrapper for them.
-    flat = None
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-        flat = getattr(engine.optimizer, attr, None)
-        if flat is not None:
-            break
-    keyed = list(flat) if flat is not None else [p for group in inner.param_groups for p in group["params"]]
-    for p in keyed:
+    for p in _optimizer_state_keys(engine, list(range(len(inner.param_groups)))):
         state = inner.state[p]
         for key in keys:
             if key not in state:
