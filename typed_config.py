@@ -276,10 +276,10 @@ def seed_all(seed: int, *keys: int) -> None:
 
     import torch
 
-    sequence = seed_sequence(seed, *keys)
-    torch.manual_seed(derive_seed(seed, *keys))
-    np.random.seed(sequence.generate_state(4))  # RandomState takes the 128-bit state as uint32 words
-    random.seed(derive_seed(seed, *keys))
+    int_seed = derive_seed(seed, *keys)
+    torch.manual_seed(int_seed)
+    np.random.seed(seed_sequence(seed, *keys).generate_state(4))  # RandomState takes the 128-bit state as uint32 words
+    random.seed(int_seed)
 
 
 # What a command line reports as one line and exit status 2 (bad config, bad input file, a folder that

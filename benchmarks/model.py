@@ -77,10 +77,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _recipe(path: Path, overrides: list[str]) -> Config:
     cfg = load_config(path, overrides)
-    if cfg.objective.name != "svt" or cfg.data is None or cfg.data.recipe != "svt":
+    if cfg.objective.name != "svt" or cfg.data.recipe != "svt":  # Config.data is always a DataConfig
         raise SystemExit(f"{path}: bench.py model times the SVT student step; objective.name and data.recipe "
-                         f"must be svt, got {cfg.objective.name!r} and "
-                         f"{None if cfg.data is None else cfg.data.recipe!r}")
+                         f"must be svt, got {cfg.objective.name!r} and {cfg.data.recipe!r}")
     return cfg
 
 

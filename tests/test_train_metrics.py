@@ -42,3 +42,17 @@ def test_fresh_run_in_an_old_folder_starts_the_file_again(tmp_path):
     _log_steps(tmp_path, [1, 2])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_lineage_resume_drops_later_steps_and_a_cut_off_line(tmp_path):
+    from training.lineage import LineageWriter, read_lineage
+
+    writer = LineageWriter(tmp_path, rank=0, world_size=1, resume_step=None)
+    for step in (1, 2, 3):
+        writer.write(step, {"key": [f"k{step}"]}, [])
+    writer.close()
+    with open(tmp_path / "lineage.jsonl", "a") as f:
+        f.write('{"step":4,"ke')  # a line cut off by the kill
+    LineageWriter(tmp_path, rank=0, world_size=1, resume_step=2).close()  # resumed from the step-2 checkpoint
+
+    assert [(r["step"], r["keys"]) for r in read_lineage(tmp_path / "lineage.jsonl")] == [(1, ["k1"]), (2, ["k2"])]

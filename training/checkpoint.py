@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from training.engine import _optimizer_state_keys
+from training.engine import _inner_optimizer, _optimizer_state_keys
 
 __all__ = ["CheckpointManager", "find_latest", "rng_state", "set_rng_state", "portable_state",
            "load_portable_state", "consolidated_weights", "export_weights", "optimizer_state_keys"]
@@ -71,12 +71,6 @@ def _is_zero_param(param: nn.Parameter) -> bool:
     # `_hp_mapping` is None on ranks that own no fragment of the parameter, but the get/set calls are
     # collectives every rank must join, so test for the attribute, not its value.
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
-
-
-def _inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The client torch optimizer (its params are DeepSpeed's flat fp32 partitions under ZeRO)."""
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _adam_step_count(engine) -> int:
@@ -156,13 +150,7 @@ def _ensure_optimizer_state(engine, keys: tuple[str, ...], step: int,
     inner = _inner_optimizer(engine)
     # The tensors the client optimizer keys its state on: DeepSpeed swaps its flat fp32 partitions
     # into the param groups only around step(), so ask the wrapper for them.
-    flat = None
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-        flat = getattr(engine.optimizer, attr, None)
-        if flat is not None:
-            break
-    keyed = list(flat) if flat is not None else [p for group in inner.param_groups for p in group["params"]]
-    for p in keyed:
+    for p in _optimizer_state_keys(engine, list(range(len(inner.param_groups)))):
         state = inner.state[p]
         for key in keys:
             if key not in state:

@@ -175,6 +175,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The client torch optimizer (its params are DeepSpeed's flat fp32 partitions under ZeRO)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 class LastLayerFreezer:
     """Freezes DINO's last layer: zero gradients while frozen, then the optimizer state DINO would have.
 
@@ -201,7 +207,7 @@ class LastLayerFreezer:
     @torch.no_grad()
     def release(self, engine) -> int:
         """Resets the last-layer groups' Adam state to a never-stepped one; returns the states reset."""
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        inner = _inner_optimizer(engine)
         reset = 0
         for tensor in _optimizer_state_keys(engine, self.group_indices):
             state = inner.state.get(tensor)
@@ -227,8 +233,8 @@ def _optimizer_state_keys(engine, group_indices: list[int]) -> list[torch.Tensor
         flat = getattr(optimizer, attr, None)
         if flat is not None:
             return [flat[i] for i in sorted(wanted)]
-    inner = getattr(optimizer, "optimizer", optimizer)  # no ZeRO: the module parameters themselves
-    return [p for i in sorted(wanted) for p in inner.param_groups[i]["params"]]
+    # no ZeRO: the module parameters themselves
+    return [p for i in sorted(wanted) for p in _inner_optimizer(engine).param_groups[i]["params"]]
 
 
 @torch.no_grad()

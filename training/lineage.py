@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from training.metrics import truncate_jsonl
+
 __all__ = ["LineageWriter", "read_lineage"]
 
 
@@ -28,12 +30,8 @@ class LineageWriter:
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.is_file():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            tmp.replace(self.path)
+        if resume_step is not None:
+            truncate_jsonl(self.path, resume_step)
         self._file = open(self.path, "a" if resume_step is not None else "w", buffering=1)
 
     def write(self, step: int, batch: dict, replaced: list[dict]) -> None:

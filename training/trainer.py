@@ -25,7 +25,7 @@ import torch.distributed as dist
 from objectives.schedules import cosine_schedule
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
-from training.engine import DistInfo, build_engine, clip_gradients_per_parameter, set_hyperparameters
+from training.engine import DistInfo, _inner_optimizer, build_engine, clip_gradients_per_parameter, set_hyperparameters
 from training.lineage import LineageWriter
 from training.methods import SSLMethod
 from training.metrics import MetricsWriter, read_jsonl, summarize, truncate_jsonl
@@ -397,7 +397,7 @@ class Trainer:
         keys = [k for k in ("lr", "momentum", "weight_decay") if k in groups[0]]
         record = {"step": self.step + 1, "epoch": self._data.epoch, "batch": self.global_batch,
                   "loss": totals.term_sums.get("loss", float("nan")) / (totals.micro_done + 1),
-                  "optimizer": type(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)).__name__,
+                  "optimizer": type(_inner_optimizer(self.engine)).__name__,
                   "param_groups": [{k: g[k] for k in keys} | {"params": sum(p.numel() for p in g["params"])}
                                    for g in groups]}
         self._optimizer_log.write(json.dumps(record) + "\n")
