@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.seeding import seed_all
 from objectives.schedules import cosine_schedule
 from pipelines.protocol import Loader
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
@@ -30,7 +31,7 @@ from training.lineage import LineageWriter
 from training.methods import SSLMethod
 from training.metrics import MetricsWriter, read_jsonl, summarize, truncate_jsonl
 from training.teacher import EMATeacher
-from typed_config import seed_all, torch_dtype
+from typed_config import torch_dtype
 
 __all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
 
