@@ -61,7 +61,7 @@ def _section(args: argparse.Namespace, section: str, flags: dict[str, str] | tup
     Args:
         flags: argparse dest -> the dotted key under ``section`` it sets (a tuple: the same names).
     """
-    from typed_config import apply_overrides, load_yaml_sections, set_dotted
+    from common.typed_config import apply_overrides, load_yaml_sections, set_dotted
 
     raw = load_yaml_sections(getattr(args, "config", None))
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -456,11 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from typed_config import USER_ERRORS, disk_problem, error_line
+    from common.disk import disk_problem
+    from typed_config import USER_ERRORS, error_line
+
+    from common.typed_config import ConfigError
 
     outputs = [path for path in (getattr(args, "out", None), getattr(args, "results", None)) if path]
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except ConfigError as error:  # a setting read with --config: name the file, as train.py does
+            config = getattr(args, "config", None)
+            if config is None or str(error).startswith(f"{config}:"):
+                raise
+            raise ConfigError(f"{config}: {error}") from error
     except USER_ERRORS as error:
         # Bad input (file, key, setting) or an output that cannot be written: one clear line instead
         # of a traceback.

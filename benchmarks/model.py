@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from common.precision import torch_dtype
 from models import DINOHead, MultiViewRunner, build_backbone
 from models.flops import views_flops
 from objectives import SVTLoss
 from pipelines.views import recipe_views
 from training.config import Config, load_config
-from typed_config import torch_dtype
 
 __all__ = ["main"]
 

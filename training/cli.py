@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import yaml
 
+from common.disk import disk_problem
 from models import resolve_pretrained
 from pipelines import build_loader
 from training.checkpoint import export_weights, find_latest
@@ -21,7 +22,7 @@ from training.engine import init_distributed
 from training.methods import build_method
 from training.metrics import format_summary
 from training.trainer import Trainer
-from typed_config import USER_ERRORS, disk_problem, error_line
+from typed_config import USER_ERRORS, error_line
 
 __all__ = ["main", "build_parser"]
 

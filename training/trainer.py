@@ -22,15 +22,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.precision import torch_dtype
 from objectives.schedules import cosine_schedule
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
 from training.engine import DistInfo, _inner_optimizer, build_engine, clip_gradients_per_parameter, set_hyperparameters
 from training.lineage import LineageWriter
 from training.methods import SSLMethod
-from training.metrics import MetricsWriter, read_jsonl, summarize, truncate_jsonl
+from training.metrics import MetricsWriter, read_metrics, summarize, truncate_jsonl
 from training.teacher import EMATeacher
-from typed_config import seed_all, torch_dtype
+from typed_config import seed_all
 
 __all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
 
@@ -288,7 +289,7 @@ class Trainer:
             if self._optimizer_log is not None:
                 self._optimizer_log.close()
             self.epoch = self._data.epoch
-        summary = summarize(read_jsonl(writer.jsonl_path)) if self.dist.rank == 0 else {}
+        summary = summarize(read_metrics(writer.jsonl_path)) if self.dist.rank == 0 else {}
         summary.update(checkpoint=str(find_latest(self.run_dir / "checkpoints")), tensorboard=str(writer.tb_dir),
                        metrics=str(writer.jsonl_path))
         return summary
