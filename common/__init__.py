@@ -1,1 +1,1 @@
-"""Shared infrastructure that every stage builds on and that imports none of the project's packages."""
+"""Shared infrastructure every stage builds on; imports no project package."""
