@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from einops import rearrange
-from typed_config import torch_dtype
+from common.precision import torch_dtype
 
 from .config import DataConfig
 from .member_reads import MemberReader

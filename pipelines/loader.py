@@ -32,7 +32,7 @@ import numpy as np
 import nvidia.dali.types as types
 import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
-from typed_config import torch_dtype
+from common.precision import torch_dtype
 
 from .config import DataConfig
 from .graph import decode_only_pipeline, views_pipeline
