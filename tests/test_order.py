@@ -15,7 +15,8 @@ from pathlib import Path
 from pipelines.config import DataConfig
 from pipelines.member_reads import MemberReader
 from pipelines.order import GlobalOrder
-from pipelines.position import loader_position
+from pipelines.order import build_order
+from pipelines.position import Position
 from pipelines.shard_index import ShardSet, read_sample_index
 
 
@@ -96,6 +97,11 @@ def test_epochs_and_seeds_differ_and_world_size_must_divide():
     with pytest.raises(ValueError, match="6 samples does not divide over 4 ranks"):
         order.positions(0, 0, 4)
     assert GlobalOrder(5, 2, shuffle=False).permutation(3).tolist() == [0, 1, 2, 3, 4]
+
+
+def loader_position(cfg: DataConfig, shards: ShardSet, batch_size: int, num_shards: int, seed: int) -> Position:
+    """What ``PositionedLoader._open`` makes: the order over ``shards`` and a position at its start."""
+    return Position(build_order(cfg, shards, batch_size, num_shards, seed), batch_size, num_shards, cfg.repeats)
 
 
 def test_repeated_sampling_orders_videos_and_keeps_the_global_batch_in_view_sets():
