@@ -4,18 +4,16 @@ the world size; rank slices that tile each data step; spares that depend on posi
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pathlib import Path
-
 from pipelines.config import DataConfig
 from pipelines.member_reads import MemberReader
-from pipelines.order import GlobalOrder
-from pipelines.order import build_order
+from pipelines.order import GlobalOrder, build_order
 from pipelines.position import Position
 from pipelines.shard_index import ShardSet, read_sample_index
 
