@@ -6,6 +6,12 @@ Reported per mode: videos/s, views/s, decoded frames/s (frames the views need), 
 video (process + its children: the steady figure on a shared machine) and peak RSS; plus the ratios
 DALI/baseline and DALI/decode-only (videos/s). Writes JSON (``--out``) and a PNG bar chart beside it.
 
+``--repeats 1 2 4`` runs every mode at each repeated-sampling setting (``data.repeats``: R view-sets
+per decoded video; the batch stays ``--batch-size`` view-sets, so B/R videos) side by side, and
+reports per view-set and per decoded video: CPU-seconds and wall seconds, and the frames decoded per
+view-set; plus each setting's CPU-s per view-set over R = 1's. Decode-only at R decodes the union of
+the R plans' frames (what the loader's decoder reads).
+
 Without ``--shards`` it builds a benchmark shard set once (``runs/bench/data_shards``) with the sharding
 job (``shard_tools.job.run_shard_job``): ``--num-videos`` inputs, each bikes.mp4 under its own key
 (enough that the timed batches stay in one epoch), encoded once with the job's own encoder at its
@@ -59,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the timed window stays in one epoch (the baseline restarts its workers per epoch)")
     p.add_argument("--max-fps", type=float, default=30.0,
                    help="frame-rate cap of the generated shard set (shard_tools --max-fps; bikes.mp4 is 25 fps)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="view-sets per batch (B / R videos)")
+    p.add_argument("--repeats", type=int, nargs="+", default=[1], metavar="R",
+                   help="repeated sampling settings to run side by side (data.repeats: view-sets per decoded "
+                        "video); each must divide --batch-size")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed batches first: pipeline build, then enough batches that every worker and "
                         "prefetch queue runs in steady state (a window that starts right after the first "
@@ -81,11 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "its loader_scale/")
     p.add_argument("--out", type=Path, default=Path("runs/bench/data.json"))
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--child-repeats", type=int, default=1, help=argparse.SUPPRESS)
     return p
 
 
+def _label(mode: str, repeats: int, settings: list[int]) -> str:
+    """A result's name: the mode, with its R when several settings run."""
+    return mode if settings == [1] else f"{mode} R={repeats}"
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for r in args.repeats:
+        if r < 1 or args.batch_size % r:
+            parser.error(f"--repeats {r}: must be >= 1 and divide --batch-size {args.batch_size} "
+                         f"(a batch holds whole videos)")
     if args.child:
         print("RESULT " + json.dumps(run_mode(args.child, args)), flush=True)
         return 0
@@ -98,20 +118,21 @@ def main(argv: list[str]) -> int:
         return op_costs(args)
     # Modes take turns, round after round, so that load from other users of a shared machine falls
     # on all of them alike; each round is a fresh child process per mode.
-    runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    settings = [(r, mode) for r in args.repeats for mode in args.modes]
+    runs: dict[str, list[dict]] = {_label(mode, r, args.repeats): [] for r, mode in settings}
     for _ in range(args.rounds):
-        for mode in args.modes:
-            cmd = [sys.executable, "-m", "benchmarks.data", *argv, "--child", mode,
+        for r, mode in settings:
+            cmd = [sys.executable, "-m", "benchmarks.data", *argv, "--child", mode, "--child-repeats", str(r),
                    "--shards", str(Path(args.shards).resolve())]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
-                print(f"mode {mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                print(f"mode {mode} (R={r}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 return 1
-            runs[mode].append(json.loads(lines[-1][len("RESULT "):]))
-    results = {mode: combine(mode_runs) for mode, mode_runs in runs.items()}
-    report = {"recipe": args.recipe, "batch_size": args.batch_size, "threads": args.threads,
+            runs[_label(mode, r, args.repeats)].append(json.loads(lines[-1][len("RESULT "):]))
+    results = {label: combine(label_runs) for label, label_runs in runs.items()}
+    report = {"recipe": args.recipe, "batch_size": args.batch_size, "repeats": args.repeats, "threads": args.threads,
               "device": args.device, "shards": str(args.shards), "batches": args.batches, "rounds": args.rounds,
               "blur_solarize": not args.no_blur_solarize, "cpu_count": os.cpu_count(),
               "load_average": os.getloadavg(), "results": results, "ratios": ratios(results)}
@@ -124,13 +145,17 @@ def main(argv: list[str]) -> int:
 
 
 def combine(runs: list[dict]) -> dict:
-    """Totals over rounds: rates from summed counts and seconds, peak RSS as the maximum."""
+    """Totals over rounds: rates from summed counts and seconds, peak RSS as the maximum. "videos" are
+    decoded videos; a view-set is one of a video's ``repeats`` sets of views (one per video at R = 1)."""
     videos = sum(r["videos"] for r in runs)
-    seconds = sum(r["seconds"] for r in runs)
-    return {"videos": videos, "seconds": seconds, "videos_per_s": videos / seconds,
-            "views_per_s": sum(r["views"] for r in runs) / seconds,
-            "decoded_frames_per_s": sum(r["decoded_frames"] for r in runs) / seconds,
-            "cpu_s_per_video": sum(r["cpu_s"] for r in runs) / videos,
+    view_sets = sum(r["view_sets"] for r in runs)
+    seconds, cpu, frames = (sum(r[k] for r in runs) for k in ("seconds", "cpu_s", "decoded_frames"))
+    return {"mode": runs[0]["mode"], "repeats": runs[0]["repeats"], "videos": videos, "view_sets": view_sets,
+            "seconds": seconds, "videos_per_s": videos / seconds, "view_sets_per_s": view_sets / seconds,
+            "views_per_s": sum(r["views"] for r in runs) / seconds, "decoded_frames_per_s": frames / seconds,
+            "cpu_s_per_video": cpu / videos, "cpu_s_per_view_set": cpu / view_sets,
+            "wall_s_per_video": seconds / videos, "wall_s_per_view_set": seconds / view_sets,
+            "decoded_frames_per_view_set": frames / view_sets,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "rounds": runs}
 
 
@@ -140,6 +165,15 @@ def _ratio(a: float, b: float) -> float | None:
 
 def ratios(results: dict) -> dict:
     out = {}
+    by_setting = {(r["mode"], r["repeats"]): r for r in results.values()}
+    for (mode, repeats), r in by_setting.items():
+        if repeats > 1 and (mode, 1) in by_setting:
+            one = by_setting[(mode, 1)]
+            out[f"{mode}_R{repeats}_over_R1_cpu_s_per_view_set"] = _ratio(r["cpu_s_per_view_set"],
+                                                                         one["cpu_s_per_view_set"])
+            out[f"{mode}_R{repeats}_over_R1_wall_s_per_view_set"] = _ratio(r["wall_s_per_view_set"],
+                                                                          one["wall_s_per_view_set"])
+    results = {mode: r for (mode, repeats), r in by_setting.items() if repeats == 1}   # across modes: R = 1
     if "dali" in results and "baseline" in results:
         out["dali_over_baseline_videos_per_s"] = _ratio(results["dali"]["videos_per_s"],
                                                         results["baseline"]["videos_per_s"])
@@ -156,12 +190,16 @@ def ratios(results: dict) -> dict:
 def print_table(report: dict) -> None:
     print(f"recipe {report['recipe']}, batch {report['batch_size']}, {report['threads']} threads, "
           f"device {report['device']}, load average {report['load_average'][0]:.1f}")
-    header = f"{'mode':<12}{'videos/s':>10}{'views/s':>10}{'frames/s':>11}{'CPU-s/video':>13}{'peak RSS MB':>13}"
+    header = (f"{'mode':<12}{'R':>3}{'videos/s':>10}{'view-sets/s':>12}{'views/s':>9}{'frames/s':>10}"
+              f"{'CPU-s/video':>13}{'CPU-s/set':>11}{'wall-s/video':>13}{'wall-s/set':>11}{'frames/set':>11}"
+              f"{'peak RSS MB':>13}")
     print(header)
     print("-" * len(header))
-    for mode, r in report["results"].items():
-        print(f"{mode:<12}{r['videos_per_s']:>10.2f}{r['views_per_s']:>10.1f}{r['decoded_frames_per_s']:>11.0f}"
-              f"{r['cpu_s_per_video']:>13.3f}{r['peak_rss_mb']:>13.0f}")
+    for r in report["results"].values():
+        print(f"{r['mode']:<12}{r['repeats']:>3}{r['videos_per_s']:>10.2f}{r['view_sets_per_s']:>12.2f}"
+              f"{r['views_per_s']:>9.1f}{r['decoded_frames_per_s']:>10.0f}{r['cpu_s_per_video']:>13.3f}"
+              f"{r['cpu_s_per_view_set']:>11.3f}{r['wall_s_per_video']:>13.3f}{r['wall_s_per_view_set']:>11.3f}"
+              f"{r['decoded_frames_per_view_set']:>11.1f}{r['peak_rss_mb']:>13.0f}")
     for name, value in report["ratios"].items():
         print(f"{name}: {'n/a (window too short)' if value is None else f'{value:.2f}'}")
 
@@ -171,11 +209,13 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     modes = list(report["results"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric, title in ((axes[0], "videos_per_s", "videos/s (higher is better)"),
-                              (axes[1], "cpu_s_per_video", "CPU-seconds per video (lower is better)")):
+    colours = {"dali": "tab:green", "baseline": "tab:gray", "decode_only": "tab:blue"}
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.2 * len(modes) + 3), 3.5))
+    for ax, metric, title in ((axes[0], "view_sets_per_s", "view-sets/s (higher is better)"),
+                              (axes[1], "cpu_s_per_view_set", "CPU-seconds per view-set (lower is better)")):
         values = [report["results"][m][metric] for m in modes]
-        ax.bar(modes, values, color=["tab:green", "tab:gray", "tab:blue"][:len(modes)])
+        ax.bar(modes, values, color=[colours[report["results"][m]["mode"]] for m in modes])
+        ax.tick_params(axis="x", labelsize=8, rotation=30 if len(modes) > 3 else 0)
         ax.set_title(title, fontsize=10)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
@@ -243,19 +283,21 @@ class _ResourceMeter:
 
 def run_mode(mode: str, args) -> dict:
     torch.set_num_threads(1)
-    cfg = _bench_config(args)
+    repeats = args.child_repeats
+    cfg = _bench_config(args, repeats)
     meter = _ResourceMeter()
     if mode == "decode_only":
         batches = _decode_only_batches(cfg, args.batch_size)
         num_views = 0
     else:
         loader = build_loader(cfg, batch_size=args.batch_size, loader=mode if mode == "baseline" else "dali")
-        batches = _epochs(loader)
+        batches = _epochs(loader, repeats)
         num_views = len(loader.view_names)
     meta = _metadata(cfg)
     views = recipe_views(cfg)
 
     def decoded_frames(keys):
+        """Frames the decoder reads for these videos: the union of each one's view-sets' frames."""
         total = 0
         for k in keys:
             m = meta[k]
@@ -268,19 +310,20 @@ def run_mode(mode: str, args) -> dict:
     cpu0, t0 = meter.cpu_seconds(), time.perf_counter()
     videos = frames = 0
     for _ in range(args.batches):
-        keys = next(batches)
+        keys = next(batches)   # the batch's videos, each decoded once
         videos += len(keys)
         frames += decoded_frames(keys)
     elapsed, cpu = time.perf_counter() - t0, meter.cpu_seconds() - cpu0
     meter.stop()
-    return {"videos": videos, "views": videos * num_views, "decoded_frames": frames, "seconds": elapsed,
-            "cpu_s": cpu, "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20}
+    return {"mode": mode, "repeats": repeats, "videos": videos, "view_sets": videos * repeats,
+            "views": videos * repeats * num_views, "decoded_frames": frames, "seconds": elapsed, "cpu_s": cpu,
+            "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20}
 
 
-def _bench_config(args):
+def _bench_config(args, repeats: int = 1):
     augment = AugmentConfig(blur=not args.no_blur_solarize, solarize=not args.no_blur_solarize)
     return DataConfig(shards=str(args.shards), recipe=args.recipe, device=args.device,
-                      num_threads=args.threads, augment=augment)
+                      num_threads=args.threads, augment=augment, repeats=repeats)
 
 
 def op_costs(args) -> int:
@@ -386,13 +429,14 @@ def predecoded_views_pipeline(loader, batch, frames: list, until: str = "normali
     return pipe
 
 
-def _epochs(loader):
-    """Keys of each batch, over as many epochs as needed."""
+def _epochs(loader, repeats: int = 1):
+    """The videos of each batch (one key per video: its ``repeats`` rows share it), over as many
+    epochs as needed."""
     epoch = 0
     while True:
         loader.set_epoch(epoch)
         for batch in loader:
-            yield batch["key"]
+            yield batch["key"][::repeats]
         epoch += 1
 
 
@@ -409,7 +453,8 @@ def _decode_only_batches(cfg, batch_size: int):
             in_flight.append(batch)
             return batch.decode_inputs()
 
-        pipe = decode_only_pipeline(source, loader.device, batch_size=batch_size, num_threads=cfg.num_threads,
+        pipe = decode_only_pipeline(source, loader.device, batch_size=loader.videos_per_batch,
+                                    num_threads=cfg.num_threads,
                                     device_id=_device_id(loader), prefetch_queue_depth=cfg.prefetch)
         pipe.build()
         while True:

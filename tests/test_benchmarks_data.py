@@ -33,6 +33,31 @@ def test_bench_data_writes_json_and_chart(tmp_path, capsys):
     assert "dali_over_baseline" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_bench_data_repeats_side_by_side(tmp_path, capsys):
+    """--repeats 1 2: every mode at each setting, per view-set and per decoded video, with R's ratio to R=1."""
+    shards = write_shards(tmp_path / "shards", index_videos(tmp_path / "media", [40, 50, 60, 70]), per_shard=2)
+    out = tmp_path / "data.json"
+    rc = benchmark.main(["--recipe", "svt", "--shards", str(shards), "--batch-size", "2", "--repeats", "1", "2",
+                         "--modes", "dali", "decode_only", "--warmup", "1", "--batches", "1", "--rounds", "1",
+                         "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"dali R=1", "dali R=2", "decode_only R=1", "decode_only R=2"}
+    for r in report["results"].values():
+        assert r["view_sets"] == 2 and r["videos"] == 2 // r["repeats"]          # a batch is 2 view-sets
+        assert r["decoded_frames_per_view_set"] > 0 and r["wall_s_per_view_set"] > 0
+        assert r["cpu_s_per_view_set"] == pytest.approx(r["cpu_s_per_video"] / r["repeats"])
+    assert report["results"]["dali R=2"]["views_per_s"] == pytest.approx(
+        10 * report["results"]["dali R=2"]["view_sets_per_s"])                  # SVT: 10 views per view-set
+    assert {"dali_R2_over_R1_cpu_s_per_view_set", "decode_only_R2_over_R1_wall_s_per_view_set",
+            "dali_over_decode_only_cpu_s_per_video"} <= set(report["ratios"])
+    assert "CPU-s/set" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.main(["--shards", str(shards), "--batch-size", "2", "--repeats", "3"])
+    assert "--repeats 3: must be >= 1 and divide --batch-size 2" in capsys.readouterr().err
+
+
 def test_resource_meter_keeps_cpu_of_exited_grandchildren():
     """DataLoader workers under a forkserver are grandchildren reaped by the forkserver: once they end,
     neither psutil nor RUSAGE_CHILDREN sees their CPU time, yet it must stay in the total."""
