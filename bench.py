@@ -4,6 +4,7 @@
     python bench.py model [...]                                     grouped multi-view runner vs per-view loop
     python bench.py e2e   [...]                                     training steps, DALI vs baseline loader
     python bench.py shard [--scale] [...]                           sharding job: videos/s, MB/s; driver cost per input
+    python bench.py repeats [...]                                   training with data.repeats R = 1, 2, 4 on the CPU demo
 
 Each mode warms up, then times, prints a table and writes JSON (``--out``, default
 ``runs/bench/<mode>.json``). ``python bench.py MODE --help`` lists the mode's options. The modes live
@@ -20,6 +21,7 @@ MODES = {
     "model": "benchmarks.model",
     "e2e": "benchmarks.e2e",
     "shard": "benchmarks.shard",
+    "repeats": "benchmarks.repeats_study",
 }
 
 
