@@ -26,18 +26,20 @@ loader's ``DataConfig`` as ``extract.data`` (``--shards`` is ``extract.data.shar
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from common.process import setup_process
 
-from shard_tools.format import read_manifest
+setup_process()  # before DeepSpeed is imported anywhere
 
-if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch  # noqa: E402
+
+from common.errors import run_cli, writing_to  # noqa: E402
+from common.typed_config import ConfigError  # noqa: E402
+from shard_tools.format import read_manifest  # noqa: E402
 
 S = argparse.SUPPRESS  # config flags stay absent unless given, so the YAML / dataclass default applies
 
@@ -56,12 +58,12 @@ SECTIONS = ("extract", "knn", "linear", "probe", "finetune")
 
 def _section(args: argparse.Namespace, section: str, flags: dict[str, str] | tuple[str, ...]) -> dict[str, Any]:
     """Section ``section`` of ``--config``, overlaid with the flags given on the command line, then with the
-    trailing ``section.key=value`` overrides (``typed_config.load_yaml_sections``, as ``train.py``).
+    trailing ``section.key=value`` overrides (``common.typed_config.load_yaml_sections``, as ``train.py``).
 
     Args:
         flags: argparse dest -> the dotted key under ``section`` it sets (a tuple: the same names).
     """
-    from typed_config import apply_overrides, load_yaml_sections, set_dotted
+    from common.typed_config import apply_overrides, load_yaml_sections, set_dotted
 
     raw = load_yaml_sections(getattr(args, "config", None))
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -455,23 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from typed_config import USER_ERRORS, disk_problem, error_line
+    """Exit status 0 on success; 2 with one ``error: <field or file>: <reason>`` line for bad input or an
+    output that cannot be written."""
+    return run_cli(_run, sys.argv[1:] if argv is None else argv)
 
-    outputs = [path for path in (getattr(args, "out", None), getattr(args, "results", None)) if path]
-    try:
-        return args.func(args)
-    except USER_ERRORS as error:
-        # Bad input (file, key, setting) or an output that cannot be written: one clear line instead
-        # of a traceback.
-        print(f"error: {error_line(error, where=outputs[0] if outputs else None)}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        problem = disk_problem(outputs)  # torch.save reports a full / read-only disk as a RuntimeError
-        if problem is None:
-            raise
-        print(f"error: {problem} ({type(error).__name__} while writing)", file=sys.stderr)
-        return 2
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    with writing_to(getattr(args, "out", None), getattr(args, "results", None)):
+        try:
+            return args.func(args)
+        except ConfigError as error:  # a setting read with --config: name the file, as train.py does
+            config = getattr(args, "config", None)
+            if config is None or str(error).startswith(f"{config}:"):
+                raise
+            raise ConfigError(f"{config}: {error}") from error
 
 
 if __name__ == "__main__":

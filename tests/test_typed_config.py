@@ -1,43 +1,13 @@
-"""The shared config vocabulary: overrides, nested sections, precision names, derived seeds."""
+"""The shared config vocabulary: overrides, nested sections, precision names."""
 from __future__ import annotations
 
 import dataclasses
-import random
-from typing import ClassVar
 
-import numpy as np
 import pytest
 import torch
 
-from typed_config import (ConfigError, apply_overrides, dataclass_from_dict, derive_seed, load_yaml_sections,
-                          precision_name, seed_all, seed_sequence, torch_dtype)
-
-
-def test_derived_seeds_never_collide_over_a_rank_step_grid():
-    # the trainer's old seed + 1000 * rank + step: rank 0 at step 1000 replays rank 1 at step 0
-    assert 0 + 1000 * 0 + 1000 == 0 + 1000 * 1 + 0
-    grid = [(rank, step) for rank in range(64) for step in range(1024)]
-    seeds = {derive_seed(0, rank, step) for rank, step in grid}
-    assert len(seeds) == len(grid)
-    assert derive_seed(0, 0, 1000) != derive_seed(0, 1, 0)
-    assert not seeds & {derive_seed(1, rank, step) for rank, step in grid[:4096]}  # other roots, other streams
-    assert all(0 <= s < 2**63 for s in seeds)
-    # deterministic, and numpy's own SeedSequence with that spawn key
-    state = np.random.SeedSequence(7, spawn_key=(3, 5)).generate_state(2, np.uint32)
-    assert derive_seed(7, 3, 5) == derive_seed(7, 3, 5) == ((int(state[1]) << 32) | int(state[0])) & (2**63 - 1)
-    assert seed_sequence(7, 3, 5).spawn_key == (3, 5)
-    with pytest.raises(ValueError, match=">= 0"):
-        derive_seed(0, -1)
-
-
-def test_seed_all_gives_each_rank_and_step_its_own_streams():
-    draws = {}
-    for rank, step in ((0, 1000), (1, 0), (0, 0)):
-        seed_all(0, rank, step)
-        draws[rank, step] = (torch.rand(1).item(), float(np.random.rand()), random.random())
-    assert len({d for d in draws.values()}) == 3 and len({x for d in draws.values() for x in d}) == 9
-    seed_all(0, 1, 0)
-    assert (torch.rand(1).item(), float(np.random.rand()), random.random()) == draws[1, 0]
+from common.precision import precision_name, torch_dtype
+from common.typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections
 
 
 def test_one_precision_vocabulary():
@@ -71,16 +41,15 @@ class _Inner:
 
 @dataclasses.dataclass
 class _Outer:
-    MOVED_KEYS: ClassVar[dict[str, str]] = {"a": "inner.a"}
     inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(b="protocol"))
     c: float = 0.5
 
 
-def test_nested_sections_start_from_the_fields_default_and_moved_keys_name_their_place():
+def test_nested_sections_start_from_the_fields_default_and_a_key_of_the_wrong_level_is_unknown():
     outer = dataclass_from_dict(_Outer, {"inner": {"a": 3}}, "p")
     assert outer.inner == _Inner(a=3, b="protocol")  # the field's default instance, not _Inner()
     assert dataclass_from_dict(_Outer, {}, "p").inner.b == "protocol"
-    with pytest.raises(ConfigError, match=r"^p\.a: moved to p\.inner\.a$"):
+    with pytest.raises(ConfigError, match=r"^p\.a: unknown key \(valid keys of p: c, inner\)$"):
         dataclass_from_dict(_Outer, {"a": 3}, "p")
     with pytest.raises(ConfigError, match=r"p\.inner\.z: unknown key"):
         dataclass_from_dict(_Outer, {"inner": {"z": 3}}, "p")
@@ -97,3 +66,42 @@ def test_yaml_sections_with_overrides(tmp_path):
     path.write_text("[1, 2]\n")
     with pytest.raises(ConfigError, match="c.yaml: expected a mapping"):
         load_yaml_sections(path)
+
+
+@dataclasses.dataclass
+class _Entry:
+    path: str
+    frames: int
+
+
+@dataclasses.dataclass
+class _Listing:
+    entries: list[_Entry]
+    counts: dict[str, int]
+    scale: tuple[float, float] = (0.4, 1.0)
+    sizes: tuple[int, ...] = ()
+
+
+def test_required_keys_and_the_items_of_lists_and_mappings_are_checked_by_dotted_name():
+    good = {"entries": [{"path": "a", "frames": 3}], "counts": {"x": 1}, "scale": [0, 1], "sizes": [2, 4]}
+    listing = dataclass_from_dict(_Listing, good, "")
+    assert listing.entries == [_Entry("a", 3)] and listing.scale == (0.0, 1.0) and listing.sizes == (2, 4)
+    for bad, expected in ((dict(good, entries=[{"path": "a", "frames": 3}, {"path": "b"}]), r"^entries\[1\]\.frames: missing$"),
+                          ({"entries": []}, r"^counts: missing$"),
+                          (dict(good, counts={"x": "1"}), r"^counts\.x: expected an integer"),
+                          (dict(good, scale=[1, 2, 3]), r"^scale: expected 2 values"),
+                          (dict(good, sizes=[2, 4.5]), r"^sizes\[1\]: expected an integer"),
+                          (dict(good, colour="red"), r"^colour: unknown key \(valid keys: counts, entries, scale, sizes\)$")):
+        with pytest.raises(ConfigError, match=expected):
+            dataclass_from_dict(_Listing, bad, "")
+
+
+def test_the_loader_and_the_atomic_writes_import_the_standard_library_only():
+    # Ray workers receive the shard_tools and common packages only (shard_tools/executors.py)
+    import subprocess
+    import sys
+
+    code = ("import sys, common.typed_config, common.atomic_io, shard_tools.format; "
+            "sys.exit(sorted({'yaml', 'numpy', 'torch'} & set(sys.modules)) or None)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
