@@ -133,13 +133,15 @@ def meta_of(shards: Path) -> dict[str, dict]:
     return metas
 
 
-def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> None:
+def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> list[dict]:
     """One epoch of ``loader`` over index videos: every view of every sample holds exactly the frames
-    its plan names, in order, with the sample's label, and every sample of ``shards`` comes once."""
+    its plan names, in order, with the sample's label, and every sample of ``shards`` comes once.
+    Returns the epoch's batches (for checks of their own, e.g. the device the views are on)."""
     metas = meta_of(shards)
     seen = []
     # All steps are collected first: the zero-copy outputs of early steps must survive later steps.
-    for batch in list(loader):
+    batches = list(loader)
+    for batch in batches:
         assert set(batch) == set(loader.view_names) | {"label", "key", "data_step"}
         for b, key in enumerate(batch["key"]):
             m = metas[key]
@@ -151,3 +153,4 @@ def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> No
             assert batch["label"][b].item() == m["label"]
         seen += batch["key"]
     assert set(seen) == set(metas)              # one epoch: every sample (a partial last step wraps)
+    return batches
