@@ -6,7 +6,10 @@ line is the data step's global batch whatever the world size)::
     {"step": 3, "epoch": 0, "data_step": 5, "keys": ["k1", ...], "replaced": [{"key": ..., "spare": ...}]}
 
 ``step`` is the optimizer step the micro-batch belongs to (1-based, as in metrics.jsonl);
-``replaced`` appears only when a bad sample was replaced by a spare in that data step. A resumed
+``replaced`` appears only when a bad sample was replaced by a spare in that data step. With repeated
+sampling (``data.repeats: R > 1``) ``keys`` names the video of every view-set (each video R times,
+its view-sets next to each other) and ``repeat`` the view-set's repeat index, so a line is
+``keys[i]`` + ``repeat[i]`` for every row of the global batch; with R = 1 there is no ``repeat``. A resumed
 run first drops the lines after its checkpoint's step, so every step appears once and the file is
 the whole run's data order: comparable line by line with another run's.
 
@@ -46,8 +49,10 @@ class LineageWriter:
     def write(self, step: int, batch: dict, replaced: list[dict]) -> None:
         """Records one micro-batch this rank drew (every rank draws the same number of them)."""
         data_step = batch.get("data_step")
+        repeat = batch.get("repeat")
         self.pending.append({"step": step, "keys": list(batch.get("key", [])),
                              "data_step": None if data_step is None else [int(v) for v in data_step],
+                             "repeat": [int(r) for r in repeat] if repeat is not None else None,
                              "replaced": [{"key": r["key"], "shard": r["shard"], "spare": r["spare"]}
                                           for r in replaced]})
 
@@ -66,10 +71,14 @@ class LineageWriter:
             if first["data_step"] is not None:
                 line.update(epoch=first["data_step"][0], data_step=first["data_step"][1])
             line["keys"] = [k for r in records for k in r["keys"]]
+            repeats = [x for r in records for x in (r["repeat"] or [])]
+            if any(repeats):
+                line["repeat"] = repeats
             replaced = [x for r in records for x in r["replaced"]]
             if replaced:
                 line["replaced"] = replaced
-            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+            self._file.write(json.dumps(line, separators=(",", ":")) + "
+")
 
     def close(self, flush: bool = True) -> None:
         """Flushes (collective, unless ``flush`` is False: after a failure) and closes the file."""

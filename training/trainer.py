@@ -430,7 +430,11 @@ class Trainer:
         # without a teacher the second list goes to the loss as it is (a classifier's labels)
         teacher_out = self._teacher_forward(teacher_views) if self.method.teacher is not None else teacher_views
         student_out = self.engine(student_views)
-        loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=float(self.schedules.teacher_temp[s]))
+        video_ids = batch.get("video_id")
+        if video_ids is not None:
+            video_ids = torch.as_tensor(video_ids, dtype=torch.long).to(self.dist.device)
+        loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=float(self.schedules.teacher_temp[s]),
+                                       video_ids=video_ids)
         # one all-reduce carries the loss terms and the non-finite flag of every rank
         packed = torch.stack([loss.detach().float(), *[v.detach().float() for v in terms.values()]])
         nonfinite = (~torch.isfinite(loss.detach())).any().float().reshape(1)
