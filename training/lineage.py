@@ -77,8 +77,7 @@ class LineageWriter:
             replaced = [x for r in records for x in r["replaced"]]
             if replaced:
                 line["replaced"] = replaced
-            self._file.write(json.dumps(line, separators=(",", ":")) + "
-")
+            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
 
     def close(self, flush: bool = True) -> None:
         """Flushes (collective, unless ``flush`` is False: after a failure) and closes the file."""
