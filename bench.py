@@ -13,7 +13,6 @@ in the ``benchmarks`` package (one module each) and use only the public APIs of 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 MODES = {
@@ -29,10 +28,10 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     mode, rest = argv[0], argv[1:]
-    if mode != "shard":  # the shard benchmark needs neither torch nor DeepSpeed
-        import torch
-        if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if mode != "shard":  # the shard benchmark needs no DeepSpeed
+        from common.process import setup_process
+
+        setup_process()
     module = importlib.import_module(MODES[mode])
     return int(module.main(rest) or 0)
 

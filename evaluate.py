@@ -26,18 +26,19 @@ loader's ``DataConfig`` as ``extract.data`` (``--shards`` is ``extract.data.shar
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from common.process import setup_process
 
-from shard_tools.format import read_manifest
+setup_process()  # before DeepSpeed is imported anywhere
 
-if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch  # noqa: E402
+
+from common.errors import run_cli, writing_to  # noqa: E402
+from shard_tools.format import read_manifest  # noqa: E402
 
 S = argparse.SUPPRESS  # config flags stay absent unless given, so the YAML / dataclass default applies
 
@@ -455,23 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from typed_config import USER_ERRORS, disk_problem, error_line
+    """Exit status 0 on success; 2 with one ``error: <field or file>: <reason>`` line for bad input or an
+    output that cannot be written."""
+    return run_cli(_run, sys.argv[1:] if argv is None else argv)
 
-    outputs = [path for path in (getattr(args, "out", None), getattr(args, "results", None)) if path]
-    try:
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    with writing_to(getattr(args, "out", None), getattr(args, "results", None)):
         return args.func(args)
-    except USER_ERRORS as error:
-        # Bad input (file, key, setting) or an output that cannot be written: one clear line instead
-        # of a traceback.
-        print(f"error: {error_line(error, where=outputs[0] if outputs else None)}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        problem = disk_problem(outputs)  # torch.save reports a full / read-only disk as a RuntimeError
-        if problem is None:
-            raise
-        print(f"error: {problem} ({type(error).__name__} while writing)", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -6,17 +6,14 @@
     python train.py --config ... --resume auto                          # newest complete checkpoint
     python train.py --config ... --export runs/x/weights.pt             # consolidated fp32 weights
 
-Trailing ``section.key=value`` arguments override the recipe (values parsed as YAML).
+Trailing ``section.key=value`` arguments override the recipe (values parsed as YAML). The command
+line is ``training/cli.py``.
 """
-from __future__ import annotations
-
-import os
 import sys
 
-import torch
+from common.process import setup_process
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported anywhere
+setup_process()  # before DeepSpeed is imported anywhere
 
 from training.cli import main  # noqa: E402
 

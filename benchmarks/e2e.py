@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -54,9 +53,8 @@ def _ensure_demo_shards(shards: Path) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import torch
-    if not torch.cuda.is_available():  # DeepSpeed picks CUDA itself on a GPU machine
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+    from common.seeding import seed_all
     from pipelines import build_loader
     from training.config import load_config
     from training.engine import init_distributed
@@ -78,7 +76,7 @@ def main(argv: list[str]) -> int:
         info = init_distributed(t.dist_backend, timeout_s=t.dist_timeout_s, torch_threads=t.torch_threads)
         rows = []
         for loader_name in args.loaders:
-            torch.manual_seed(t.seed)
+            seed_all(t.seed)  # each loader's run starts from the same weights
             cfg.trainer.output_dir = str(Path(tmp) / loader_name)
             cfg.trainer.loader = loader_name
             loader = build_loader(cfg.data, batch_size=t.batch_size_per_gpu, shard_id=info.rank,

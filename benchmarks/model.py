@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from common.process import setup_process
+from common.seeding import seed_all
 from models import DINOHead, MultiViewRunner, build_backbone
 from models.flops import views_flops
 from objectives import SVTLoss
@@ -123,7 +125,7 @@ def _step(runner: MultiViewRunner, loss_fn: SVTLoss, views: list[torch.Tensor], 
 
 
 def _bench_size(size: str, args: argparse.Namespace) -> dict:
-    torch.manual_seed(args.seed)
+    seed_all(args.seed)
     cfg = args.recipe
     m, o = cfg.model, cfg.objective
     shapes, num_global = _view_shapes(cfg)
@@ -189,7 +191,7 @@ def gemm_peak_gflops(device: str = "cpu", dtype: str = "float32", dim: int = 384
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(list(argv or []))
-    torch.set_num_threads(args.threads)
+    setup_process(torch_threads=args.threads)
     results = []
     modes = args.modes.split(",")
     peak = gemm_peak_gflops(args.device, args.dtype)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.results import topk_accuracy
-from typed_config import derive_seed
+from common.seeding import derive_seed
 
 __all__ = ["KNNConfig", "knn_predict_scores", "knn_classify", "knn_shuffled_label_control"]
 

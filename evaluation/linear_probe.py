@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from evaluation.results import topk_accuracy
 from objectives.schedules import cosine_schedule
-from typed_config import derive_seed
+from common.seeding import derive_seed
 
 __all__ = ["LinearProbeConfig", "train_linear_probe", "shuffled_label_control"]
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import re
 import sys
 from pathlib import Path
 
+from common.errors import run_cli, writing_to
 from shard_tools.encode import CODEC_TABLE, EncodeSettings
 from shard_tools.executors import EXECUTORS, default_workers
 from shard_tools.sources import (DATASET_KINDS, as_location, is_url, load_label_map, location_name, read_folder,
                                  read_kinetics_csv, read_ssv2)
-from typed_config import USER_ERRORS, error_line
 
 SUBCOMMANDS = ("shard", "verify", "stats", "bench")
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -211,12 +210,11 @@ def cmd_shard(args) -> int:
                    workers=args.workers, ray_address=args.ray_address, keep_work=args.keep_work,
                    progress=not args.no_progress, source=source,
                    upload_to=args.out if is_url(args.out) else None, fetch_bytes=args.fetch_bytes)
-    try:
+    # a full disk reported on close names no file: the error names the output (or work) folder
+    kept = f"{work_dir}/.work" if is_url(args.out) else "OUT/.work"
+    with writing_to(work_dir, hint=f"finished videos are kept in {kept}: free space and rerun the same "
+                                   "command to resume"):
         manifest = run_shard_job(listing, job)
-    except OSError as err:
-        if err.filename is None:  # a full disk reported on close names no file: name the output folder
-            err.filename = str(work_dir)
-        raise
     unexpected = manifest.quarantine.by_reason.get("unexpected error", 0)
     if unexpected:
         # Per-input failures never end the job; many "unexpected error"s point at the environment.
@@ -229,20 +227,13 @@ def cmd_shard(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _dispatch(argv)
-    except USER_ERRORS as err:
-        # Bad input or arguments, or an output folder that cannot be written (read-only, full disk):
-        # one clear line naming the file and the reason, no traceback.
-        line = error_line(err)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            line += " (finished videos are kept in OUT/.work: free space and rerun the same command to resume)"
-        print(f"shard_tools: error: {line}", file=sys.stderr)
-        return 2
+    """Exit status 0 on success (``verify``: 1 when a check fails); 2 with one ``error: <file>: <reason>``
+    line for bad input or arguments, or an output folder that cannot be written (read-only, full disk)."""
+    return run_cli(_dispatch, sys.argv[1:] if argv is None else argv)
 
 
-def _dispatch(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
+    argv = list(argv)
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "shard")
     args = build_parser().parse_args(argv)

@@ -1,43 +1,13 @@
-"""The shared config vocabulary: overrides, nested sections, precision names, derived seeds."""
+"""The shared config vocabulary: overrides, nested sections, precision names."""
 from __future__ import annotations
 
 import dataclasses
-import random
 from typing import ClassVar
 
-import numpy as np
 import pytest
 import torch
 
-from typed_config import (ConfigError, apply_overrides, dataclass_from_dict, derive_seed, load_yaml_sections,
-                          precision_name, seed_all, seed_sequence, torch_dtype)
-
-
-def test_derived_seeds_never_collide_over_a_rank_step_grid():
-    # the trainer's old seed + 1000 * rank + step: rank 0 at step 1000 replays rank 1 at step 0
-    assert 0 + 1000 * 0 + 1000 == 0 + 1000 * 1 + 0
-    grid = [(rank, step) for rank in range(64) for step in range(1024)]
-    seeds = {derive_seed(0, rank, step) for rank, step in grid}
-    assert len(seeds) == len(grid)
-    assert derive_seed(0, 0, 1000) != derive_seed(0, 1, 0)
-    assert not seeds & {derive_seed(1, rank, step) for rank, step in grid[:4096]}  # other roots, other streams
-    assert all(0 <= s < 2**63 for s in seeds)
-    # deterministic, and numpy's own SeedSequence with that spawn key
-    state = np.random.SeedSequence(7, spawn_key=(3, 5)).generate_state(2, np.uint32)
-    assert derive_seed(7, 3, 5) == derive_seed(7, 3, 5) == ((int(state[1]) << 32) | int(state[0])) & (2**63 - 1)
-    assert seed_sequence(7, 3, 5).spawn_key == (3, 5)
-    with pytest.raises(ValueError, match=">= 0"):
-        derive_seed(0, -1)
-
-
-def test_seed_all_gives_each_rank_and_step_its_own_streams():
-    draws = {}
-    for rank, step in ((0, 1000), (1, 0), (0, 0)):
-        seed_all(0, rank, step)
-        draws[rank, step] = (torch.rand(1).item(), float(np.random.rand()), random.random())
-    assert len({d for d in draws.values()}) == 3 and len({x for d in draws.values() for x in d}) == 9
-    seed_all(0, 1, 0)
-    assert (torch.rand(1).item(), float(np.random.rand()), random.random()) == draws[1, 0]
+from typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections, precision_name, torch_dtype
 
 
 def test_one_precision_vocabulary():

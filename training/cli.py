@@ -5,14 +5,13 @@ import argparse
 import dataclasses
 import json
 import os
-import random
-import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
+from common.errors import run_cli, writing_to
+from common.seeding import seed_all
 from models import resolve_pretrained
 from pipelines import build_loader
 from training.checkpoint import export_weights, find_latest
@@ -21,7 +20,6 @@ from training.engine import init_distributed
 from training.methods import build_method
 from training.metrics import format_summary
 from training.trainer import Trainer
-from typed_config import USER_ERRORS, disk_problem, error_line
 
 __all__ = ["main", "build_parser"]
 
@@ -49,32 +47,28 @@ def _checkpoint_to_export(cfg, resume: str | None) -> Path | None:
 
 def main(argv: list[str]) -> int:
     """Exit status 0 on success; 2 with one ``error: <field or file>: <reason>`` line for bad input."""
+    return run_cli(_run, argv)
+
+
+# a checkpoint counts only once it is named in checkpoints/latest, so a half-written one is ignored
+FULL_DISK_HINT = "free space and rerun: --resume auto continues from the newest complete checkpoint"
+
+
+def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    out_paths: list[Path] = []
     try:
         cfg = load_config(args.config, args.overrides)
-        out_paths.append(Path(cfg.trainer.output_dir))
-        if args.export:
-            out_paths.insert(0, Path(args.export).parent)
-            return _export(cfg, args)
-        resume_from = _checkpoint_to_export(cfg, args.resume) if args.resume else None
-        if resume_from is None:
-            # missing initial weights stop the run here, before any loader or process group
-            resolve_pretrained(cfg.model.pretrained)
-        return _train(cfg, args, resuming=resume_from is not None)
-    except USER_ERRORS as exc:
-        print(f"error: {error_line(exc, where=out_paths[0] if out_paths else None)}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        problem = disk_problem(out_paths)
-        if problem is None:
-            raise
-        # a checkpoint counts only once it is named in checkpoints/latest, so the half-written one is ignored
-        print(f"error: {problem} ({type(exc).__name__} while writing); free space and rerun "
-              f"(--resume auto continues from the newest complete checkpoint)", file=sys.stderr)
-        return 2
+        outputs = [Path(args.export).parent] if args.export else []
+        with writing_to(*outputs, Path(cfg.trainer.output_dir), hint=FULL_DISK_HINT):
+            if args.export:
+                return _export(cfg, args)
+            resume_from = _checkpoint_to_export(cfg, args.resume) if args.resume else None
+            if resume_from is None:
+                # missing initial weights stop the run here, before any loader or process group
+                resolve_pretrained(cfg.model.pretrained)
+            return _train(cfg, args, resuming=resume_from is not None)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -100,10 +94,7 @@ def _train(cfg, args, resuming: bool = False) -> int:
 
     t = cfg.trainer
     info = init_distributed(t.dist_backend, timeout_s=t.dist_timeout_s, torch_threads=t.torch_threads)
-    # the same seed on every rank: student and teacher start identical everywhere
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
+    seed_all(t.seed)  # the same seed on every rank: student and teacher start identical everywhere
     # every rank takes the same number of equal-sized steps: the loaders slice one global order
     # (pipelines/order.py), whose partial last step is filled, so drop_last stays the user's choice
     # and the order does not depend on the world size

@@ -1,7 +1,8 @@
 """DeepSpeed set-up: process group, param groups, the engine, per-step hyper-parameters.
 
 Facts this file relies on (docs/design.md section 8, verified with DeepSpeed 0.19.8 on CPU/gloo):
-- the shared-memory comm op must be disabled before ``init_distributed`` or every start JIT-compiles it;
+- the shared-memory comm op must be disabled before ``init_distributed`` or every start JIT-compiles it
+  (``common.process.setup_process``);
 - a client ``torch.optim.AdamW`` needs no compiler; per-step lr / weight decay are written into every
   group of ``engine.optimizer.param_groups`` (no DeepSpeed ``scheduler`` block);
 - ``p.grad = None`` does not freeze a parameter at stages 1-3: a gradient hook zeroes it and its
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from common.process import setup_process
 from models.heads import convert_sync_batchnorm
 from training.config import Config
 
@@ -50,14 +52,9 @@ def init_distributed(backend: str = "auto", timeout_s: int = 900, torch_threads:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if torch_threads > 0:
-        torch.set_num_threads(torch_threads)
-    import deepspeed  # after DS_ACCELERATOR is set
-    import deepspeed.ops
+    setup_process(torch_threads)
+    import deepspeed  # after setup_process set DS_ACCELERATOR
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.distributed.is_initialized():

@@ -1,0 +1,1 @@
+"""Shared infrastructure every stage builds on; imports no project package."""
