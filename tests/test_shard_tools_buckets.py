@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +18,14 @@ from pathlib import Path
 import pytest
 
 import storage
+from benchmarks.object_servers import start_range_http
 from executor_fixtures import overlap_probe
 from object_store_fixtures import moto_server, s3_env, s3_proxy  # noqa: F401 (fixtures)
 from shard_fixtures import build_ssv2
 from shard_tools.__main__ import main
 from shard_tools.executors import map_unordered
 from shard_tools.media import write_synthetic_video
+from shard_tools.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--shard-size", "2", "--seed", "5", "--no-progress"]
@@ -41,6 +44,7 @@ def _class_folders(root: Path, count: int = 4, *, num_frames: int = 20) -> Path:
     for i in range(count):
         write_synthetic_video(root / ("cats" if i % 2 else "dogs") / f"clip{i}.webm", num_frames=num_frames,
                               width=64, height=48, pattern="noise", seed=i)
+    (root / "cats").mkdir(exist_ok=True)
     (root / "dogs" / "notes.txt").write_text("not a video\n")
     write_synthetic_video(root / "loose.webm", num_frames=20, width=64, height=48, seed=9)
     (root / "cats" / "empty.mp4").write_bytes(b"")
@@ -108,18 +112,22 @@ def _assert_same_shards_but_sources(remote: dict[str, bytes], local: dict[str, b
             assert remote[name].decode().replace(url, folder) == local[name].decode()
 
 
-def test_local_videos_to_s3_equal_a_local_run_byte_for_byte(s3_env, tmp_path):
+def test_local_videos_to_s3_equal_a_local_run_byte_for_byte(s3_env, tmp_path, capsys, monkeypatch):
     videos = _class_folders(tmp_path / "videos")
     argv = ["--videos", str(videos), *COMMON, "--workers", "0"]
     assert main(argv + ["--out", str(tmp_path / "local")]) == 0
-    url, work = f"s3://{s3_env}/shards/train", tmp_path / "work"
-    assert main(argv + ["--out", url, "--work-dir", str(work)]) == 0
+    url = f"s3://{s3_env}/shards/train"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the default --work-dir lives there
+    assert main(argv + ["--out", url]) == 0
     assert _objects(url) == _files(tmp_path / "local")  # tars, indexes, quarantine, manifest
-    assert not work.exists()  # every shard left the work folder once uploaded; journals gone at the end
+    assert f"building shards in {tmp_path / 'cache' / 'shard_tools' / 'work'}/" in capsys.readouterr().err
+    # Every shard left the work folder once uploaded, and the journals went at the end.
+    assert not list((tmp_path / "cache" / "shard_tools" / "work").iterdir())
     # A rerun of a finished job does nothing; other arguments are refused, naming the URL.
-    assert main(argv + ["--out", url, "--work-dir", str(work)]) == 0
-    assert main(["--videos", str(videos), "--shard-size", "3", "--no-progress", "--workers", "0",
-                 "--out", url, "--work-dir", str(work)]) == 2
+    assert main(argv + ["--out", url]) == 0
+    assert main(["--videos", str(videos), "--shard-size", "3", "--no-progress", "--workers", "0", "--out", url]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {url} already holds a finished job with other arguments or inputs; write to a new prefix")
 
 
 @pytest.mark.parametrize("layout", ["kinetics", "ssv2", "folder"])
@@ -154,6 +162,28 @@ def test_s3_videos_to_s3_equal_a_local_run(s3_env, tmp_path, layout):
         assert {q["reason"] for q in quarantine} == {"zero bytes", "not in a class folder"}
         assert all(data_url in q["detail"] for q in quarantine)
     assert not (tmp_path / "work").exists()
+    # verify on a copy of the bucket's shards: every video decodes, and the invariant holds against
+    # the sources listed again from the bucket (the manifest's source names the URLs).
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in remote.items():
+        (copy / name).write_bytes(data)
+    report = verify_shards(copy)
+    assert report["ok"], report["problems"]
+    assert report["invariant"] == f"sources listed again: {report['inputs']} inputs"
+
+
+def test_videos_behind_an_http_server_equal_a_local_run(tmp_path):
+    """``--videos https://host/prefix``: listed through the server's index pages (names
+    percent-decoded, sizes from HEAD requests), fetched whole; a Range HTTP server process."""
+    videos = _class_folders(tmp_path / "data" / "videos", count=2)
+    (videos / "dogs").rename(videos / "air drumming")  # a class folder whose URL needs quoting
+    argv = [*COMMON, "--workers", "0"]
+    assert main(["--videos", str(videos), "--out", str(tmp_path / "local")] + argv) == 0
+    with start_range_http(tmp_path / "data") as server:
+        url = f"{server.url}/videos"
+        assert main(["--videos", url, "--out", str(tmp_path / "from_http")] + argv) == 0
+    _assert_same_shards_but_sources(_files(tmp_path / "from_http"), _files(tmp_path / "local"), url, str(videos))
 
 
 def test_inputs_in_flight_stay_within_the_fetch_bound(tmp_path):
@@ -229,17 +259,44 @@ def test_missing_bucket_or_credentials_one_line_exit_2(s3_env, tmp_path, capsys,
     assert main(["--videos", str(videos), "--out", "s3://no-such-bucket-r18b/shards",
                  "--work-dir", str(tmp_path / "w1")] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("shard_tools: error: s3://no-such-bucket-r18b/shards:") and "does not exist" in err
+    assert err.startswith("error: s3://no-such-bucket-r18b/shards:") and "does not exist" in err
     assert main(["--videos", "s3://no-such-bucket-r18b/videos", "--out", str(tmp_path / "o")] + argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "shard_tools: error: s3://no-such-bucket-r18b/videos:")
+        "error: s3://no-such-bucket-r18b/videos:")
     assert not (tmp_path / "w1").exists() and not (tmp_path / "o").exists()
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setattr(storage, "_default", None)  # its S3 driver was made with the keys above
     url = f"s3://{s3_env}/shards"
     assert main(["--videos", str(videos), "--out", url, "--work-dir", str(tmp_path / "w2")] + argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith(f"shard_tools: error: {url}:") and "credentials" in lines[-1]
+    assert lines[-1].startswith(f"error: {url}:") and "credentials" in lines[-1]
+
+
+def test_a_shard_gone_from_the_bucket_is_rebuilt_from_the_work_folder(s3_env, tmp_path, capsys):
+    """A finished bucket job whose shard object was deleted: with the work folder kept, the rerun
+    takes the manifest down, rebuilds that shard from the kept encodes (no input encoded again) and
+    uploads it alone, then publishes the same manifest; without the work folder it refuses in one
+    line naming the URL."""
+    videos = _class_folders(tmp_path / "videos", count=3)
+    url, work = f"s3://{s3_env}/shards", tmp_path / "work"
+    argv = ["--videos", str(videos), *COMMON, "--workers", "0", "--out", url, "--work-dir", str(work), "--keep-work"]
+    assert main(argv) == 0
+    before = _objects(url)
+    tars = sorted(n for n in before if n.endswith(".tar"))
+    store = storage.Storage()
+    store.remove(f"{url}/{tars[0]}")
+    assert main(argv) == 0
+    assert _objects(url) == before
+    uploads = [json.loads(line)["shard"] for line in (work / ".work" / "uploads.jsonl").read_text().splitlines()]
+    assert sorted(uploads) == sorted(tars + [tars[0]])
+    keys = [json.loads(line)["key"] for line in (work / ".work" / "journal.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 4  # three videos and the empty file, each processed once
+
+    store.remove(f"{url}/{tars[0]}")
+    shutil.rmtree(work)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {url}: shards ['{tars[0]}']")
