@@ -20,13 +20,11 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from einops import rearrange
-from typed_config import torch_dtype
+from common.precision import torch_dtype
 
 from .config import DataConfig
 from .member_reads import MemberReader
-from .order import build_order
-from .position import Position
-from .shard_index import read_sample_index, read_shard_set
+from .position import PositionedLoader
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
 
@@ -152,35 +150,15 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-class BaselineLoader:
+class BaselineLoader(PositionedLoader):
     """Same interface, order and position as ``DALILoader``; ``cfg.num_threads`` DataLoader workers."""
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
-        self.cfg, self.batch_size = cfg, batch_size
-        self.shard_id, self.num_shards = shard_id, num_shards
-        self.shards = read_shard_set(cfg.shards)
-        self.index = read_sample_index(self.shards.paths, self.shards.index_paths, self.shards.num_samples)
-        self.position = Position(build_order(cfg, self.shards, batch_size * num_shards, seed), batch_size,
-                                 num_shards)
-        self.stats = self.position.stats
+        self._open(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed)
+        self.index = self.shards.sample_index()
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
-
-    # ----------------------------------------------------------------- position (pipelines.protocol.Loader)
-    def __len__(self) -> int:
-        return self.position.order.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.position.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.position.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position.load_state_dict(state)
-
-    merge_states = staticmethod(Position.merge_states)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, start = self.position.start()

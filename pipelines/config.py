@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from typed_config import PRECISIONS, dataclass_from_dict, precision_name
+from common.precision import PRECISIONS, precision_name
+from common.typed_config import dataclass_from_dict
 
 RECIPES = ("svt", "lstcl", "eval")
 DEVICES = ("cpu", "mixed", "auto")
@@ -201,7 +202,6 @@ class DataConfig:
         mean, std: the backbone's normalization, in 0..1 units.
         shuffle: each epoch a seeded permutation of every sample (pipelines/order.py); False keeps
             manifest order.
-        shuffle_buffer: unused since the global order (kept so older configs still load).
         block_shards: 0 = full permutation; k > 0 = block shuffle for slow random reads: shard order
             permuted, then samples permuted within windows of k shards (less mixed batches).
         drop_last: drop the partial last global step (its samples become the epoch's spares)
@@ -217,7 +217,6 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     shuffle: bool = True
-    shuffle_buffer: int = 64
     block_shards: int = 0
     drop_last: bool = False
     prefetch: int = 2
@@ -234,8 +233,8 @@ class DataConfig:
         self.dtype = precision_name(self.dtype, "data.dtype", long=True)
         if self.block_shards < 0:
             raise ValueError(f"data.block_shards must be >= 0 (0 = full permutation), got {self.block_shards}")
-        if self.num_threads < 1 or self.prefetch < 1 or self.shuffle_buffer < 1:
-            raise ValueError("data.num_threads, data.prefetch and data.shuffle_buffer must be >= 1")
+        if self.num_threads < 1 or self.prefetch < 1:
+            raise ValueError("data.num_threads and data.prefetch must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"data.mean/std need 3 values with std > 0, got {self.mean}, {self.std}")
 

@@ -32,14 +32,13 @@ import numpy as np
 import nvidia.dali.types as types
 import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
-from typed_config import torch_dtype
+from common.precision import torch_dtype
 
 from .config import DataConfig
 from .graph import decode_only_pipeline, views_pipeline
 from .member_reads import MemberReader
-from .order import build_order
-from .position import Position
-from .shard_index import IndexedSample, ShardSet, read_sample_index, read_shard_set
+from .position import PositionedLoader
+from .shard_index import IndexedSample, ShardSet
 from .views import SamplePlan, plan_sample, recipe_views
 
 
@@ -113,7 +112,7 @@ class _Batch:
         return positions + [[s.plan.params[v.name] for s in self.samples] for v in views]
 
 
-class DALILoader:
+class DALILoader(PositionedLoader):
     """Iterable of ``{view_name: (B, C, T, H, W), "label": (B,), "key": [str], "data_step": (epoch, step)}``.
 
     Args:
@@ -125,42 +124,16 @@ class DALILoader:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= shard_id < num_shards:
-            raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
-        self.cfg = cfg
-        self.batch_size = batch_size
-        self.shard_id, self.num_shards = shard_id, num_shards
-        self.shards = read_shard_set(cfg.shards)
+        self._open(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed)
+        self.stats["pipeline_rebuilds"] = 0
         self.device = resolve_device(cfg.device)
         check_codec(self.shards, self.device)
         self.min_side = decoder_min_side(self.device, self.shards.codec)
-        self.index: list[IndexedSample] = read_sample_index(self.shards.paths, self.shards.index_paths,
-                                                            self.shards.num_samples)
-        self.position = Position(build_order(cfg, self.shards, batch_size * num_shards, seed), batch_size,
-                                 num_shards)
-        self.stats = self.position.stats
-        self.stats["pipeline_rebuilds"] = 0
+        self.index: list[IndexedSample] = self.shards.sample_index()
         self.reader = MemberReader()
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
         self.slots = list(dict.fromkeys(v.slot for v in self.views))
-
-    # ----------------------------------------------------------------- position (pipelines.protocol.Loader)
-    def __len__(self) -> int:
-        return self.position.order.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.position.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.position.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position.load_state_dict(state)
-
-    merge_states = staticmethod(Position.merge_states)
 
     # ----------------------------------------------------------------- samples
     def _read(self, sample_id: int, position: int, epoch: int) -> _Sample:

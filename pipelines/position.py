@@ -1,6 +1,6 @@
 """A loader's position in the global order, and its record of bad samples and replacements.
 
-Both loaders hold one ``Position``. Its state is ``(epoch, data step)``, the order's definition and
+Both loaders hold one ``Position`` and expose it through ``PositionedLoader``. Its state is ``(epoch, data step)``, the order's definition and
 the keys found bad so far: the same value on every rank, so a run saved on W ranks resumes on any
 W' that divides the global batch, at the next data step, with the same samples (``order``). Bad
 keys are part of it so that a resume replaces a bad sample without decoding it again.
@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .order import GlobalOrder
+from .order import GlobalOrder, build_order
+from .shard_index import read_shard_set
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +126,43 @@ class Position:
         self.epoch, self.step = state["epoch"], state["step"]
         self.bad_keys = dict(state.get("bad_keys", {}))
         self._restored = True
+
+
+class PositionedLoader:
+    """The position half of ``protocol.Loader`` for a loader that keeps its place in ``self.position``.
+
+    Both loaders inherit it, so their length, epochs, state and ``stats`` are one implementation.
+    """
+
+    position: Position
+
+    def _open(self, cfg: DataConfig, *, batch_size: int, shard_id: int, num_shards: int, seed: int) -> None:
+        """The shards ``cfg`` names and this rank's place in their global order: the start of epoch 0."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+        self.cfg = cfg
+        self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
+        self.shards = read_shard_set(cfg.shards)
+        self.position = Position(build_order(cfg, self.shards, batch_size * num_shards, seed), batch_size,
+                                 num_shards)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.position.stats
+
+    def __len__(self) -> int:
+        return self.position.order.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.position.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last delivered batch: picklable, the same on every rank."""
+        return self.position.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position.load_state_dict(state)
+
+    merge_states = staticmethod(Position.merge_states)

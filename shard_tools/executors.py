@@ -147,15 +147,16 @@ def _ray_map(fn, tasks, *, workers: int, ray_address: str | None, max_in_flight:
              cost: Callable[[tuple], int] | None, max_cost: int | None):
     import ray  # imported only when asked for: Ray's import alone takes seconds
 
-    import storage
-
+    import common
     import shard_tools
+    import storage
 
     started_here = not ray.is_initialized()
     if started_here:
-        # Ship the packages the workers import (a cluster's nodes need not have the checkout):
-        # storage fetches URL inputs.
-        runtime_env = {"py_modules": [shard_tools, storage]}
+        # Ship these packages to the workers (a cluster's nodes need not have the checkout): shard_tools,
+        # the standard-library helpers it builds on (strict manifest loader, atomic writes) and the
+        # storage layer that fetches URL inputs.
+        runtime_env = {"py_modules": [shard_tools, common, storage]}
         if ray_address:
             ray.init(address=ray_address, runtime_env=runtime_env, log_to_driver=False)
         else:

@@ -65,7 +65,7 @@ def config(shards: Path, **kw) -> DataConfig:
     kw.setdefault("svt", SMALL_SVT)
     kw.setdefault("lstcl", SMALL_LSTCL)
     kw.setdefault("augment", NO_AUG)
-    return DataConfig(shards=str(shards), num_threads=2, shuffle_buffer=4, **kw)
+    return DataConfig(shards=str(shards), num_threads=2, **kw)
 
 
 @pytest.mark.parametrize("recipe", ["svt", "lstcl"])
