@@ -29,6 +29,7 @@ from pathlib import Path
 import storage
 
 from shard_tools.format import MANIFEST_NAME, QUARANTINE_NAME, Manifest, read_manifest
+from shard_tools.journal import append_synced_line, read_complete_lines
 
 UPLOADS_NAME = "uploads.jsonl"
 
@@ -107,7 +108,7 @@ class BucketOutput:
         self.journal_path = self.work_folder / ".work" / UPLOADS_NAME
         self.store = storage.default_storage()
         self.remote = uploaded_objects(self.url)  # listed once when the job starts
-        self.uploads = _read_uploads(self.journal_path)
+        self.uploads = {line["shard"]: line for line in read_complete_lines(self.journal_path)}
 
     def _object(self, name: str) -> str:
         return f"{self.url}/{name}"
@@ -153,7 +154,7 @@ class BucketOutput:
             sizes[path.name] = self._upload(path)
         line = {"shard": tar_path.name, "keys": keys_digest(keys), "bytes": sizes[tar_path.name],
                 "idx": idx_path.name, "idx_bytes": sizes[idx_path.name]}
-        _append_line(self.journal_path, line)
+        append_synced_line(self.journal_path, line)
         self.uploads[tar_path.name] = line
         tar_path.unlink()
         idx_path.unlink()
@@ -188,38 +189,6 @@ class BucketOutput:
 
     def describe(self) -> str:
         return self.url
-
-
-def _read_uploads(path: Path) -> dict[str, dict]:
-    """shard name -> its journal line; a torn last line (a kill mid-write) is ignored and cut off."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    lines, good_end = {}, 0
-    for raw in data.splitlines(keepends=True):
-        if not raw.endswith(b"\n"):
-            break
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            break
-        lines[line["shard"]] = line
-        good_end += len(raw)
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return lines
-
-
-def _append_line(path: Path, line: dict) -> None:
-    """One write per line, then fsync: a confirmed upload survives a machine crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def default_work_folder(url: str) -> Path:
