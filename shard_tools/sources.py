@@ -437,7 +437,7 @@ def read_ssv2(annotation_path: str | Path, labels_path: str | Path, video_root: 
     if not isinstance(rows, list):
         raise ValueError(f"{annotation_path}: expected a JSON list of {{id, label, template, placeholders}}")
     annotation_name = location_name(annotation_path)
-    listing = SourceListing("ssv2", split or annotation_name.rsplit(".", 1)[0], label_map=label_map)
+    listing = SourceListing("ssv2", split or Path(annotation_name).stem, label_map=label_map)
     by_stem, other_by_stem, unreadable = index_files_by_stem(video_root, listing.sizes)
     listing.skipped = _skipped_summary(video_root, [], unreadable)
     root_text = str(video_root)
