@@ -6,7 +6,8 @@ and key give the same frames, crop boxes, flips and colour factors), decodes eac
 PyAV (up to the last needed frame) and builds every view with torchvision's functional ops.
 It reads the same shards in the same global order (``order.GlobalOrder``, one positioned read per
 member) with the DALI loader's spares and its position (``position.Position``): a resume starts at
-the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps.
+the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps. With
+``data.repeats: R`` each video is decoded once and gives R rows (its view-sets), as in the DALI loader.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
                 if entry.key in self.bad:
                     continue
                 try:
-                    samples.append(self._views(entry))
+                    samples += self._view_sets(entry, candidate)
                     break
                 except (av.error.FFmpegError, ValueError) as err:
                     # Same policy as the DALI loader: report and take the position's next spare. The
@@ -129,21 +130,25 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         batch.update(failed=failed, replaced=replaced, data_step=(self.epoch, step))
         return batch
 
-    def _views(self, entry) -> dict[str, Any]:
+    def _view_sets(self, entry, sample_id: int) -> list[dict[str, Any]]:
+        """The video decoded once (the union of its view-sets' frames), and each of its
+        ``data.repeats`` view-sets as one row."""
         ld = self.loader
         meta = self.reader.read_meta(entry)
         plan: SamplePlan = plan_sample(ld.cfg, ld.views, seed=ld.position.seed, epoch=self.epoch, key=meta["key"],
                                        num_frames=int(meta["num_frames"]), fps=float(meta.get("fps", 30)),
                                        width=int(meta["width"]), height=int(meta["height"]))
         decoded = decode_frames(self.reader.read_video(entry), plan.frames)
-        out: dict[str, Any] = {}
-        for view in ld.views:
-            frames = decoded[torch.from_numpy(plan.positions[view.slot]).long()]
-            out[view.name] = make_view(frames, plan.params[view.name], view, self.mean, self.std,
-                                       ld.cfg.augment.solarize_threshold).to(torch_dtype(ld.cfg.dtype))
-        out["label"] = int(meta.get("label", -1))
-        out["key"] = meta["key"]
-        return out
+        rows = []
+        for repeat, view_set in enumerate(plan.view_sets):
+            out: dict[str, Any] = {}
+            for view in ld.views:
+                frames = decoded[torch.from_numpy(view_set.positions[view.slot]).long()]
+                out[view.name] = make_view(frames, view_set.params[view.name], view, self.mean, self.std,
+                                           ld.cfg.augment.solarize_threshold).to(torch_dtype(ld.cfg.dtype))
+            out.update(label=int(meta.get("label", -1)), key=meta["key"], video_id=sample_id, repeat=repeat)
+            rows.append(out)
+        return rows
 
 
 def _worker_init(_: int) -> None:

@@ -350,7 +350,11 @@ class Trainer:
         student_out = self.engine(student_views)
         # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy to undo
         objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
-        loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=float(self.schedules.teacher_temp[s]))
+        video_ids = batch.get("video_id")
+        if video_ids is not None:
+            video_ids = torch.as_tensor(video_ids, dtype=torch.long).to(self.dist.device)
+        loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=float(self.schedules.teacher_temp[s]),
+                                       video_ids=video_ids)
         # one all-reduce carries the loss terms and the non-finite flag of every rank
         names = ["loss", *terms]
         packed = torch.stack([loss.detach().float(), *[v.detach().float() for v in terms.values()]])
