@@ -137,7 +137,9 @@ def test_h264_shards(tmp_path, device):
 @pytest.mark.parametrize("device", DATA_DEVICES)
 def test_corrupt_and_truncated_samples_are_replaced_and_reported(tmp_path, device):
     """An undecodable and a truncated member (the decoder stops early and pads): the same
-    frames_check and spares on both devices, and the delivered views hold only real frames."""
+    frames_check and spares on both devices, and the delivered views hold only real frames. The
+    check runs with the guard copy of the last frame (graph.py's ``frames_guard``: NVDEC may leave a
+    slot unwritten), on ``mixed`` by default and forced on ``cpu``: the same graph on both."""
     videos = index_videos(tmp_path / "media", [30, 40, 50, 60], width=WIDTH, height=HEIGHT)
     videos.insert(1, FixtureVideo("broken", videos[0].path, raw=b"\x1aE\xdf\xa3 this is not a video" * 50))
     cut = videos[4].path.read_bytes()
@@ -146,6 +148,8 @@ def test_corrupt_and_truncated_samples_are_replaced_and_reported(tmp_path, devic
                           meta_override={"broken": {"num_frames": 30}})
     cfg = config(shards, device, recipe="lstcl", shuffle=False)
     loader = build_loader(cfg, batch_size=2, seed=0)
+    assert loader.frames_guard == (device == "mixed")
+    loader.frames_guard = True
     batches = list(loader)
     steps = [batch["key"] for batch in batches]
     assert [len(k) for k in steps] == [2, 2, 2]
@@ -201,3 +205,109 @@ def test_bench_data(gpu_shards, tmp_path, device):
                            "--batch-size", "2", "--warmup", "1", "--batches", "1", "--rounds", "1",
                            "--threads", "2", "--out", str(out)]) == 0
     assert out.is_file()
+
+
+def test_frames_check_guard_flags_a_slot_the_decoder_never_wrote():
+    """graph.frames_check with the guard copy: a sentinel last frame gives 0 (padded), two identical
+    real copies give their distance from the sentinel, two differing copies (stale memory in a slot
+    NVDEC never wrote) give 0; without the guard only the sentinel counts."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    from pipelines.graph import MISSING_FILL, frames_check
+
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 200, (4, 6, 3), dtype=np.uint8)
+    stale = rng.integers(0, 200, (4, 6, 3), dtype=np.uint8)
+    sentinel = np.broadcast_to(np.array(MISSING_FILL, np.uint8), (4, 6, 3))
+    videos = [np.stack([real, real, real]), np.stack([real, sentinel, sentinel]), np.stack([real, real, stale])]
+
+    @pipeline_def(batch_size=len(videos), num_threads=1, device_id=None)
+    def check(guarded):
+        video = fn.external_source(source=lambda: videos, batch=True, layout="FHWC")
+        return frames_check(video, guarded)
+
+    results = {}
+    for guarded in (False, True):
+        pipe = check(guarded)
+        pipe.build()
+        (out,) = pipe.run()
+        results[guarded] = [int(np.asarray(out[i])) for i in range(len(videos))]
+    assert results[True][0] > 0 and results[True][1] == 0 and results[True][2] == 0
+    assert results[False][0] > 0 and results[False][1] == 0 and results[False][2] > 0  # stale passes unguarded
+
+
+@pytest.fixture(scope="module")
+def damaged_gpu_shards(tmp_path_factory):
+    """Steps of 2 (no shuffle): [idx000, broken], [idx001, cut], [idx002, idx003]."""
+    root = tmp_path_factory.mktemp("damaged_gpu")
+    videos = index_videos(root / "media", [30, 40, 50, 60], width=WIDTH, height=HEIGHT)
+    videos.insert(1, FixtureVideo("broken", videos[0].path, raw=b"\x1aE\xdf\xa3 this is not a video" * 50))
+    cut = videos[4].path.read_bytes()
+    videos.insert(3, FixtureVideo("cut", videos[4].path, raw=cut[:int(len(cut) * 0.3)]))
+    return write_shards(root / "shards", videos, per_shard=2, meta_override={"broken": {"num_frames": 30}})
+
+
+# (where the hook raises, on which keys, the error text): a CUDA out-of-memory while a batch is fed,
+# NVDEC's session failure while a sample is decoded alone to find a corrupt one, a device error while
+# a spare is decoded, and an error nothing explains (every sample in flight decodes alone)
+INJECTED = {
+    "batch": ("batch", "idx002", "CUDA error: out of memory (tried to allocate 2.00 GiB)"),
+    "alone": ("alone", "idx000", "CUDA driver API error CUDA_ERROR_OUT_OF_MEMORY (2): cuvidCreateDecoder "
+                                 "failed: NVDEC session limit reached"),
+    "spare": ("spare", None, "NvDecoder: cuvidMapVideoFrame failed: CUDA_ERROR_LAUNCH_FAILED"),
+    "unexplained": ("batch", "idx002", "something no sample explains"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INJECTED))
+@pytest.mark.parametrize("device", DATA_DEVICES)
+def test_device_errors_stop_the_run_and_mark_nothing_bad(damaged_gpu_shards, device, case):
+    """Only data errors make a sample bad. A device error raised from the decoder feed (a real
+    RuntimeError through a real pipe.run(), injected by the loader's feed_hook) stops the iteration
+    with one line, and the position holds no key the error touched; the data errors around it (the
+    undecodable and the truncated member) are still found."""
+    from common.errors import error_line
+    from pipelines.decode_errors import DecoderDeviceError
+
+    where, key, text = INJECTED[case]
+    cfg = config(damaged_gpu_shards, device, recipe="lstcl", shuffle=False)
+    loader = build_loader(cfg, batch_size=2, seed=0)
+
+    def hook(keys, stage):
+        if stage == where and (key is None or key in keys):
+            raise RuntimeError(text)
+
+    loader.feed_hook = hook
+    delivered = []
+    with pytest.raises(DecoderDeviceError) as caught:
+        for batch in loader:
+            delivered.append(batch["key"])
+    line = error_line(caught.value)
+    assert "\n" not in line and "no sample was marked bad" in line and str(damaged_gpu_shards) in line
+    assert text.split(":")[0] in line
+    assert isinstance(caught.value, OSError)  # the command lines print it as one `error:` line, exit 2
+    bad = set(loader.state_dict()["bad_keys"])
+    assert bad <= {"broken", "cut"}, bad
+    if key is not None:
+        assert key not in bad
+    if case in ("batch", "unexplained", "spare"):
+        assert "broken" in bad  # the real corrupt sample before the failure was still found and replaced
+    if case == "unexplained":
+        assert "every sample in flight decodes on its own" in line
+
+
+def test_decode_error_kinds():
+    """Device markers win over data markers; only what the decoder said counts, not the pipeline
+    definition's traceback DALI puts before it."""
+    from pipelines.decode_errors import decode_error_kind
+
+    wrap = ('Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.video`,\nwhich was used '
+            'in the pipeline definition with the following traceback:\n\n  File "/home/cuda_user/pipelines/'
+            'graph.py", line 56\n\nencountered:\n\n{}\nC++ context: [/opt/dali/dali/operators/video/x.cc:1]')
+    assert decode_error_kind(RuntimeError(wrap.format('Assert on "frames_decoders_[s]->IsValid()" failed: Failed '
+                                                      'to create video decoder for "memory file"'))) == "data"
+    assert decode_error_kind(RuntimeError(wrap.format("CUDA error: out of memory"))) == "device"
+    assert decode_error_kind(RuntimeError(wrap.format("Failed to create video decoder for x: CUDA_ERROR_"
+                                                      "OUT_OF_MEMORY"))) == "device"
+    assert decode_error_kind(RuntimeError(wrap.format("Current pipeline object is no longer valid"))) == "unknown"
