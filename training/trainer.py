@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from common.precision import torch_dtype
 from common.seeding import seed_all
-from objectives.schedules import cosine_schedule
+from objectives.schedules import cosine_schedule, epoch_lr
 from pipelines.protocol import Loader
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
@@ -33,7 +33,7 @@ from training.methods import SSLMethod
 from training.metrics import MetricsWriter, read_metrics, summarize, truncate_jsonl
 from training.teacher import EMATeacher
 
-__all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
+__all__ = ["Trainer", "Schedules", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,20 +70,6 @@ class Schedules:
                                          warmup_start=o.warmup_teacher_temp),
             freeze_last_layer_steps=int(round(opt.freeze_last_layer_epochs * steps_per_epoch)),
         )
-
-
-def epoch_lr(schedule: str, lr: float, epoch: int, epochs: float, milestones=(), gamma: float = 0.1) -> float:
-    """lr of ``epoch`` (0-based) for the per-epoch schedules of the fine-tuning protocols.
-
-    ``multistep``: ``lr * gamma ** (milestones <= epoch)`` (TimeSformer's / SVT's fine-tuning);
-    ``cosine_epochs``: cosine from ``lr`` to 0 over ``epochs``, as the official SVT / DINO
-    eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)`` stepped once per epoch.
-    """
-    if schedule == "cosine_epochs":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    if schedule == "multistep":
-        return lr * gamma ** sum(epoch >= m for m in milestones)
-    raise ValueError(f"epoch_lr: schedule must be multistep or cosine_epochs, got {schedule!r}")
 
 
 class _EpochIterator:
