@@ -76,8 +76,8 @@ def _read_folder(folder: Path) -> dict:
         return consolidated_weights(folder)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{folder}: incomplete checkpoint ({error.filename} missing)") from None
-    except KeyError as error:
-        raise ValueError(f"{folder}: the checkpoint records no {error}, which train.py's checkpoints hold") from None
+    except ValueError:  # a file without a key the trainer writes: the message names the file and the key
+        raise
     except Exception as error:
         raise ValueError(f"{folder}: cannot read checkpoint ({type(error).__name__}: {error})") from error
 

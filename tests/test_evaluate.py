@@ -256,3 +256,12 @@ def test_the_backbone_prefix_is_read_from_the_export_not_guessed(tmp_path):
     torch.save(payload, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="old.pt: the export records no backbone_prefix"):
         load_backbone(str(tmp_path / "old.pt"), which="student")
+
+
+def test_a_checkpoint_file_without_a_key_the_trainer_writes_names_the_file_and_the_key(tmp_path):
+    folder = tmp_path / "checkpoints" / "step_00000001"
+    folder.mkdir(parents=True)
+    torch.save({"step": 1, "epoch": 0}, folder / "trainer.pt")
+    torch.save({}, folder / "portable.pt")
+    with pytest.raises(ValueError, match=r"step_00000001/trainer\.pt: no 'nonfinite_skipped'; not a checkpoint file"):
+        load_backbone(str(folder))

@@ -199,7 +199,7 @@ class Trainer:
                                                           precision=self.cfg.trainer.precision)
         self.step = trainer_state["step"]
         self.epoch = trainer_state["epoch"]
-        self.nonfinite_skipped = trainer_state.get("nonfinite_skipped", 0)
+        self.nonfinite_skipped = trainer_state["nonfinite_skipped"]
         if self.teacher is not None:
             self.teacher.load_state_dict(trainer_state["teacher"])
         self.method.objective.load_state_dict(trainer_state["objective"], strict=True)
