@@ -14,9 +14,9 @@ import torch
 from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, frame_indices,
                               index_videos, write_shards)
 
+from footage import write_synthetic_video
 from pipelines import DataConfig, build_loader
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig
-from shard_tools.media import write_synthetic_video
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device='mixed', NVDEC)")
 

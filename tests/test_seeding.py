@@ -11,7 +11,7 @@ from common.seeding import derive_seed, seed_all, seed_sequence
 
 
 def test_derived_seeds_never_collide_over_a_rank_step_grid():
-    # the trainer's old seed + 1000 * rank + step: rank 0 at step 1000 replays rank 1 at step 0
+    # the naive seed + 1000 * rank + step: rank 0 at step 1000 replays rank 1 at step 0
     assert 0 + 1000 * 0 + 1000 == 0 + 1000 * 1 + 0
     grid = [(rank, step) for rank in range(64) for step in range(1024)]
     seeds = {derive_seed(0, rank, step) for rank, step in grid}
