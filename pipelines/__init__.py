@@ -6,10 +6,11 @@ Public entry points: ``DataConfig`` (typed config) and ``build_loader`` (DALI or
 from __future__ import annotations
 
 from .config import DataConfig
+from .protocol import Loader
 
 
 def build_loader(cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
-                 seed: int = 0, loader: str = "dali"):
+                 seed: int = 0, loader: str = "dali") -> Loader:
     """Loader yielding ``{view_name: (B, C, T, H, W), "label": (B,), "key": [str]}`` per step.
 
     Args:
@@ -29,4 +30,4 @@ def build_loader(cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_sha
     raise ValueError(f"loader must be 'dali' or 'baseline', got {loader!r}")
 
 
-__all__ = ["DataConfig", "build_loader"]
+__all__ = ["DataConfig", "Loader", "build_loader"]

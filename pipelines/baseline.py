@@ -5,14 +5,13 @@ shards, draws the same per-sample plans and view parameters (``views.plan_sample
 and key give the same frames, crop boxes, flips and colour factors), decodes each video once with
 PyAV (up to the last needed frame) and builds every view with torchvision's functional ops.
 It reads the same shards in the same global order (``order.GlobalOrder``, one positioned read per
-member) with the DALI loader's position, spares and resume (``order.position_state``): a resume
-starts at the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps.
+member) with the DALI loader's spares and its position (``position.Position``): a resume starts at
+the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import math
 from typing import Any, Iterator
 
@@ -21,15 +20,15 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from einops import rearrange
-from typed_config import torch_dtype
+from common.precision import torch_dtype
 
 from .config import DataConfig
-from .order import (MemberReader, _parse_meta, build_order, load_position, merge_positions, position_state,
-                    read_sample_index, read_shard_set, record_replacement)
+from .member_reads import MemberReader
+from .order import build_order
+from .position import Position
+from .shard_index import read_sample_index, read_shard_set
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
-
-log = logging.getLogger(__name__)
 
 
 def decode_frames(data: bytes, frames: np.ndarray) -> torch.Tensor:
@@ -98,18 +97,19 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         self.reader = MemberReader()
-        self.bad = dict(ld.bad_keys)
+        self.bad = dict(ld.position.bad_keys)
         self.mean = torch.tensor(ld.cfg.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(ld.cfg.std).view(1, 3, 1, 1)
-        for step in range(self.start + worker_id, ld.order.steps, num_workers):
+        for step in range(self.start + worker_id, len(ld), num_workers):
             yield self._step(step)
 
     def _step(self, step: int) -> dict[str, Any]:
         ld = self.loader
+        order = ld.position.order
         samples, failed, replaced = [], [], []
-        for position in ld.order.positions(step, ld.shard_id, ld.num_shards):
-            own = ld.order.sample_at(self.epoch, position)
-            for candidate in ld.order.candidates(self.epoch, position):
+        for position in order.positions(step, ld.shard_id, ld.num_shards):
+            own = order.sample_at(self.epoch, position)
+            for candidate in order.candidates(self.epoch, position):
                 entry = ld.index[candidate]
                 if entry.key in self.bad:
                     continue
@@ -133,11 +133,11 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
 
     def _views(self, entry) -> dict[str, Any]:
         ld = self.loader
-        meta = _parse_meta(self.reader.read(entry.shard, entry.meta), entry.shard)
-        plan: SamplePlan = plan_sample(ld.cfg, ld.views, seed=ld.seed, epoch=self.epoch, key=meta["key"],
+        meta = self.reader.read_meta(entry)
+        plan: SamplePlan = plan_sample(ld.cfg, ld.views, seed=ld.position.seed, epoch=self.epoch, key=meta["key"],
                                        num_frames=int(meta["num_frames"]), fps=float(meta.get("fps", 30)),
                                        width=int(meta["width"]), height=int(meta["height"]))
-        decoded = decode_frames(self.reader.read(entry.shard, entry.video), plan.frames)
+        decoded = decode_frames(self.reader.read_video(entry), plan.frames)
         out: dict[str, Any] = {}
         for view in ld.views:
             frames = decoded[torch.from_numpy(plan.positions[view.slot]).long()]
@@ -158,42 +158,34 @@ class BaselineLoader:
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
         self.cfg, self.batch_size = cfg, batch_size
-        self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
+        self.shard_id, self.num_shards = shard_id, num_shards
         self.shards = read_shard_set(cfg.shards)
         self.index = read_sample_index(self.shards.paths, self.shards.index_paths, self.shards.num_samples)
-        self.order = build_order(cfg, self.shards, batch_size * num_shards, seed)
+        self.position = Position(build_order(cfg, self.shards, batch_size * num_shards, seed), batch_size,
+                                 num_shards)
+        self.stats = self.position.stats
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
-        self.epoch = 0
-        self._step = 0
-        self._restored = False
-        self.bad_keys: dict[str, str] = {}
-        self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "replacements": []}
 
+    # ----------------------------------------------------------------- position (pipelines.protocol.Loader)
     def __len__(self) -> int:
-        return self.order.steps
+        return self.position.order.steps
 
     def set_epoch(self, epoch: int) -> None:
-        if self._restored and epoch == self.epoch:
-            return
-        self._restored = False
-        self.epoch, self._step = epoch, 0
+        self.position.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return position_state(self)
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_position(self, state)
+        self.position.load_state_dict(state)
 
-    @staticmethod
-    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-        return merge_positions(states)
+    merge_states = staticmethod(Position.merge_states)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = self.epoch
-        self._restored = False
+        epoch, start = self.position.start()
         loader = torch.utils.data.DataLoader(
-            _BaselineDataset(self, epoch, self._step), batch_size=None,
+            _BaselineDataset(self, epoch, start), batch_size=None,
             num_workers=self.cfg.num_threads, worker_init_fn=_worker_init,
             # forkserver: workers must not inherit a parent's running threads (a DALI pipeline's,
             # torch's): fork() with them alive deadlocked a worker in the tests.
@@ -201,12 +193,9 @@ class BaselineLoader:
         for batch in loader:
             step = batch["data_step"][1]
             for failed in batch.pop("failed"):
-                self.bad_keys[failed["key"]] = failed["shard"]
-                self.stats["decode_failures"] += 1
-                self.stats["skipped_keys"].append({"key": failed["key"], "shard": failed["shard"]})
-                log.warning("baseline: bad sample %s of %s: %s", failed["key"], failed["shard"], failed["reason"])
+                self.position.record_bad(failed["key"], failed["shard"], failed["reason"])
             for r in batch.pop("replaced"):
-                record_replacement(self, epoch, step, r["position"], r["key"], r["shard"], r["spare"])
-            self._step = step + 1
+                self.position.record_replacement(epoch, step, r["position"], r["key"], r["shard"], r["spare"])
+            self.position.delivered(step)
             yield batch
-        self.epoch, self._step = epoch + 1, 0
+        self.position.finish(epoch)

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from typed_config import PRECISIONS, dataclass_from_dict, precision_name
+from common.precision import PRECISIONS, precision_name
+from common.typed_config import dataclass_from_dict
 
 RECIPES = ("svt", "lstcl", "eval")
 DEVICES = ("cpu", "mixed", "auto")

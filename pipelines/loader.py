@@ -2,13 +2,14 @@
 
 Data flow per step: this module takes the rank's slice of the data step from the global order
 (``order.GlobalOrder``: a seeded permutation per epoch, independent of the world size), reads each
-sample's json and video with one positioned read per member (offsets from the DALI ``.idx``), draws
-its plan (``views.plan_sample``) and feeds the views pipeline through its external source; the views
-pipeline decodes each video once and emits every view.
+sample's json and video with one positioned read per member (``member_reads``, offsets from the DALI
+``.idx``), draws its plan (``views.plan_sample``) and feeds the views pipeline through its external
+source; the views pipeline decodes each video once and emits every view.
 
-Position: ``(epoch, data step)`` plus the keys found bad so far -- the same value on every rank, so
-a run saved on W ranks resumes on any W' that divides the global batch, at the next data step, with
-the same samples. Plans depend only on (seed, epoch, key).
+Position (``position.Position``, shared with the baseline loader): ``(epoch, data step)`` plus the
+keys found bad so far -- the same value on every rank, so a run saved on W ranks resumes on any W'
+that divides the global batch, at the next data step, with the same samples. Plans depend only on
+(seed, epoch, key).
 
 Bad samples keep batch sizes fixed: each is replaced by the first readable spare of its position
 (``GlobalOrder.spare_candidates``), logged with key, shard and step, counted, and its key kept in
@@ -24,7 +25,6 @@ goes through a one-sample views pipeline and is put in its place.
 from __future__ import annotations
 
 import collections
-import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -32,16 +32,16 @@ import numpy as np
 import nvidia.dali.types as types
 import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
-from typed_config import torch_dtype
+from common.precision import torch_dtype
 
 from .config import DataConfig
 from .graph import decode_only_pipeline, views_pipeline
-from .order import (GlobalOrder, IndexedSample, MemberReader, ShardSet, _parse_meta, build_order,  # noqa: F401 (re-exported)
-                    load_position, merge_positions, position_state, read_sample_index, read_shard_set,
-                    record_replacement)
+from .member_reads import MemberReader
+from .order import build_order
+from .position import Position
+from .shard_index import IndexedSample, ShardSet, read_sample_index, read_shard_set
 from .views import SamplePlan, plan_sample, recipe_views
 
-log = logging.getLogger(__name__)
 
 # DALI has no bfloat16: a bf16 recipe's graph emits float16 (half the bytes of float32, and its 10-bit
 # mantissa holds every bf16 value of a normalized pixel), converted once to torch_dtype(cfg.dtype).
@@ -131,61 +131,48 @@ class DALILoader:
             raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
         self.cfg = cfg
         self.batch_size = batch_size
-        self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
+        self.shard_id, self.num_shards = shard_id, num_shards
         self.shards = read_shard_set(cfg.shards)
         self.device = resolve_device(cfg.device)
         check_codec(self.shards, self.device)
         self.min_side = decoder_min_side(self.device, self.shards.codec)
         self.index: list[IndexedSample] = read_sample_index(self.shards.paths, self.shards.index_paths,
                                                             self.shards.num_samples)
-        self.order = build_order(cfg, self.shards, batch_size * num_shards, seed)
+        self.position = Position(build_order(cfg, self.shards, batch_size * num_shards, seed), batch_size,
+                                 num_shards)
+        self.stats = self.position.stats
+        self.stats["pipeline_rebuilds"] = 0
         self.reader = MemberReader()
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
         self.slots = list(dict.fromkeys(v.slot for v in self.views))
-        self.epoch = 0
-        self._step = 0                       # next data step of self.epoch
-        self._restored = False
-        self.bad_keys: dict[str, str] = {}   # key -> shard, found bad on any rank so far
-        self.stats: dict[str, Any] = {"decode_failures": 0, "skipped_keys": [], "replacements": [],
-                                      "pipeline_rebuilds": 0}
 
-    # ----------------------------------------------------------------- position
-    def steps_in_epoch(self, epoch: int = 0) -> int:
-        return self.order.steps
-
+    # ----------------------------------------------------------------- position (pipelines.protocol.Loader)
     def __len__(self) -> int:
-        return self.order.steps
+        return self.position.order.steps
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` on the next iteration (a new permutation, new plans)."""
-        if self._restored and epoch == self.epoch:
-            return  # a restored position inside this epoch: keep it (trainers call set_epoch each epoch)
-        self._restored = False
-        self.epoch, self._step = epoch, 0
+        self.position.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last delivered batch: picklable, the same on every rank."""
-        return position_state(self)
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_position(self, state)
+        self.position.load_state_dict(state)
 
-    @staticmethod
-    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-        return merge_positions(states)
+    merge_states = staticmethod(Position.merge_states)
 
     # ----------------------------------------------------------------- samples
     def _read(self, sample_id: int, position: int, epoch: int) -> _Sample:
         entry = self.index[sample_id]
-        record = _parse_meta(self.reader.read(entry.shard, entry.meta), entry.shard)
+        record = self.reader.read_meta(entry)
         if record["key"] != entry.key:
             raise ValueError(f"{entry.shard}: member {entry.key}.json names key {record['key']!r}")
         if min(int(record["width"]), int(record["height"])) < self.min_side:
             raise UnusableSample(f"{record['width']}x{record['height']} is below the decoder's minimum side "
                                  f"{self.min_side} (NVDEC, VP9); shard with --min-side {self.min_side}")
-        encoded = np.frombuffer(self.reader.read(entry.shard, entry.video), dtype=np.uint8)
-        plan = plan_sample(self.cfg, self.views, seed=self.seed, epoch=epoch, key=entry.key,
+        encoded = np.frombuffer(self.reader.read_video(entry), dtype=np.uint8)
+        plan = plan_sample(self.cfg, self.views, seed=self.position.seed, epoch=epoch, key=entry.key,
                            num_frames=int(record["num_frames"]), fps=float(record.get("fps", 30.0)),
                            width=int(record["width"]), height=int(record["height"]))
         return _Sample(position, entry.key, entry.shard, int(record.get("label", -1)), encoded, plan)
@@ -193,19 +180,20 @@ class DALILoader:
     def _sample_at(self, epoch: int, step: int, position: int) -> _Sample:
         """The sample at ``position``, or its first spare not known to be bad (the replacement is
         logged and counted)."""
-        own = self.order.sample_at(epoch, position)
-        for candidate in self.order.candidates(epoch, position):
+        order = self.position.order
+        own = order.sample_at(epoch, position)
+        for candidate in order.candidates(epoch, position):
             entry = self.index[candidate]
-            if entry.key in self.bad_keys:
+            if entry.key in self.position.bad_keys:
                 continue
             try:
                 sample = self._read(candidate, position, epoch)
             except UnusableSample as err:
-                self._report_bad(entry.key, entry.shard, str(err))
+                self.position.record_bad(entry.key, entry.shard, str(err))
                 continue
             if candidate != own:
                 first = self.index[own]
-                record_replacement(self, epoch, step, position, first.key, first.shard, entry.key)
+                self.position.record_replacement(epoch, step, position, first.key, first.shard, entry.key)
             return sample
         raise RuntimeError(f"{self.cfg.shards}: every sample is bad, no spare left")
 
@@ -220,12 +208,6 @@ class DALILoader:
         while feeder.next_step < feeder.steps:
             yield feeder._read()
 
-    def _report_bad(self, key: str, shard: str, reason: str) -> None:
-        self.bad_keys[key] = shard
-        self.stats["decode_failures"] += 1
-        self.stats["skipped_keys"].append({"key": key, "shard": shard})
-        log.warning("bad sample %s of %s: %s", key, shard, reason)
-
     # ----------------------------------------------------------------- pipelines
     def _device_id(self) -> int | None:
         return torch.cuda.current_device() if self.device == "mixed" else None
@@ -234,17 +216,16 @@ class DALILoader:
         pipe = views_pipeline(
             source, self.views, self.slots, self.device, self.cfg.augment, tuple(self.cfg.mean),
             tuple(self.cfg.std), DALI_OUTPUT_DTYPE[self.cfg.dtype], batch_size=batch_size or self.batch_size,
-            num_threads=self.cfg.num_threads, device_id=self._device_id(), seed=self.seed,
+            num_threads=self.cfg.num_threads, device_id=self._device_id(), seed=self.position.seed,
             prefetch_queue_depth=prefetch or self.cfg.prefetch, exec_dynamic=True)
         pipe.build()
         return pipe
 
     # ----------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch, start = self.epoch, self._step
-        self._restored = False
+        epoch, start = self.position.start()
         feeder = _Feeder(self, epoch, start)
-        pipe = self._build_views(feeder) if start < self.order.steps else None
+        pipe = self._build_views(feeder) if start < len(self) else None
         while pipe is not None:
             try:
                 outputs = pipe.run()
@@ -258,10 +239,9 @@ class DALILoader:
             batch = feeder.delivered()
             out = self._to_torch(outputs[:-1], batch)
             self._repair(out, outputs[-1], batch, epoch)
-            self._step = batch.step + 1
+            self.position.delivered(batch.step)
             yield out
-        # A completed epoch moves the position to the start of the next one.
-        self.epoch, self._step = epoch + 1, 0
+        self.position.finish(epoch)
 
     def _repair(self, out: dict[str, Any], check, batch: _Batch, epoch: int) -> None:
         """Replace the samples whose decode lacked planned frames (``frames_check`` 0) by spares."""
@@ -271,7 +251,7 @@ class DALILoader:
                 out[name] = out[name].clone()   # DALI's output memory: write into a copy
         for i in missing:
             bad = batch.samples[i]
-            self._report_bad(bad.key, bad.shard, f"the decoder delivered fewer real frames than the plan "
+            self.position.record_bad(bad.key, bad.shard, f"the decoder delivered fewer real frames than the plan "
                                                  f"needs (frame {int(bad.plan.frames[-1])})")
             spare, views = self._decode_spare(epoch, batch.step, bad.position)
             batch.samples[i] = spare
@@ -289,12 +269,12 @@ class DALILoader:
             try:
                 outputs = pipe.run()
             except RuntimeError:
-                self._report_bad(sample.key, sample.shard, "the video decoder cannot read it")
+                self.position.record_bad(sample.key, sample.shard, "the video decoder cannot read it")
                 continue
             finally:
                 del pipe
             if self._frames_check(outputs[-1]).min() == 0:
-                self._report_bad(sample.key, sample.shard, "the decoder delivered fewer real frames than the "
+                self.position.record_bad(sample.key, sample.shard, "the decoder delivered fewer real frames than the "
                                                            "plan needs")
                 continue
             return sample, self._to_torch(outputs[:-1], one)
@@ -319,7 +299,7 @@ class DALILoader:
             out[view.name] = tensor.to(torch_dtype(self.cfg.dtype))
         out["label"] = torch.tensor([s.label for s in batch.samples], dtype=torch.long)
         out["key"] = batch.keys
-        out["data_step"] = (self.epoch, batch.step)
+        out["data_step"] = (self.position.epoch, batch.step)
         return out
 
 
@@ -352,7 +332,7 @@ class _Feeder:
         self.loader = loader
         self.epoch = epoch
         self.next_step = start_step
-        self.steps = loader.order.steps
+        self.steps = len(loader)
         self.in_flight: collections.deque[_Batch] = collections.deque()
         self.replay: collections.deque[_Batch] = collections.deque()
 
@@ -367,7 +347,7 @@ class _Feeder:
         step = self.next_step
         self.next_step += 1
         ld = self.loader
-        positions = ld.order.positions(step, ld.shard_id, ld.num_shards)
+        positions = ld.position.order.positions(step, ld.shard_id, ld.num_shards)
         return _Batch(step, [ld._sample_at(self.epoch, step, p) for p in positions])
 
     def _feed(self, batch: _Batch):
@@ -385,10 +365,11 @@ class _Feeder:
         found = False
         for batch in pending:
             for i, sample in enumerate(batch.samples):
-                if sample.key in ld.bad_keys or not _decodes(sample.encoded, sample.plan.frames, ld.device,
-                                                             ld._device_id()):
-                    if sample.key not in ld.bad_keys:
-                        ld._report_bad(sample.key, sample.shard, "the video decoder cannot read it")
+                bad_keys = ld.position.bad_keys
+                if sample.key in bad_keys or not _decodes(sample.encoded, sample.plan.frames, ld.device,
+                                                          ld._device_id()):
+                    if sample.key not in bad_keys:
+                        ld.position.record_bad(sample.key, sample.shard, "the video decoder cannot read it")
                         found = True
                     batch.samples[i] = ld._sample_at(self.epoch, batch.step, sample.position)
         if not found:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import av
 
+from common.typed_config import dataclass_from_dict
 from shard_tools.sources import VideoInput
 
 QUARANTINE_REASONS = ("missing", "zero bytes", "unreadable", "not a video", "no video stream", "truncated",
@@ -104,15 +105,8 @@ class EncodeSettings:
 
     @classmethod
     def from_dict(cls, raw: dict, prefix: str = "encode") -> "EncodeSettings":
-        """Strict construction from plain data (a manifest's ``encode`` entry, YAML) by ``typed_config``:
-        unknown keys and values of the wrong type are errors naming ``prefix.key``.
-
-        ``typed_config`` is imported here, not with the module: Ray ships only the ``shard_tools``
-        package to its workers (``executors.py``, ``py_modules``), and they receive built settings
-        (a pickled frozen dataclass) and never call this.
-        """
-        from typed_config import dataclass_from_dict
-
+        """Strict construction from plain data (a manifest's ``encode`` entry, YAML) by
+        ``common.typed_config``: unknown keys and values of the wrong type are errors naming ``prefix.key``."""
         return dataclass_from_dict(cls, raw, prefix)
 
     def to_dict(self) -> dict:

@@ -105,12 +105,14 @@ def _pool_map(fn, tasks, *, workers: int, max_in_flight: int):
 def _ray_map(fn, tasks, *, workers: int, ray_address: str | None, max_in_flight: int | None):
     import ray  # imported only when asked for: Ray's import alone takes seconds
 
+    import common
     import shard_tools
 
     started_here = not ray.is_initialized()
     if started_here:
-        # Ship this package to the workers (a cluster's nodes need not have the checkout).
-        runtime_env = {"py_modules": [shard_tools]}
+        # Ship these packages to the workers (a cluster's nodes need not have the checkout): shard_tools
+        # and the standard-library helpers it builds on (strict manifest loader, atomic writes).
+        runtime_env = {"py_modules": [shard_tools, common]}
         if ray_address:
             ray.init(address=ray_address, runtime_env=runtime_env, log_to_driver=False)
         else:

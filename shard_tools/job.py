@@ -33,16 +33,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.atomic_io import atomic_write_json, write_jsonl
 from shard_tools import __version__
 from shard_tools.encode import EncodeSettings, preflight, process_video, quarantine_entry
 from shard_tools.executors import map_unordered
 from shard_tools.format import (MANIFEST_NAME, QUARANTINE_NAME, Manifest, QuarantineSummary, ShardEntry,
-                                ShardSize, Totals, atomic_write_bytes, index_file_name, read_manifest,
-                                shard_file_name, write_manifest)
+                                ShardSize, Totals, index_file_name, read_manifest, shard_file_name, write_manifest)
 from shard_tools.journal import WorkJournal
 from shard_tools.sources import SourceListing, VideoInput
-from shard_tools.writer import (PlannedShard, estimate_sample_bytes, plan_shards, sample_members, shard_keys,
-                                write_jsonl, write_shard)
+from shard_tools.writer import PlannedShard, estimate_sample_bytes, plan_shards, sample_members, shard_keys, write_shard
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> Manifest:
                              "inputs; rerun that job or write to a new folder")
     else:
         work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(job_file, json.dumps({"job_fingerprint": fingerprint}).encode())
+        atomic_write_json(job_file, {"job_fingerprint": fingerprint})
     _remove_temporaries(out_dir)
     _remove_temporaries(work_dir)
 

@@ -9,9 +9,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from common.atomic_io import read_jsonl
 from shard_tools.verify import read_shard_samples
 from shard_tools.format import read_manifest
-from shard_tools.writer import read_jsonl
 
 DURATION_EDGES = (0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 60)
 BAR_WIDTH = 40

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import av
 
+from common.atomic_io import read_jsonl
 from shard_tools.format import dali_index_bytes, members_by_sample, read_manifest
 from shard_tools.sources import load_label_map, read_folder, read_kinetics_csv, read_ssv2
-from shard_tools.writer import read_jsonl
 
 MAX_LISTED_PROBLEMS = 50
 

@@ -117,7 +117,7 @@ def test_loader_scale_bench_at_a_tiny_size(tmp_path):
 def test_bench_shard_set_is_the_sharding_jobs(tmp_path):
     """The data benchmark's shard set: copies of one clip written by ``run_shard_job`` (readable by the
     loader), confirmed on a second call, replaced when the size asked for changes."""
-    from pipelines.loader import read_shard_set
+    from pipelines.shard_index import read_shard_set
     from shard_tools.encode import EncodeSettings
     from footage import write_synthetic_video
 

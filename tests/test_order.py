@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.order import GlobalOrder, MemberReader, read_sample_index
+from pipelines.member_reads import MemberReader
+from pipelines.order import GlobalOrder
+from pipelines.shard_index import read_sample_index
 
 
 @st.composite

@@ -20,6 +20,7 @@ from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, f
 from pipelines import DataConfig, build_loader
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig
 from pipelines.loader import NVDEC_VP9_MIN_SIDE, decoder_min_side, resolve_device
+from pipelines.protocol import Loader
 from pipelines.views import plan_sample
 
 torch.set_num_threads(1)
@@ -212,6 +213,26 @@ def test_set_epoch_reshuffles(index_shards):
         loader.set_epoch(epoch)
         orders.append([k for b in loader for k in b["key"]])
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+
+
+@pytest.mark.parametrize("kind", ["dali", "baseline"])
+def test_both_loaders_are_what_the_trainer_relies_on(index_shards, kind):
+    """``pipelines.protocol.Loader`` states what training and evaluation use from a loader; both
+    loaders have every member of it, with the same position semantics."""
+    loader = build_loader(config(index_shards, recipe="lstcl"), batch_size=4, seed=1, loader=kind)
+    assert isinstance(loader, Loader)
+    assert not isinstance(iter([]), Loader)   # the check is not vacuous
+    assert loader.view_names == ["short", "long"] and len(loader) == -(-len(LENGTHS) // 4)
+    assert {"decode_failures", "replacements"} <= set(loader.stats)
+    loader.set_epoch(2)
+    batch = next(iter(loader))
+    assert tuple(batch["data_step"]) == (2, 0) and set(loader.view_names) <= set(batch)
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"]) == (2, 1)
+    other = dict(state, bad_keys={"x": "a.tar"})
+    assert loader.merge_states([state, other])["bad_keys"] == {"x": "a.tar"}
+    loader.load_state_dict(other)
+    assert loader.state_dict() == other
 
 
 def test_corrupt_sample_is_replaced_and_reported(tmp_path, index_shards):

@@ -35,3 +35,14 @@ def test_seed_all_gives_each_rank_and_step_its_own_streams():
     assert len({d for d in draws.values()}) == 3 and len({x for d in draws.values() for x in d}) == 9
     seed_all(0, 1, 0)
     assert (torch.rand(1).item(), float(np.random.rand()), random.random()) == draws[1, 0]
+
+
+def test_seed_all_without_keys_is_the_official_codes_fix_random_seeds():
+    seed_all(31)
+    ours = (torch.rand(1).item(), float(np.random.rand()), random.random())
+    torch.manual_seed(31)  # DINO / SVT utils.fix_random_seeds(31), plus random
+    np.random.seed(31)
+    random.seed(31)
+    assert ours == (torch.rand(1).item(), float(np.random.rand()), random.random())
+    with pytest.raises(ValueError, match=">= 0"):
+        seed_all(-1)

@@ -164,7 +164,7 @@ def test_dali_index_round_trip_and_bad_index(small_job, tmp_path):
 def test_the_loader_takes_paths_from_the_manifest_only(tmp_path, monkeypatch):
     """A folder-prefixed shard path (valid only relative to the working directory) is an error naming the
     manifest, never guessed into place."""
-    from pipelines.order import read_shard_set
+    from pipelines.shard_index import read_shard_set
 
     shards = write_shards(tmp_path / "shards", index_videos(tmp_path / "media", [6, 6]), per_shard=2)
     assert read_shard_set(shards).paths == [str(shards / "test-train-000000.tar")]

@@ -66,9 +66,9 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    from training.metrics import read_jsonl
+    from training.metrics import read_metrics
 
-    return read_jsonl(run_dir / "metrics.jsonl")
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from test_pipelines import damaged
 from train_fixtures import subprocess_env
 
 from training.lineage import read_lineage
-from training.metrics import read_jsonl
+from training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # multi-process runs (make test-fast skips them)
 
@@ -100,7 +100,7 @@ def _train_killed(shards: Path, out: Path, world: int, stage: int, after: int) -
 
 
 def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
 def _assert_continues(reference: Path, resumed: Path, after: int) -> None:

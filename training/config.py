@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.precision import precision_name
+from common.typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections
 from pipelines.config import DataConfig
-from typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections, precision_name
 
 __all__ = [
     "ConfigError",

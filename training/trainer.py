@@ -16,22 +16,22 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.precision import torch_dtype
 from common.seeding import seed_all
 from objectives.schedules import cosine_schedule
+from pipelines.protocol import Loader
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
 from training.engine import DistInfo, _inner_optimizer, build_engine, clip_gradients_per_parameter, set_hyperparameters
 from training.lineage import LineageWriter
 from training.methods import SSLMethod
-from training.metrics import MetricsWriter, read_jsonl, summarize, truncate_jsonl
+from training.metrics import MetricsWriter, read_metrics, summarize, truncate_jsonl
 from training.teacher import EMATeacher
-from typed_config import torch_dtype
 
 __all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
 
@@ -124,14 +124,13 @@ class Trainer:
     Args:
         cfg: the validated recipe.
         method: the SSL method (student, teacher, objective, loss).
-        loader: iterable of per-step dicts of views with ``__len__``, ``state_dict``/``load_state_dict``,
-            ``set_epoch`` and ``stats`` (pipelines contract). Its position is global: the same on
-            every rank and valid for any rank layout (pipelines/order.py), optionally merged over
-            ranks by ``merge_states``.
+        loader: a ``pipelines.protocol.Loader``: per-step dicts of views, ``__len__``, ``set_epoch``,
+            ``state_dict``/``load_state_dict``/``merge_states`` and ``stats``. Its position is global:
+            the same on every rank and valid for any rank layout (pipelines/order.py).
         dist_info: from ``engine.init_distributed``.
     """
 
-    def __init__(self, cfg: Config, method: SSLMethod, loader: Iterable, dist_info: DistInfo) -> None:
+    def __init__(self, cfg: Config, method: SSLMethod, loader: Loader, dist_info: DistInfo) -> None:
         self.cfg = cfg
         self.method = method
         self.loader = loader
@@ -289,7 +288,7 @@ class Trainer:
             if self._optimizer_log is not None:
                 self._optimizer_log.close()
             self.epoch = self._data.epoch
-        summary = summarize(read_jsonl(writer.jsonl_path)) if self.dist.rank == 0 else {}
+        summary = summarize(read_metrics(writer.jsonl_path)) if self.dist.rank == 0 else {}
         summary.update(checkpoint=str(find_latest(self.run_dir / "checkpoints")), tensorboard=str(writer.tb_dir),
                        metrics=str(writer.jsonl_path))
         return summary
