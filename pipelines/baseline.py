@@ -6,7 +6,8 @@ and key give the same frames, crop boxes, flips and colour factors), decodes eac
 PyAV (up to the last needed frame) and builds every view with torchvision's functional ops.
 It reads the same shards in the same global order (``order.GlobalOrder``, one positioned read per
 member) with the DALI loader's spares and its position (``position.Position``): a resume starts at
-the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps.
+the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps. With
+``data.repeats: R`` each video is decoded once and gives R rows (its view-sets), as in the DALI loader.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from common.precision import torch_dtype
 
 from .config import DataConfig
 from .member_reads import MemberReader
-from .order import build_order
-from .position import Position
-from .shard_index import read_sample_index, read_shard_set
+from .position import PositionedLoader
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
 
@@ -114,7 +113,7 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
                 if entry.key in self.bad:
                     continue
                 try:
-                    samples.append(self._views(entry))
+                    samples += self._view_sets(entry, candidate)
                     break
                 except (av.error.FFmpegError, ValueError) as err:
                     # Same policy as the DALI loader: report and take the position's next spare. The
@@ -131,56 +130,40 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         batch.update(failed=failed, replaced=replaced, data_step=(self.epoch, step))
         return batch
 
-    def _views(self, entry) -> dict[str, Any]:
+    def _view_sets(self, entry, sample_id: int) -> list[dict[str, Any]]:
+        """The video decoded once (the union of its view-sets' frames), and each of its
+        ``data.repeats`` view-sets as one row."""
         ld = self.loader
         meta = self.reader.read_meta(entry)
         plan: SamplePlan = plan_sample(ld.cfg, ld.views, seed=ld.position.seed, epoch=self.epoch, key=meta["key"],
                                        num_frames=int(meta["num_frames"]), fps=float(meta.get("fps", 30)),
                                        width=int(meta["width"]), height=int(meta["height"]))
         decoded = decode_frames(self.reader.read_video(entry), plan.frames)
-        out: dict[str, Any] = {}
-        for view in ld.views:
-            frames = decoded[torch.from_numpy(plan.positions[view.slot]).long()]
-            out[view.name] = make_view(frames, plan.params[view.name], view, self.mean, self.std,
-                                       ld.cfg.augment.solarize_threshold).to(torch_dtype(ld.cfg.dtype))
-        out["label"] = int(meta.get("label", -1))
-        out["key"] = meta["key"]
-        return out
+        rows = []
+        for repeat, view_set in enumerate(plan.view_sets):
+            out: dict[str, Any] = {}
+            for view in ld.views:
+                frames = decoded[torch.from_numpy(view_set.positions[view.slot]).long()]
+                out[view.name] = make_view(frames, view_set.params[view.name], view, self.mean, self.std,
+                                           ld.cfg.augment.solarize_threshold).to(torch_dtype(ld.cfg.dtype))
+            out.update(label=int(meta.get("label", -1)), key=meta["key"], video_id=sample_id, repeat=repeat)
+            rows.append(out)
+        return rows
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-class BaselineLoader:
+class BaselineLoader(PositionedLoader):
     """Same interface, order and position as ``DALILoader``; ``cfg.num_threads`` DataLoader workers."""
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
-        self.cfg, self.batch_size = cfg, batch_size
-        self.shard_id, self.num_shards = shard_id, num_shards
-        self.shards = read_shard_set(cfg.shards)
-        self.index = read_sample_index(self.shards.paths, self.shards.index_paths, self.shards.num_samples)
-        self.position = Position(build_order(cfg, self.shards, batch_size * num_shards, seed), batch_size,
-                                 num_shards)
-        self.stats = self.position.stats
+        self._open(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed)
+        self.index = self.shards.sample_index()
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
-
-    # ----------------------------------------------------------------- position (pipelines.protocol.Loader)
-    def __len__(self) -> int:
-        return self.position.order.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.position.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.position.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position.load_state_dict(state)
-
-    merge_states = staticmethod(Position.merge_states)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, start = self.position.start()

@@ -202,12 +202,15 @@ class DataConfig:
         mean, std: the backbone's normalization, in 0..1 units.
         shuffle: each epoch a seeded permutation of every sample (pipelines/order.py); False keeps
             manifest order.
-        shuffle_buffer: unused since the global order (kept so older configs still load).
         block_shards: 0 = full permutation; k > 0 = block shuffle for slow random reads: shard order
             permuted, then samples permuted within windows of k shards (less mixed batches).
         drop_last: drop the partial last global step (its samples become the epoch's spares)
             instead of filling it by wrapping to the start of the epoch's order.
         prefetch: batches the decode pipeline works ahead.
+        repeats: view-sets per video visit (repeated sampling, R). 1 is the papers' setting. R > 1
+            decodes the union of R independent plans' frames once and emits R view-sets, each with its
+            own frames, crops, flips, colour, blur and solarize; a per-rank batch of B view-sets then
+            holds B / R videos (R must divide it), each video's R view-sets next to each other.
     """
 
     shards: str = ""
@@ -218,10 +221,10 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     shuffle: bool = True
-    shuffle_buffer: int = 64
     block_shards: int = 0
     drop_last: bool = False
     prefetch: int = 2
+    repeats: int = 1
     svt: SVTConfig = field(default_factory=SVTConfig)
     lstcl: LSTCLConfig = field(default_factory=LSTCLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -235,8 +238,13 @@ class DataConfig:
         self.dtype = precision_name(self.dtype, "data.dtype", long=True)
         if self.block_shards < 0:
             raise ValueError(f"data.block_shards must be >= 0 (0 = full permutation), got {self.block_shards}")
-        if self.num_threads < 1 or self.prefetch < 1 or self.shuffle_buffer < 1:
-            raise ValueError("data.num_threads, data.prefetch and data.shuffle_buffer must be >= 1")
+        if self.repeats < 1:
+            raise ValueError(f"data.repeats must be >= 1 (view-sets per video visit), got {self.repeats}")
+        if self.repeats > 1 and self.recipe == "eval":
+            raise ValueError(f"data.repeats={self.repeats}: the eval recipe's views are deterministic, so its "
+                             f"repeats would be identical copies; use data.repeats=1")
+        if self.num_threads < 1 or self.prefetch < 1:
+            raise ValueError("data.num_threads and data.prefetch must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"data.mean/std need 3 values with std > 0, got {self.mean}, {self.std}")
 

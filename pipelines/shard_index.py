@@ -69,6 +69,10 @@ class ShardSet:
     def total(self) -> int:
         return sum(self.num_samples)
 
+    def sample_index(self) -> list[IndexedSample]:
+        """Every sample of these shards, in manifest order (``read_sample_index``)."""
+        return read_sample_index(self.paths, self.index_paths, self.num_samples)
+
 
 def read_shard_set(folder: str | os.PathLike) -> ShardSet:
     """The shards ``folder/manifest.json`` lists (``shard_tools.format.read_manifest``: paths relative to

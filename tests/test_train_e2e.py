@@ -24,7 +24,7 @@ TINY_MODEL = ["model.backbone=timesformer_tiny_patch16", "model.backbone_kwargs=
               "model.drop_path_rate=0.0"]
 TINY_TRAINER = ["trainer.batch_size_per_gpu=2", "trainer.ckpt_every_steps=2", "trainer.log_every_steps=1",
                 "trainer.progress_bar=false", "trainer.torch_threads=1", "trainer.dist_timeout_s=300",
-                "optim.lr_reference_batch=0", "optim.warmup_epochs=0", "data.num_threads=1", "data.shuffle_buffer=4"]
+                "optim.lr_reference_batch=0", "optim.warmup_epochs=0", "data.num_threads=1"]
 SVT_TINY = ["data.svt.global_frames=[4, 2]", "data.svt.global_size=32", "data.svt.local_frames=[2, 2]",
             "data.svt.local_size=16", "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16"]
 LSTCL_TINY = ["data.lstcl.size=32", "data.lstcl.short_frames=4", "data.lstcl.short_stride=2",
@@ -159,4 +159,9 @@ def test_bench_e2e_compares_loaders(demo_shards, tmp_path):
     assert [row["loader"] for row in report["rows"]] == ["dali", "baseline"]
     for row in report["rows"]:
         assert row["steps"] == 2 and row["videos_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1
-    assert "steps/s" in result.stdout and "baseline" in result.stdout
+        # collectives and host syncs per optimizer step, counted on every step: none waits in the
+        # micro-batch path, and the trainer reads device values once per step
+        assert row["micro_host_syncs_per_step"] == 0, row["syncs"]["micro"]
+        assert row["syncs"]["step"]["host_sync"]["by_origin"]["training.trainer:tolist"] == 1
+        assert len(row["syncs"]["step"]["collective"]["steps"]) == 3
+    assert "steps/s" in result.stdout and "baseline" in result.stdout and "host syncs/step" in result.stdout

@@ -91,6 +91,9 @@ class ObjectiveConfig:
     pair_set: str = "paper"  # SVT view pairs (objectives.PAIR_SETS): paper | local_to_global | ...
     # MoCo v3 InfoNCE temperature
     temperature: float = 0.2
+    # MoCo v3 with data.repeats > 1: the other view-sets of a query's video are not negatives (their
+    # logits are masked). Our choice (issue 19): they show the same video; false is the ablation.
+    mask_same_video: bool = True
     # EMA teacher / momentum encoder: cosine from momentum_teacher to momentum_teacher_final
     momentum_teacher: float = 0.996
     momentum_teacher_final: float = 1.0
@@ -145,6 +148,9 @@ class TrainerConfig:
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     dist_timeout_s: int = 900
     torch_threads: int = 0  # 0 leaves torch's default
+    # TF32 tensor cores for fp32 matmuls on CUDA (training.engine.configure_matmul_precision: the official
+    # SVT code's PyTorch 1.7-1.11 had them on by default); no effect on CPU
+    tf32: bool = True
     peak_tflops: float = 0.0  # per device, for the MFU estimate; 0 omits MFU
     tensorboard: bool = True
     progress_bar: bool = True
@@ -213,6 +219,9 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         raise ConfigError(f"trainer.loader: must be 'dali' or 'baseline', got {t.loader!r}")
     if t.dist_backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"trainer.dist_backend: must be auto, gloo or nccl, got {t.dist_backend!r}")
+    if t.batch_size_per_gpu % cfg.data.repeats:
+        raise ConfigError(f"data.repeats: {cfg.data.repeats} view-sets per video must divide "
+                          f"trainer.batch_size_per_gpu={t.batch_size_per_gpu} (a rank's batch holds whole videos)")
     if check_data:
         if not cfg.data.shards.strip():
             raise ConfigError("data.shards: empty; set it to a shard folder written by `python -m shard_tools shard`")
