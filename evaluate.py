@@ -9,11 +9,10 @@ fine-tuning protocols, attention maps, the results table.
 """
 import sys
 
-from common.process import setup_process
-
-setup_process()  # before DeepSpeed is imported anywhere
-
-from evaluation.cli import main  # noqa: E402
-
 if __name__ == "__main__":
+    from common.process import setup_process
+
+    setup_process()  # first: importing DeepSpeed reads DS_ACCELERATOR
+    from evaluation.cli import main
+
     sys.exit(main(sys.argv[1:]))

@@ -36,7 +36,7 @@ VIEWS = ["--slow-frames", "4", "--slow-size", "32", "--fast-frames", "8", "--fas
 def make_eval_shards(root: Path, train_per_class: int = 8, val_per_class: int = 4) -> dict[str, Path]:
     """Train and val shards of the two classes, 64x48 VP9, 24-32 frames, one label map."""
     from shard_tools.__main__ import main as shard_main
-    from shard_tools.media import write_synthetic_video
+    from footage import write_synthetic_video
 
     torch.set_num_threads(1)
     label_map = root / "labels.json"

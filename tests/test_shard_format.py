@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from footage import write_synthetic_video
 from pipeline_fixtures import index_videos, write_shards
 from shard_tools import __version__
 from shard_tools.__main__ import main
 from shard_tools.format import (MANIFEST_NAME, Manifest, ManifestError, index_file_name, read_dali_index,
                                 read_manifest, shard_file_name, split_member_name, write_dali_index,
                                 write_manifest)
-from shard_tools.media import write_synthetic_video
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "data" / "manifest_golden.json"
