@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from footage import make_demo_footage
+
 __all__ = ["main", "build_parser"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +46,6 @@ def _ensure_demo_shards(shards: Path) -> None:
     if (shards / "manifest.json").is_file():
         return
     footage = shards.parent / "footage"
-    from training.demo_footage import make_demo_footage
-
     make_demo_footage(footage)
     subprocess.run([sys.executable, "-m", "shard_tools", "shard", "--source", "folder", "--videos", str(footage),
                     "--out", str(shards), "--name", "demo", "--shard-size", "16", "--short-side", "128",

@@ -117,7 +117,7 @@ else:
 FOOTAGE_PY='
 import sys
 from pathlib import Path
-from shard_tools.media import write_synthetic_video
+from footage import write_synthetic_video
 folder, count, frames, width, height = Path(sys.argv[1]), *map(int, sys.argv[2:])
 for i in range(count):
     pattern = ("moving_left", "moving_right")[i % 2]

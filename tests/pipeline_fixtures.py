@@ -17,10 +17,10 @@ import av
 import torch
 import webdataset as wds
 
+from footage import decode_index_color, write_synthetic_video
 from pipelines.views import plan_sample
 from shard_tools.format import (QUARANTINE_NAME, Manifest, QuarantineSummary, ShardEntry, ShardSize, Totals,
                                 index_file_name, read_manifest, shard_file_name, write_manifest)
-from shard_tools.media import decode_index_color, write_synthetic_video
 
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
 
@@ -79,7 +79,7 @@ def write_shards(folder: Path, videos: list[FixtureVideo], *, per_shard: int, co
 
 def index_videos(folder: Path, lengths: list[int], *, width: int = 64, height: int = 48,
                  prefix: str = "idx") -> list[FixtureVideo]:
-    """Videos whose frames encode their own index (shard_tools.media pattern "index")."""
+    """Videos whose frames encode their own index (footage pattern "index")."""
     videos = []
     for i, n in enumerate(lengths):
         path = folder / f"{prefix}{i:03d}.webm"

@@ -21,11 +21,11 @@ import torch
 from pipeline_fixtures import (FixtureVideo, assert_views_hold_planned_frames, frame_indices,
                                index_videos, meta_of, write_shards)
 
+from footage import write_synthetic_video
 from pipelines import DataConfig, build_loader
 from pipelines.config import AugmentConfig, LSTCLConfig, SVTConfig
 from pipelines.loader import NVDEC_VP9_MIN_SIDE
 from pipelines.views import plan_sample
-from shard_tools.media import write_synthetic_video
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (DALI device='mixed' with NVDEC, torch 'cuda')")

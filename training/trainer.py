@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from common.precision import torch_dtype
 from common.seeding import seed_all
-from objectives.schedules import cosine_schedule
+from objectives.schedules import cosine_schedule, epoch_lr
 from pipelines.protocol import Loader
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
@@ -45,7 +45,7 @@ from training.partitions import LocalPartitions, clip_gradients_per_parameter
 from training.sync_counter import SyncCounter
 from training.teacher import EMATeacher, teacher_autocast
 
-__all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
+__all__ = ["Trainer", "Schedules", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,20 +82,6 @@ class Schedules:
                                          warmup_start=o.warmup_teacher_temp),
             freeze_last_layer_steps=int(round(opt.freeze_last_layer_epochs * steps_per_epoch)),
         )
-
-
-def epoch_lr(schedule: str, lr: float, epoch: int, epochs: float, milestones=(), gamma: float = 0.1) -> float:
-    """lr of ``epoch`` (0-based) for the per-epoch schedules of the fine-tuning protocols.
-
-    ``multistep``: ``lr * gamma ** (milestones <= epoch)`` (TimeSformer's / SVT's fine-tuning);
-    ``cosine_epochs``: cosine from ``lr`` to 0 over ``epochs``, as the official SVT / DINO
-    eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)`` stepped once per epoch.
-    """
-    if schedule == "cosine_epochs":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    if schedule == "multistep":
-        return lr * gamma ** sum(epoch >= m for m in milestones)
-    raise ValueError(f"epoch_lr: schedule must be multistep or cosine_epochs, got {schedule!r}")
 
 
 def _object_group():
@@ -264,7 +250,7 @@ class Trainer:
                                                           precision=self.cfg.trainer.precision)
         self.step = trainer_state["step"]
         self.epoch = trainer_state["epoch"]
-        self.nonfinite_skipped = trainer_state.get("nonfinite_skipped", 0)
+        self.nonfinite_skipped = trainer_state["nonfinite_skipped"]
         if self.teacher is not None:
             self.teacher.load_state_dict(trainer_state["teacher"])
         self.method.objective.load_state_dict(trainer_state["objective"], strict=True)
