@@ -30,6 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from footage import make_demo_footage
+from footage.two_class import make_two_class_shards
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -41,7 +44,6 @@ LSTCL = ["objective.name=mocov3", "data.recipe=lstcl", "data.lstcl.short_frames=
 # The kNN set's views for the demo backbone (img_size 64, 8 frames): one centre crop per clip.
 KNN_VIEWS = ["--slow-frames", "8", "--slow-size", "64", "--fast-frames", "8", "--fast-size", "64", "--crops", "1",
              "--batch-size", "4", "--num-threads", "1"]
-KNN_CLASSES = ("moving_left", "index")
 
 
 @dataclass
@@ -115,7 +117,7 @@ def demo_shards(folder: Path) -> Path:
     shards = folder / "shards"
     if not (shards / "manifest.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
-        _run([PY, "-m", "training.demo_footage", str(folder / "footage")], folder / "footage.log")
+        make_demo_footage(folder / "footage")
         _run([PY, "-m", "shard_tools", "shard", "--source", "folder", "--videos", str(folder / "footage"),
               "--out", str(shards), "--name", "demo", "--shard-size", "16", "--short-side", "128", "--workers", "1",
               "--no-progress"], folder / "shard.log")
@@ -123,24 +125,10 @@ def demo_shards(folder: Path) -> Path:
 
 
 def two_class_shards(folder: Path) -> dict[str, Path]:
-    """The evaluation tests' synthetic two-class set (tests/test_evaluate_e2e.py ``make_eval_shards``)."""
-    from shard_tools.media import write_synthetic_video
-
+    """The evaluation tests' synthetic two-class set (``footage.two_class``), built once."""
     shards = {split: folder / "shards" / split for split in ("train", "val")}
-    if all((s / "manifest.json").exists() for s in shards.values()):
-        return shards
-    label_map = folder / "labels.json"
-    folder.mkdir(parents=True, exist_ok=True)
-    label_map.write_text(json.dumps({name: i for i, name in enumerate(KNN_CLASSES)}))
-    for split, per_class in (("train", 8), ("val", 4)):
-        for pattern in KNN_CLASSES:
-            for i in range(per_class):
-                write_synthetic_video(folder / "videos" / split / pattern / f"{split}{i}.webm",
-                                      num_frames=24 + (3 * i + (split == "val")) % 9, width=64, height=48,
-                                      fps=25.0, codec="vp9", pattern=pattern, seed=i)
-        _run([PY, "-m", "shard_tools", "shard", "--source", "folder", "--videos", str(folder / "videos" / split),
-              "--split", split, "--label-map", str(label_map), "--out", str(shards[split]), "--name", "syn",
-              "--short-side", "48", "--min-frames", "8", "--workers", "0", "--no-progress"], folder / f"{split}.log")
+    if not all((s / "manifest.json").exists() for s in shards.values()):
+        shards = make_two_class_shards(folder)
     return shards
 
 

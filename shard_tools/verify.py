@@ -41,20 +41,17 @@ def read_shard_samples(tar_path: Path, *, with_video: bool = False) -> list[dict
 
 
 def relist_input_ids(manifest: dict) -> set[str]:
-    """Input ids of the original sources, listed again the way the job listed them."""
+    """Input ids of the original sources, listed again the way the job listed them (paths or URLs)."""
     source = manifest.get("source") or {}
     kind, videos = source.get("kind"), source.get("videos")
     label_map = manifest.get("label_map") or None
     if kind == "kinetics":
-        listing = read_kinetics_csv(Path(source["annotations"]), Path(videos), split=source.get("split"),
-                                    label_map=label_map)
+        listing = read_kinetics_csv(source["annotations"], videos, split=source.get("split"), label_map=label_map)
     elif kind == "ssv2":
-        listing = read_ssv2(Path(source["annotations"]), Path(source["labels"]), Path(videos),
-                            split=source.get("split"))
+        listing = read_ssv2(source["annotations"], source["labels"], videos, split=source.get("split"))
     elif kind in ("folder", "unlabelled"):
-        listing = read_folder(Path(videos), labelled=(kind == "folder"), split=source.get("split", "train"),
-                              label_map=load_label_map(Path(source["label_map"])) if source.get("label_map")
-                              else None)
+        listing = read_folder(videos, labelled=(kind == "folder"), split=source.get("split", "train"),
+                              label_map=load_label_map(source["label_map"]) if source.get("label_map") else None)
     else:
         raise ValueError(f"manifest source kind {kind!r} cannot be listed again")
     return {v.input_id for v in listing.inputs} | {r.input_id for r in listing.rejected}

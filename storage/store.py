@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import tempfile
+import shutil
 import threading
 from collections.abc import Iterable
+from urllib.parse import unquote
 from typing import Any
+
+from common.atomic_io import atomic_write_bytes, atomic_writer
 
 from .counters import StorageCounters
 from .errors import ShortRead, StorageAccessError, StorageReadError, access_problem, describe
@@ -215,6 +218,57 @@ class Storage:
             entries = with_retries(attempt, self.retry, folder, self.counters)
         return {name(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
 
+    def list_tree(self, folder: str) -> dict[str, int]:
+        """``{relative path: size}`` of every file under a folder or prefix, at any depth ('/'-separated
+        paths; one recursive listing of an object store, paged by the driver, not one per folder)."""
+        if not is_url(folder):
+            root = local_path(folder)
+            found = {}
+            with _access(folder):
+                for dirpath, _, files in os.walk(root):
+                    for f in files:
+                        full = os.path.join(dirpath, f)
+                        found[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
+            return found
+        fs, path = self._fs(folder)
+        path = path.rstrip("/")
+
+        def attempt() -> dict[str, Any]:
+            fs.invalidate_cache(path)
+            return fs.find(path, detail=True)
+
+        with _access(folder):
+            entries = with_retries(attempt, self.retry, folder, self.counters)
+        found = {key[len(path) + 1:]: e.get("size") for key, e in entries.items()
+                 if e.get("type") == "file" and key.startswith(path + "/") and not key.endswith("/")}
+        if protocol(folder) in ("http", "https"):
+            # An HTTP listing is the server's index pages: links are percent-encoded and carry no
+            # size (one HEAD per file gives it, as ``sizes`` does).
+            found = {unquote(rel): size for rel, size in found.items()}
+            unknown = [rel for rel, size in found.items() if size is None]
+            sizes = self.sizes(f"{folder.rstrip('/')}/{rel}" for rel in unknown)
+            found.update(zip(unknown, sizes.values()))
+        return {rel: int(size or 0) for rel, size in found.items()}
+
+    def remove(self, location: str) -> None:
+        """Delete a file or object (gone already is fine)."""
+        if not is_url(location):
+            try:
+                os.unlink(local_path(location))
+            except FileNotFoundError:
+                pass
+            return
+        fs, path = self._fs(location)
+
+        def attempt() -> None:
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+        with _access(location):
+            with_retries(attempt, self.retry, location, self.counters)
+
     def get_file(self, location: str, local: str | os.PathLike) -> None:
         """Copy a whole file or object to a local path (written to a temporary name, then renamed)."""
         local = os.fspath(local)
@@ -238,13 +292,8 @@ class Storage:
         if not is_url(location):
             target = local_path(location)
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", prefix=".put-")
-            with os.fdopen(fd, "wb") as dst, open(local, "rb") as src:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, target)
+            with atomic_writer(target) as dst, open(local, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
             return
         fs, path = self._fs(location)
         with _access(location):
@@ -255,12 +304,7 @@ class Storage:
         if not is_url(location):
             target = local_path(location)
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            tmp = f"{target}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            atomic_write_bytes(target, data)
             return
         fs, path = self._fs(location)
         with _access(location):

@@ -13,9 +13,9 @@ import av
 import numpy as np
 import pytest
 
+from footage import decode_index_color, write_synthetic_video, write_timestamped_video
 from shard_fixtures import make_bad_inputs, write_with_audio
 from shard_tools.encode import EncodeSettings, process_video, target_size
-from shard_tools.media import decode_index_color, write_synthetic_video, write_timestamped_video
 from shard_tools.sources import VideoInput
 
 
@@ -157,7 +157,7 @@ def test_settings_from_plain_data_use_typed_config_and_workers_import_only_the_s
 
     root = Path(__file__).parents[1]
     others = sorted(({p.parent.name for p in root.glob("*/__init__.py")} | {p.stem for p in root.glob("*.py")})
-                    - {"shard_tools", "common"})
+                    - {"shard_tools", "common", "storage"})
     code = f"import sys, shard_tools.encode, shard_tools.job; sys.exit(sorted(set({others}) & set(sys.modules)) or None)"
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
