@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from storage import RetryPolicy
 from typed_config import PRECISIONS, dataclass_from_dict, precision_name
 
 RECIPES = ("svt", "lstcl", "eval")
@@ -193,7 +194,8 @@ class DataConfig:
     """Everything the loader needs besides batch size, rank and seed (passed to ``build_loader``).
 
     Args:
-        shards: folder holding ``manifest.json`` and the tar shards it lists.
+        shards: folder holding ``manifest.json`` and the tar shards it lists: a local path or a URL
+            (``s3://bucket/prefix``, ``gs://...``, ``https://host/prefix``; ``storage``).
         recipe: ``svt`` | ``lstcl`` | ``eval``; picks the frame plan and the views.
         device: decoder device, ``cpu`` | ``mixed`` (NVDEC) | ``auto`` (mixed when a GPU is visible).
         num_threads: DALI worker threads for decoding and augmentation (baseline: DataLoader workers).
@@ -207,6 +209,16 @@ class DataConfig:
         drop_last: drop the partial last global step (its samples become the epoch's spares)
             instead of filling it by wrapping to the start of the epoch's order.
         prefetch: batches the decode pipeline works ahead.
+        read_ahead_steps: data steps whose members are read (and plans drawn) ahead of the decoder,
+            on the read-ahead threads (``pipelines.read_ahead``); 0 reads on the loader's own thread.
+        read_ahead_bytes: memory budget of the read-ahead: member bytes read or being read but not
+            yet handed to the decoder (per rank; the baseline splits it over its workers).
+        read_threads: read-ahead threads (each waits on one read at a time; remote reads are latency
+            bound, so more threads than cores pay off).
+        cache_dir: node-local disk cache of remote member reads ("" = off); ranks and workers on a
+            node share it. Useful for multi-epoch runs on a bucket.
+        cache_bytes: the cache's size bound in bytes (least recently used entries go first).
+        retry: attempts, backoff, deadline and timeout of every remote request (``storage.RetryPolicy``).
     """
 
     shards: str = ""
@@ -221,6 +233,14 @@ class DataConfig:
     block_shards: int = 0
     drop_last: bool = False
     prefetch: int = 2
+    # Our choices: two steps ahead hide a 50 ms request latency at CPU decode rates (docs/benchmarks.md,
+    # object storage) while holding at most 256 MiB of encoded video per rank.
+    read_ahead_steps: int = 2
+    read_ahead_bytes: int = 256 * 2**20
+    read_threads: int = 16
+    cache_dir: str = ""
+    cache_bytes: int = 0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     svt: SVTConfig = field(default_factory=SVTConfig)
     lstcl: LSTCLConfig = field(default_factory=LSTCLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -238,6 +258,11 @@ class DataConfig:
             raise ValueError("data.num_threads, data.prefetch and data.shuffle_buffer must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"data.mean/std need 3 values with std > 0, got {self.mean}, {self.std}")
+        if self.read_ahead_steps < 0 or self.read_ahead_bytes < 1 or self.read_threads < 1:
+            raise ValueError(f"data.read_ahead_steps must be >= 0, data.read_ahead_bytes and data.read_threads "
+                             f">= 1, got {self.read_ahead_steps}, {self.read_ahead_bytes}, {self.read_threads}")
+        if self.cache_dir and self.cache_bytes < 1:
+            raise ValueError(f"data.cache_dir {self.cache_dir!r} needs data.cache_bytes >= 1 (its size bound)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":

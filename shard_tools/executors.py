@@ -106,11 +106,13 @@ def _ray_map(fn, tasks, *, workers: int, ray_address: str | None, max_in_flight:
     import ray  # imported only when asked for: Ray's import alone takes seconds
 
     import shard_tools
+    import storage
 
     started_here = not ray.is_initialized()
     if started_here:
-        # Ship this package to the workers (a cluster's nodes need not have the checkout).
-        runtime_env = {"py_modules": [shard_tools]}
+        # Ship this package to the workers (a cluster's nodes need not have the checkout); storage
+        # for `verify` of a shard folder at a URL.
+        runtime_env = {"py_modules": [shard_tools, storage]}
         if ray_address:
             ray.init(address=ray_address, runtime_env=runtime_env, log_to_driver=False)
         else:

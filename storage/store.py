@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .counters import StorageCounters
+from .disk_cache import DiskCache
 from .errors import ShortRead, StorageAccessError, StorageReadError, access_problem, describe
 from .locations import is_url, local_path, name, parent, protocol
 from .retry import RetryPolicy, with_retries
@@ -45,11 +46,14 @@ class Storage:
     Args:
         retry: attempts, backoff, deadline and per-attempt timeout of every remote request.
         counters: where requests, bytes, retries and failures are counted (a new set if None).
+        cache: a node-local disk cache of remote ranged reads (``DiskCache``), or None.
     """
 
-    def __init__(self, retry: RetryPolicy | None = None, counters: StorageCounters | None = None):
+    def __init__(self, retry: RetryPolicy | None = None, counters: StorageCounters | None = None,
+                 cache: DiskCache | None = None):
         self.retry = retry or RetryPolicy()
         self.counters = counters or StorageCounters()
+        self.cache = cache
         self._reset()
 
     def _reset(self) -> None:
@@ -59,7 +63,7 @@ class Storage:
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"retry": self.retry, "counters": self.counters}
+        return {"retry": self.retry, "counters": self.counters, "cache": self.cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -91,6 +95,11 @@ class Storage:
         what = f"{location} bytes {offset}..{offset + length}"
         if not is_url(location):
             return self._pread(location, offset, length, what)
+        if self.cache is not None:
+            cached = self.cache.get(location, offset, length)
+            if cached is not None:
+                self.counters.add(cache_hits=1, cache_bytes=length)
+                return cached
         fs, path = self._fs(location)
 
         def attempt() -> bytes:
@@ -104,13 +113,16 @@ class Storage:
             return data
 
         try:
-            return with_retries(attempt, self.retry, what, self.counters)
+            data = with_retries(attempt, self.retry, what, self.counters)
         except StorageReadError:
             raise
         except Exception as err:
             self.counters.add(failures=1)
             problem = access_problem(err)
             raise StorageReadError(f"{what}: {problem[1] if problem else describe(err)}") from err
+        if self.cache is not None:
+            self.cache.put(location, offset, length, data)
+        return data
 
     def _pread(self, location: str, offset: int, length: int, what: str) -> bytes:
         path = local_path(location)
@@ -184,7 +196,12 @@ class Storage:
             if protocol(loc) not in ("http", "https"):
                 by_folder.setdefault(parent(loc), []).append(loc)
         for folder, members in by_folder.items():
-            listing = self.list_files(folder)
+            try:
+                listing = self.list_files(folder)
+            except StorageAccessError as err:
+                if err.reason != "missing":
+                    raise
+                listing = {}
             for loc in members:
                 found[loc] = listing.get(name(loc))
         if heads:
