@@ -38,6 +38,7 @@ setup_process()  # before DeepSpeed is imported anywhere
 import torch  # noqa: E402
 
 from common.errors import run_cli, writing_to  # noqa: E402
+from common.typed_config import ConfigError  # noqa: E402
 from shard_tools.format import read_manifest  # noqa: E402
 
 S = argparse.SUPPRESS  # config flags stay absent unless given, so the YAML / dataclass default applies
@@ -57,12 +58,12 @@ SECTIONS = ("extract", "knn", "linear", "probe", "finetune")
 
 def _section(args: argparse.Namespace, section: str, flags: dict[str, str] | tuple[str, ...]) -> dict[str, Any]:
     """Section ``section`` of ``--config``, overlaid with the flags given on the command line, then with the
-    trailing ``section.key=value`` overrides (``typed_config.load_yaml_sections``, as ``train.py``).
+    trailing ``section.key=value`` overrides (``common.typed_config.load_yaml_sections``, as ``train.py``).
 
     Args:
         flags: argparse dest -> the dotted key under ``section`` it sets (a tuple: the same names).
     """
-    from typed_config import apply_overrides, load_yaml_sections, set_dotted
+    from common.typed_config import apply_overrides, load_yaml_sections, set_dotted
 
     raw = load_yaml_sections(getattr(args, "config", None))
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -464,7 +465,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     with writing_to(getattr(args, "out", None), getattr(args, "results", None)):
-        return args.func(args)
+        try:
+            return args.func(args)
+        except ConfigError as error:  # a setting read with --config: name the file, as train.py does
+            config = getattr(args, "config", None)
+            if config is None or str(error).startswith(f"{config}:"):
+                raise
+            raise ConfigError(f"{config}: {error}") from error
 
 
 if __name__ == "__main__":

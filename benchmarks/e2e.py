@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     from training.config import load_config
     from training.engine import init_distributed
     from training.methods import build_method
-    from training.metrics import read_jsonl
+    from training.metrics import read_metrics
     from training.trainer import Trainer
 
     overrides = list(args.overrides)
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
             trainer = Trainer(cfg, build_method(cfg, list(loader.view_names)), loader, info)
             trainer.fit()
             if info.rank == 0:
-                timed = read_jsonl(Path(cfg.trainer.output_dir) / "metrics.jsonl")[args.warmup:]
+                timed = read_metrics(Path(cfg.trainer.output_dir) / "metrics.jsonl")[args.warmup:]
                 step_ms = np.array([r["step_ms"] for r in timed])
                 wait_ms = np.array([r["data_wait_ms"] for r in timed])
                 rows.append({

@@ -135,10 +135,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if action == "short":
             payload = payload[:keep]
         self.send_response(status, reason)
+        length = str(len(payload))
         for k, v in headers:
-            if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+            if k.lower() == "content-length" and self.command == "HEAD":
+                length = v  # a HEAD answer has no body: its Content-Length is the object's size (S3 HeadObject)
+            elif k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Content-Length", length)
         self.end_headers()
         if self.command == "HEAD":
             return

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from common.precision import torch_dtype
 from common.process import setup_process
 from common.seeding import seed_all
 from models import DINOHead, MultiViewRunner, build_backbone
@@ -32,7 +33,6 @@ from models.flops import views_flops
 from objectives import SVTLoss
 from pipelines.views import recipe_views
 from training.config import Config, load_config
-from typed_config import torch_dtype
 
 __all__ = ["main"]
 

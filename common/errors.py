@@ -12,6 +12,8 @@ import errno
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
+from common.disk import disk_problem
+
 __all__ = ["USER_ERRORS", "OutputError", "error_line", "run_cli", "writing_to"]
 
 # What a command line reports as one line and exit status 2: the messages name the field or file.
@@ -50,8 +52,6 @@ def writing_to(*paths, hint: str | None = None) -> Iterator[None]:
     the file system explains (torch.save reports a full disk from its C++ writer, with no errno)
     become an ``OutputError``; other errors pass through unchanged.
     """
-    from typed_config import disk_problem
-
     names = [p for p in paths if p is not None]
     try:
         yield

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from typed_config import dataclass_from_dict
+from common.typed_config import dataclass_from_dict
 
 __all__ = ["config_from_dict"]
 

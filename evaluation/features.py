@@ -9,18 +9,20 @@ for the averaged features.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 from einops import rearrange
 
+from common.atomic_io import atomic_writer
+from common.precision import precision_name, torch_dtype
 from pipelines.config import DataConfig
-from typed_config import precision_name, torch_dtype
 
 __all__ = ["FEATURE_KINDS", "ExtractConfig", "FeatureSet", "group_eval_views", "extract_features",
            "slow_fast_features"]
@@ -49,12 +51,6 @@ class ExtractConfig:
         precision: ``fp32`` | ``bf16`` (autocast on CUDA; also ``float32`` | ``bfloat16``).
         limit: stop after this many videos (0 = all); for smoke runs.
     """
-
-    # the flat keys of earlier versions and where they live now (an old config fails naming the new key)
-    MOVED_KEYS: ClassVar[dict[str, str]] = {
-        "shards": "data.shards", "data_device": "data.device", "num_threads": "data.num_threads",
-        **{name: f"data.eval.{name}" for name in ("clips", "crops", "slow_frames", "slow_size", "fast_frames",
-                                                  "fast_size")}}
 
     data: DataConfig = field(default_factory=_eval_data)
     batch_size: int = 8
@@ -109,21 +105,18 @@ class FeatureSet:
         raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, got {kind!r}")
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``.pt`` (torch) or ``.npz`` (numpy; meta as a JSON string); temp file then rename."""
+        """Write ``.pt`` (torch) or ``.npz`` (numpy; meta as a JSON string), whole or not at all."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp" + path.suffix)
-        if path.suffix == ".npz":
-            import json
-
-            np.savez(tmp, keys=np.array(self.keys), labels=self.labels.numpy(), slow=self.slow.numpy(),
-                     fast=self.fast.numpy(), meta=np.array(json.dumps(self.meta)))
-        elif path.suffix == ".pt":
-            torch.save({"keys": list(self.keys), "labels": self.labels, "slow": self.slow, "fast": self.fast,
-                        "meta": self.meta}, tmp)
-        else:
+        if path.suffix not in (".npz", ".pt"):
             raise ValueError(f"{path}: feature files end in .pt or .npz")
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(path) as f:
+            if path.suffix == ".npz":
+                np.savez(f, keys=np.array(self.keys), labels=self.labels.numpy(), slow=self.slow.numpy(),
+                         fast=self.fast.numpy(), meta=np.array(json.dumps(self.meta)))
+            else:
+                torch.save({"keys": list(self.keys), "labels": self.labels, "slow": self.slow, "fast": self.fast,
+                            "meta": self.meta}, f)
         return path
 
     @classmethod
@@ -133,8 +126,6 @@ class FeatureSet:
             raise FileNotFoundError(f"{path}: feature file does not exist (run evaluate.py extract first)")
         try:
             if path.suffix == ".npz":
-                import json
-
                 with np.load(path) as data:
                     return cls([str(k) for k in data["keys"]], torch.from_numpy(data["labels"]),
                                torch.from_numpy(data["slow"]), torch.from_numpy(data["fast"]),

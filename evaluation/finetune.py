@@ -36,13 +36,15 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.precision import precision_name, torch_dtype
+from common.typed_config import dataclass_from_dict
 from evaluation.checkpoints import load_backbone
 from evaluation.config import config_from_dict
 from evaluation.features import group_eval_views
@@ -56,7 +58,6 @@ from training.engine import init_distributed
 from training.methods import ClassifierMethod, VideoClassifier
 from training.trainer import Trainer
 from training.trainer import epoch_lr as schedule_lr
-from typed_config import dataclass_from_dict, precision_name, torch_dtype
 
 __all__ = ["FinetuneConfig", "PROTOCOLS", "resolve_protocol", "VideoClassifier", "epoch_lr", "trainer_config",
            "evaluate_classifier", "run_finetune_cli"]
@@ -126,12 +127,6 @@ class FinetuneConfig:
         torch_threads: torch CPU threads per rank (0 = torch's default).
         seed: seeds the head init and the loader.
     """
-
-    # the flat keys of earlier versions and where they live now (an old config fails naming the new key)
-    MOVED_KEYS: ClassVar[dict[str, str]] = {
-        "clip_frames": "eval.slow_frames", "clip_size": "eval.slow_size", "fast_frames": "eval.fast_frames",
-        "fast_size": "eval.fast_size", "test_clips": "eval.clips", "test_crops": "eval.crops",
-        "test_stride": "eval.stride"}
 
     protocol: str = "svt-finetune"
     epochs: int = 15

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from common.atomic_io import atomic_write_json
+
 __all__ = ["ResultRecord", "topk_accuracy", "append_result", "load_results", "render_markdown", "write_report"]
 
 
@@ -72,13 +74,11 @@ def load_results(path: str | os.PathLike) -> list[ResultRecord]:
 
 
 def append_result(path: str | os.PathLike, record: ResultRecord) -> None:
-    """Append ``record`` to the JSON list at ``path`` (written to a temp file, then renamed)."""
+    """Append ``record`` to the JSON list at ``path`` (rewritten whole: ``atomic_write_json``)."""
     path = Path(path)
     rows = [asdict(r) for r in load_results(path)] + [asdict(record)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, rows, sort_keys=True)
 
 
 def _fmt(value: Any) -> str:

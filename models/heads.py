@@ -183,6 +183,10 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     input gradient includes every rank's loss, as torch's GPU kernel does. Running statistics use the
     unbiased global variance, as ``F.batch_norm``. On GPUs, or outside training / a process group,
     torch's own path runs. Parameter and buffer names are BatchNorm's, so checkpoints do not change.
+
+    With repeated sampling (``data.repeats: R > 1``) the statistics are over the whole batch, the R
+    view-sets of each video included: a batch of G view-sets holds G / R videos, and the copies count
+    as rows like any other (no de-duplication; the statistics are of what the head sees).
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ from einops import rearrange
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from common.typed_config import ConfigError
 from models.layers import Attention, Tokens, call_packed, init_vit_weights, map_tokens
-from typed_config import ConfigError
 
 __all__ = [
     "DividedSpaceTimeBlock",

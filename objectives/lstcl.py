@@ -2,6 +2,11 @@
 
 All are symmetric in the two clips: ``loss(view1 -> view2) + loss(view2 -> view1)`` as in the
 original papers. Inputs are ``(B, D)`` head outputs; every module returns a dict with ``loss``.
+
+Repeated sampling (``data.repeats: R > 1``, docs/design.md section 2) puts R view-sets of one video in
+a batch. Only MoCo v3 compares a query with other samples (its negatives), so only MoCo v3 needs to
+know which rows share a video (``video_ids``); BYOL and SimSiam regress each row onto its own
+target and see no other row, so copies change nothing in their losses.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MoCoV3Loss", "BYOLLoss", "SimSiamLoss", "gather_with_grad"]
+__all__ = ["MoCoV3Loss", "BYOLLoss", "SimSiamLoss", "gather_with_grad", "gather_ids"]
 
 
 def _distributed() -> bool:
@@ -32,6 +37,15 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(gathered, dim=0), sum(g.shape[0] for g in gathered[:rank])
 
 
+def gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """All-gather integer ids (equal shapes on every rank) along dim 0, in rank order; no gradient."""
+    if not _distributed():
+        return ids
+    gathered = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, ids)
+    return torch.cat(gathered, dim=0)
+
+
 class MoCoV3Loss(nn.Module):
     """Symmetric MoCo v3 InfoNCE: ``ctr(q1, k2) + ctr(q2, k1)`` with keys from every rank as negatives.
 
@@ -39,6 +53,13 @@ class MoCoV3Loss(nn.Module):
     base encoder) and k (momentum-encoder projections), the positives at ``arange(N) + N * rank``;
     the ``2 tau`` factor is MoCo v3's. Args: temperature ``tau`` (0.2, the MoCo v3 ViT value).
     Returns ``loss`` and ``accuracy`` (fraction of queries whose positive scores highest).
+
+    ``video_ids`` (``(N,)`` integers, optional): the video each row came from. With repeated sampling
+    the other view-sets of a query's video are in the batch, on this rank or another; they are not
+    negatives (they show the same video), so their logits are masked to ``-inf`` before the softmax
+    (the keys of every rank carry their ids through ``gather_ids``). The positive is never masked.
+    Rows of distinct videos mask nothing, so with one view-set per video the loss is bit-identical
+    to the unmasked one. Every rank must pass ids, or none (the id gather is a collective).
     """
 
     def __init__(self, temperature: float = 0.2) -> None:
@@ -47,27 +68,36 @@ class MoCoV3Loss(nn.Module):
             raise ValueError(f"MoCoV3Loss: temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
-    def contrastive(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def contrastive(self, q: torch.Tensor, k: torch.Tensor, video_ids: torch.Tensor | None = None,
+                    key_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One direction; ``video_ids`` (this rank's rows) and ``key_ids`` (every rank's keys) or neither."""
         dtype = torch.promote_types(q.dtype, torch.float32)
         q = F.normalize(q.to(dtype), dim=1)
         k = F.normalize(k.to(dtype), dim=1)
         all_keys, offset = gather_with_grad(k)
         logits = q @ all_keys.T / self.temperature
         labels = torch.arange(q.shape[0], device=q.device) + offset
+        if video_ids is not None:
+            same_video = video_ids.view(-1, 1).to(q.device) == key_ids.view(1, -1).to(q.device)
+            same_video[torch.arange(q.shape[0], device=q.device), labels] = False   # the positive stays
+            logits = logits.masked_fill(same_video, float("-inf"))
         loss = F.cross_entropy(logits, labels) * (2 * self.temperature)
         accuracy = (logits.detach().argmax(dim=1) == labels).to(dtype).mean()
         return loss, accuracy
 
-    def forward(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> dict[str, torch.Tensor]:
-        loss_12, acc_12 = self.contrastive(q1, k2)
-        loss_21, acc_21 = self.contrastive(q2, k1)
+    def forward(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
+                video_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        key_ids = gather_ids(video_ids) if video_ids is not None else None
+        loss_12, acc_12 = self.contrastive(q1, k2, video_ids, key_ids)
+        loss_21, acc_21 = self.contrastive(q2, k1, video_ids, key_ids)
         return {"loss": loss_12 + loss_21, "accuracy": (acc_12 + acc_21) / 2}
 
 
 class BYOLLoss(nn.Module):
     """Symmetric BYOL regression: ``mean(2 - 2 cos(p1, z2)) + mean(2 - 2 cos(p2, z1))``, targets detached.
 
-    ``p*``: online predictor outputs; ``z*``: target (EMA) projections.
+    ``p*``: online predictor outputs; ``z*``: target (EMA) projections. No negatives: a row's loss
+    sees only its own target, so repeated view-sets of one video need no mask.
     """
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -82,6 +112,7 @@ class SimSiamLoss(nn.Module):
     """Symmetric SimSiam: ``-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2``, means over the batch.
 
     ``p*``: predictor outputs; ``z*``: projector outputs of the same network (stop-gradient here).
+    No negatives: repeated view-sets of one video need no mask.
     """
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -5,6 +5,10 @@ sharpened, centred softmax ``softmax((t - center) / temp_t)`` and the student's
 ``log_softmax(s / temp_s)``, averaged over samples and pairs. The center is an EMA of the mean
 teacher output, all-reduced across ranks when ``torch.distributed`` is initialised. The teacher
 temperature is passed per step (from ``cosine_schedule``, warmup then constant).
+
+Repeated sampling (``data.repeats: R > 1``): SVT (like DINO) has no negatives -- every term pairs views
+of one sample -- so the R view-sets of one video need no mask. They do enter the center's batch mean
+as R rows, as R distinct videos would.
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ and key give the same frames, crop boxes, flips and colour factors), decodes eac
 PyAV (up to the last needed frame) and builds every view with torchvision's functional ops.
 It reads the same shards in the same global order (``order.GlobalOrder``, one positioned or ranged
 read per sample, local or remote: ``member_reads``) with the DALI loader's spares and its position
-(``position.Position``): a resume starts at the saved data step, nothing is replayed. Each DataLoader
-worker builds whole data steps, reading the members of its next steps ahead on its own read-ahead
-threads (``read_ahead``; the byte budget split over the workers).
+(``position.Position``): a resume starts at the saved data step, nothing is replayed. Each
+DataLoader worker builds whole data steps, reading the members of its next steps ahead on its own
+read-ahead threads (``read_ahead``; the byte budget split over the workers). With
+``data.repeats: R`` each video is decoded once and gives R rows (its view-sets), as in the DALI loader.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from einops import rearrange
-from typed_config import torch_dtype
+from common.precision import torch_dtype
 
 from .config import DataConfig
-from .member_reads import Found, MemberReader, UnusableSample, first_readable, open_storage
-from .order import build_order
-from .position import Position
+from .member_reads import Found, MemberReader, UnusableSample, first_readable
+from .position import PositionedLoader
 from .read_ahead import rank_read_ahead
-from .shard_index import IndexedSample, read_sample_index, read_shard_set
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
 
@@ -108,7 +107,7 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         steps = range(self.start + worker_id, len(ld), num_workers)
         self.ahead = rank_read_ahead(lambda key: self._fetch(key[1]), order=ld.position.order, index=ld.index,
                                      epoch=self.epoch, steps=steps, rank=ld.shard_id, world_size=ld.num_shards,
-                                     batch_size=ld.batch_size, cfg=ld.cfg, share=num_workers)
+                                     cfg=ld.cfg, share=num_workers)
         try:
             for step in steps:
                 yield self._step(step)
@@ -121,8 +120,9 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         return first_readable(ld.position.order.candidates(self.epoch, position), ld.index,
                               lambda key: key in self.bad, self._read, ld.cfg.shards)
 
-    def _read(self, entry: IndexedSample) -> tuple[dict[str, Any], bytes, SamplePlan]:
+    def _read(self, sample_id: int) -> tuple[dict[str, Any], bytes, SamplePlan]:
         ld = self.loader
+        entry = ld.index[sample_id]
         try:
             meta, video = self.reader.read_sample(entry)
         except ValueError as err:   # an unreadable member or a bad json: this loader replaces both
@@ -152,7 +152,7 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
                     found = self._fetch(position)
                     continue
                 try:
-                    samples.append(self._views(*found.value))
+                    samples += self._view_sets(found.sample_id, *found.value)
                     break
                 except (av.error.FFmpegError, ValueError) as err:
                     self.bad[entry.key] = entry.shard
@@ -174,54 +174,36 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         self.reported = now
         return delta
 
-    def _views(self, meta: dict[str, Any], video: bytes, plan: SamplePlan) -> dict[str, Any]:
+    def _view_sets(self, sample_id: int, meta: dict[str, Any], video: bytes, plan: SamplePlan) -> list[dict[str, Any]]:
+        """The video decoded once (the union of its view-sets' frames), and each of its
+        ``data.repeats`` view-sets as one row."""
         ld = self.loader
         decoded = decode_frames(video, plan.frames)
-        out: dict[str, Any] = {}
-        for view in ld.views:
-            frames = decoded[torch.from_numpy(plan.positions[view.slot]).long()]
-            out[view.name] = make_view(frames, plan.params[view.name], view, self.mean, self.std,
-                                       ld.cfg.augment.solarize_threshold).to(torch_dtype(ld.cfg.dtype))
-        out["label"] = int(meta.get("label", -1))
-        out["key"] = meta["key"]
-        return out
+        rows = []
+        for repeat, view_set in enumerate(plan.view_sets):
+            out: dict[str, Any] = {}
+            for view in ld.views:
+                frames = decoded[torch.from_numpy(view_set.positions[view.slot]).long()]
+                out[view.name] = make_view(frames, view_set.params[view.name], view, self.mean, self.std,
+                                           ld.cfg.augment.solarize_threshold).to(torch_dtype(ld.cfg.dtype))
+            out.update(label=int(meta.get("label", -1)), key=meta["key"], video_id=sample_id, repeat=repeat)
+            rows.append(out)
+        return rows
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-class BaselineLoader:
+class BaselineLoader(PositionedLoader):
     """Same interface, order and position as ``DALILoader``; ``cfg.num_threads`` DataLoader workers."""
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
-        self.cfg, self.batch_size = cfg, batch_size
-        self.shard_id, self.num_shards = shard_id, num_shards
-        self.store = open_storage(cfg)
-        self.shards = read_shard_set(cfg.shards, self.store)
-        self.index = read_sample_index(self.shards.paths, self.shards.index_paths, self.shards.num_samples,
-                                       self.store)
-        self.position = Position(build_order(cfg, self.shards, batch_size * num_shards, seed), batch_size,
-                                 num_shards)
-        self.stats = self.position.stats
+        self._open(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed)
+        self.index = self.shards.sample_index()
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
-
-    # ----------------------------------------------------------------- position (pipelines.protocol.Loader)
-    def __len__(self) -> int:
-        return self.position.order.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.position.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.position.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position.load_state_dict(state)
-
-    merge_states = staticmethod(Position.merge_states)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, start = self.position.start()

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.precision import PRECISIONS, precision_name
+from common.typed_config import dataclass_from_dict
 from storage import RetryPolicy
-from typed_config import PRECISIONS, dataclass_from_dict, precision_name
 
 RECIPES = ("svt", "lstcl", "eval")
 DEVICES = ("cpu", "mixed", "auto")
@@ -203,12 +204,15 @@ class DataConfig:
         mean, std: the backbone's normalization, in 0..1 units.
         shuffle: each epoch a seeded permutation of every sample (pipelines/order.py); False keeps
             manifest order.
-        shuffle_buffer: unused since the global order (kept so older configs still load).
         block_shards: 0 = full permutation; k > 0 = block shuffle for slow random reads: shard order
             permuted, then samples permuted within windows of k shards (less mixed batches).
         drop_last: drop the partial last global step (its samples become the epoch's spares)
             instead of filling it by wrapping to the start of the epoch's order.
         prefetch: batches the decode pipeline works ahead.
+        repeats: view-sets per video visit (repeated sampling, R). 1 is the papers' setting. R > 1
+            decodes the union of R independent plans' frames once and emits R view-sets, each with its
+            own frames, crops, flips, colour, blur and solarize; a per-rank batch of B view-sets then
+            holds B / R videos (R must divide it), each video's R view-sets next to each other.
         read_ahead_steps: data steps whose members are read (and plans drawn) ahead of the decoder,
             on the read-ahead threads (``pipelines.read_ahead``); 0 reads on the loader's own thread.
         read_ahead_bytes: memory budget of the read-ahead: member bytes read or being read but not
@@ -229,10 +233,10 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     shuffle: bool = True
-    shuffle_buffer: int = 64
     block_shards: int = 0
     drop_last: bool = False
     prefetch: int = 2
+    repeats: int = 1
     # Our choices: two steps ahead hide a 50 ms request latency at CPU decode rates (docs/benchmarks.md,
     # object storage) while holding at most 256 MiB of encoded video per rank.
     read_ahead_steps: int = 2
@@ -254,8 +258,13 @@ class DataConfig:
         self.dtype = precision_name(self.dtype, "data.dtype", long=True)
         if self.block_shards < 0:
             raise ValueError(f"data.block_shards must be >= 0 (0 = full permutation), got {self.block_shards}")
-        if self.num_threads < 1 or self.prefetch < 1 or self.shuffle_buffer < 1:
-            raise ValueError("data.num_threads, data.prefetch and data.shuffle_buffer must be >= 1")
+        if self.repeats < 1:
+            raise ValueError(f"data.repeats must be >= 1 (view-sets per video visit), got {self.repeats}")
+        if self.repeats > 1 and self.recipe == "eval":
+            raise ValueError(f"data.repeats={self.repeats}: the eval recipe's views are deterministic, so its "
+                             f"repeats would be identical copies; use data.repeats=1")
+        if self.num_threads < 1 or self.prefetch < 1:
+            raise ValueError("data.num_threads and data.prefetch must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"data.mean/std need 3 values with std > 0, got {self.mean}, {self.std}")
         if self.read_ahead_steps < 0 or self.read_ahead_bytes < 1 or self.read_threads < 1:

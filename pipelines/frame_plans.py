@@ -19,9 +19,11 @@ what is available, repeating frames when fewer than T are there. A zero-frame vi
 rate that is not a positive number are the only inputs rejected (the shard tools quarantine such
 inputs).
 
-Randomness comes only from ``rng``; ``sample_rng(seed, epoch, key)`` makes one per sample from its key,
-so a sample's plan does not depend on the order it is read in, on the rank, or on prefetching, and a
-resumed run recomputes exactly the plans it would have made.
+Randomness comes only from ``rng``; ``sample_rng(seed, epoch, key, repeat)`` makes one per view-set
+of a sample from its key, so a sample's plan does not depend on the order it is read in, on the rank,
+or on prefetching, and a resumed run recomputes exactly the plans it would have made. With repeated
+sampling (``data.repeats: R``) a video visit has R independent plans (repeat 0 .. R-1, repeat 0 being
+the plan of R = 1) and the decoder reads the union of their frames once (``union_and_positions``).
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ import numpy as np
 from .config import EvalConfig, LSTCLConfig, SVTConfig
 
 
-def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """Per-sample generator: same (seed, epoch, key) -> same plan and augmentation, on every loader."""
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, zlib.crc32(key.encode())])
+def sample_rng(seed: int, epoch: int, key: str, repeat: int = 0) -> np.random.Generator:
+    """Per-view-set generator: same (seed, epoch, key, repeat) -> same plan and augmentation, on every
+    loader. Repeat 0 draws exactly what a run without repeated sampling draws."""
+    entropy = [seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, zlib.crc32(key.encode())]
+    if repeat:
+        entropy.append(repeat)
+    return np.random.default_rng(entropy)
 
 
 def _check_num_frames(num_frames: int) -> None:
@@ -222,12 +228,14 @@ def strided_eval_frame_plan(num_frames: int, fps: float, rng: np.random.Generato
     return plan
 
 
-def union_and_positions(plan: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Sorted unique frames of all slots, and each slot's positions into that union.
+def union_and_positions(plans: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """Sorted unique frames of every slot of every plan (one plan per view-set of a video), and each
+    plan's slot positions into that union.
 
     The decoder reads the union once; each slot is then ``union[positions]`` (a gather, never a
     strided slice: DALI 2.4's CPU step-slicing returns wrong frames).
     """
-    union = np.unique(np.concatenate(list(plan.values())))
-    positions = {slot: np.searchsorted(union, idx).astype(np.int32) for slot, idx in plan.items()}
+    union = np.unique(np.concatenate([idx for plan in plans for idx in plan.values()]))
+    positions = [{slot: np.searchsorted(union, idx).astype(np.int32) for slot, idx in plan.items()}
+                 for plan in plans]
     return union.astype(np.int32), positions

@@ -16,6 +16,12 @@ Every op applies one parameter set to all frames of a sample, so augmentation is
 consistent; parameters differ across views and samples because they are drawn per view and sample.
 The CPU and GPU variants differ only in the decoder's device string ("cpu" | "mixed").
 
+Repeated sampling (``data.repeats: R > 1``): the batch holds videos, the decoder reads each one's
+union of all R view-sets' frames once, and the gather + view steps run once per view-set (each with
+its own positions and parameters). Each view's R results are stacked per video (``fn.stack``, a new
+outer axis ``R``), so a view output is ``(videos, R, C, T, H, W)``: reshaped without a copy to
+``(videos x R, C, T, H, W)``, each video's view-sets next to each other.
+
 Missing frames: a member whose bytes are damaged mid-stream or truncated still decodes -- the demuxer
 stops at the damage and the decoder pads every later requested frame (verified on DALI 2.4 CPU: a
 VP9 WebM with its middle third overwritten gives 16 real frames of 60 and no error). The plan's
@@ -134,18 +140,27 @@ def augment_view(frames_fhwc, params, view: ViewSpec, aug: AugmentConfig, mean: 
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], device: str,
                    aug: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...],
-                   dtype: types.DALIDataType):
-    """Decode once, then every view of the recipe. ``source`` returns one batch per call:
-    (encoded, frames, positions per slot..., params per view...). Outputs: one per view, then
-    ``frames_check``.
+                   dtype: types.DALIDataType, repeats: int = 1):
+    """Decode once, then every view of the recipe, ``repeats`` times. ``source`` returns one batch of
+    videos per call: (encoded, frames, then per view-set: positions per slot..., params per view...).
+    Outputs: one per view (``(R, C, T, H, W)`` per video when ``repeats`` > 1), then ``frames_check``.
     """
-    inputs = fn.external_source(source=source, num_outputs=2 + len(slots) + len(views), batch=True)
-    encoded, frames, rest = inputs[0], inputs[1], inputs[2:]
-    positions = dict(zip(slots, rest[:len(slots)]))
-    params = rest[len(slots):]
+    per_set = len(slots) + len(views)
+    inputs = fn.external_source(source=source, num_outputs=2 + repeats * per_set, batch=True)
+    encoded, frames = inputs[0], inputs[1]
     video = decode_union(encoded, frames, device)
-    slot_frames = {slot: gather(video, positions[slot]) for slot in slots}
-    outputs = tuple(augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype) for v, p in zip(views, params))
+    view_sets = []
+    for r in range(repeats):
+        rest = inputs[2 + r * per_set:2 + (r + 1) * per_set]
+        positions = dict(zip(slots, rest[:len(slots)]))
+        params = rest[len(slots):]
+        slot_frames = {slot: gather(video, positions[slot]) for slot in slots}
+        view_sets.append([augment_view(slot_frames[v.slot], p, v, aug, mean, std, dtype)
+                          for v, p in zip(views, params)])
+    if repeats == 1:
+        outputs = view_sets[0]
+    else:
+        outputs = [fn.stack(*per_view, axis=0, axis_name="R") for per_view in zip(*view_sets)]
     return (*outputs, frames_check(video))
 
 

@@ -23,6 +23,12 @@ its plan needs (damaged mid-stream or truncated: the decoder pads instead of fai
 sample by sample with a one-sample decode pipeline, bad samples are replaced in those batches, the
 pipeline is rebuilt and they are fed again. A padded sample is found after its batch ran; its spare
 goes through a one-sample views pipeline and is put in its place.
+
+Repeated sampling (``data.repeats: R``): a rank's batch of B view-sets holds B / R videos (the order
+counts videos); the views pipeline runs on those videos, decodes each once and returns R view-sets
+of it, which become rows ``i*R .. i*R + R-1`` of every view tensor (video-major), with the video's
+``key``, ``label`` and ``video_id`` on each row and ``repeat`` = 0 .. R-1. A bad video is replaced by a
+spare with all R view-sets.
 """
 
 from __future__ import annotations
@@ -35,17 +41,16 @@ import numpy as np
 import nvidia.dali.types as types
 import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
-from typed_config import torch_dtype
+from common.precision import torch_dtype
 
 from .config import DataConfig
 from .graph import decode_only_pipeline, views_pipeline
 from storage import join
 
-from .member_reads import Found, MemberReader, UnusableSample, first_readable, open_storage
-from .order import build_order
-from .position import Position
+from .member_reads import Found, MemberReader, UnusableSample, first_readable
+from .position import PositionedLoader
 from .read_ahead import rank_read_ahead
-from .shard_index import IndexedSample, ShardSet, read_sample_index, read_shard_set
+from .shard_index import IndexedSample, ShardSet
 from .views import SamplePlan, plan_sample, recipe_views
 
 
@@ -87,6 +92,7 @@ class _Sample:
     """One sample read and planned: what the views graph needs, and where it came from."""
 
     position: int
+    sample_id: int      # the video's index in the manifest: its id in the batch (``video_id``)
     key: str
     shard: str
     label: int
@@ -110,65 +116,57 @@ class _Batch:
         return [s.encoded for s in self.samples], [s.plan.frames for s in self.samples]
 
     def view_inputs(self, slots: list[str], views: list) -> list[list[np.ndarray]]:
-        """The views' external-source inputs: frame positions per slot, then parameters per view."""
-        positions = [[s.plan.positions[slot] for s in self.samples] for slot in slots]
-        return positions + [[s.plan.params[v.name] for s in self.samples] for v in views]
+        """The views' external-source inputs, per view-set (repeat index): frame positions per slot,
+        then parameters per view."""
+        inputs = []
+        for r in range(len(self.samples[0].plan.view_sets)):
+            sets = [s.plan.view_sets[r] for s in self.samples]
+            inputs += [[v.positions[slot] for v in sets] for slot in slots]
+            inputs += [[v.params[view.name] for v in sets] for view in views]
+        return inputs
+
+    def rows(self, repeats: int) -> dict[str, Any]:
+        """Per row of the output batch (each video's ``repeats`` view-sets next to each other): its
+        video's label, key and id, and its repeat index."""
+        return {"label": torch.tensor([s.label for s in self.samples], dtype=torch.long).repeat_interleave(repeats),
+                "key": [s.key for s in self.samples for _ in range(repeats)],
+                "video_id": torch.tensor([s.sample_id for s in self.samples],
+                                         dtype=torch.long).repeat_interleave(repeats),
+                "repeat": torch.arange(repeats).repeat(len(self.samples))}
 
 
-class DALILoader:
-    """Iterable of ``{view_name: (B, C, T, H, W), "label": (B,), "key": [str], "data_step": (epoch, step)}``.
+class DALILoader(PositionedLoader):
+    """Iterable of ``{view_name: (B, C, T, H, W), "label": (B,), "key": [str], "video_id": (B,),
+    "repeat": (B,), "data_step": (epoch, step)}``.
 
     Args:
         cfg: data configuration.
-        batch_size: samples per step per rank; the global batch is ``batch_size * num_shards``.
+        batch_size: view-sets per step per rank (``batch_size / cfg.repeats`` videos); the global
+            batch is ``batch_size * num_shards``.
         shard_id, num_shards: this rank and the world size; rank r takes slice r of every data step.
         seed: base seed for the order, frame plans and augmentation.
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  seed: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= shard_id < num_shards:
-            raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
-        self.cfg = cfg
-        self.batch_size = batch_size
-        self.shard_id, self.num_shards = shard_id, num_shards
-        self.store = open_storage(cfg)
-        self.shards = read_shard_set(cfg.shards, self.store)
+        self._open(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed)
+        self.stats["pipeline_rebuilds"] = 0
         self.device = resolve_device(cfg.device)
         check_codec(self.shards, self.device)
         self.min_side = decoder_min_side(self.device, self.shards.codec)
-        self.index: list[IndexedSample] = read_sample_index(self.shards.paths, self.shards.index_paths,
-                                                            self.shards.num_samples, self.store)
-        self.position = Position(build_order(cfg, self.shards, batch_size * num_shards, seed), batch_size,
-                                 num_shards)
-        self.stats = self.position.stats
-        self.stats["pipeline_rebuilds"] = 0
+        self.index: list[IndexedSample] = self.shards.sample_index()
+        self.repeats = cfg.repeats
+        self.videos_per_batch = batch_size // cfg.repeats
         self.reader = MemberReader(self.store)
         self.read_ahead_stats: dict[str, Any] = {}
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
         self.slots = list(dict.fromkeys(v.slot for v in self.views))
 
-    # ----------------------------------------------------------------- position (pipelines.protocol.Loader)
-    def __len__(self) -> int:
-        return self.position.order.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.position.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.position.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position.load_state_dict(state)
-
-    merge_states = staticmethod(Position.merge_states)
-
     # ----------------------------------------------------------------- samples
-    def _read(self, entry: IndexedSample, position: int, epoch: int) -> _Sample:
+    def _read(self, sample_id: int, position: int, epoch: int) -> _Sample:
         """One sample read and planned (on a read-ahead thread); ``UnusableSample`` if it cannot be."""
+        entry = self.index[sample_id]
         record, video = self.reader.read_sample(entry)
         if record["key"] != entry.key:
             raise ValueError(f"{entry.shard}: member {entry.key}.json names key {record['key']!r}")
@@ -179,14 +177,14 @@ class DALILoader:
                            num_frames=int(record["num_frames"]), fps=float(record.get("fps", 30.0)),
                            width=int(record["width"]), height=int(record["height"]))
         encoded = np.frombuffer(video, dtype=np.uint8)
-        return _Sample(position, entry.key, entry.shard, int(record.get("label", -1)), encoded, plan)
+        return _Sample(position, sample_id, entry.key, entry.shard, int(record.get("label", -1)), encoded, plan)
 
     def _fetch(self, epoch: int, position: int) -> Found[_Sample]:
         """The first usable sample of ``position`` (its own, then its spares), read and planned.
         Thread-safe: it only reads the position's bad keys; ``_take`` records what it found."""
         return first_readable(self.position.order.candidates(epoch, position), self.index,
                               lambda key: key in self.position.bad_keys,
-                              lambda entry: self._read(entry, position, epoch), self.cfg.shards)
+                              lambda sample_id: self._read(sample_id, position, epoch), self.cfg.shards)
 
     def _take(self, epoch: int, step: int, position: int, found: Found[_Sample]) -> _Sample:
         """Record what ``_fetch`` found (bad candidates, a replacement) in delivery order, so counts and
@@ -229,7 +227,8 @@ class DALILoader:
     def _build_views(self, source, batch_size: int | None = None, prefetch: int | None = None):
         pipe = views_pipeline(
             source, self.views, self.slots, self.device, self.cfg.augment, tuple(self.cfg.mean),
-            tuple(self.cfg.std), DALI_OUTPUT_DTYPE[self.cfg.dtype], batch_size=batch_size or self.batch_size,
+            tuple(self.cfg.std), DALI_OUTPUT_DTYPE[self.cfg.dtype], self.repeats,
+            batch_size=batch_size or self.videos_per_batch,
             num_threads=self.cfg.num_threads, device_id=self._device_id(), seed=self.position.seed,
             prefetch_queue_depth=prefetch or self.cfg.prefetch, exec_dynamic=True)
         pipe.build()
@@ -261,11 +260,14 @@ class DALILoader:
         self.position.finish(epoch)
 
     def _repair(self, out: dict[str, Any], check, batch: _Batch, epoch: int) -> None:
-        """Replace the samples whose decode lacked planned frames (``frames_check`` 0) by spares."""
+        """Replace the videos whose decode lacked planned frames (``frames_check`` 0) by spares, all
+        their view-sets."""
         missing = np.flatnonzero(self._frames_check(check) == 0)
-        if missing.size:
-            for name in self.view_names:
-                out[name] = out[name].clone()   # DALI's output memory: write into a copy
+        if not missing.size:
+            return
+        for name in self.view_names:
+            out[name] = out[name].clone()   # DALI's output memory: write into a copy
+        r = self.repeats
         for i in missing:
             bad = batch.samples[i]
             self.position.record_bad(bad.key, bad.shard, f"the decoder delivered fewer real frames than the plan "
@@ -273,9 +275,8 @@ class DALILoader:
             spare, views = self._decode_spare(epoch, batch.step, bad.position)
             batch.samples[i] = spare
             for name in self.view_names:
-                out[name][i] = views[name][0]
-            out["label"][i] = spare.label
-            out["key"][i] = spare.key
+                out[name][i * r:(i + 1) * r] = views[name]
+        out.update(batch.rows(r))
 
     def _decode_spare(self, epoch: int, step: int, position: int) -> tuple[_Sample, dict[str, torch.Tensor]]:
         """The first spare of ``position`` that decodes with all its frames, and its views."""
@@ -303,7 +304,9 @@ class DALILoader:
     def _to_torch(self, outputs, batch: _Batch) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for view, tensor_list in zip(self.views, outputs):
-            dense = tensor_list.as_tensor()  # (B, C, T, H, W): every sample of a view has one shape
+            # (videos, C, T, H, W), or (videos, R, C, T, H, W) with repeats: every sample of a view
+            # has one shape
+            dense = tensor_list.as_tensor()
             if self.device == "cpu":
                 # Zero-copy: DALI's dynamic executor (the default, checked in _build_views) gives every
                 # iteration fresh output memory that lives as long as a reference to it, so no
@@ -313,9 +316,10 @@ class DALILoader:
                 tensor = torch.empty(dense.shape(), dtype=_dali_torch_dtype(self.cfg.dtype),
                                      device=torch.device("cuda", self._device_id()))
                 feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream())
+            if self.repeats > 1:
+                tensor = tensor.flatten(0, 1)   # rows video-major; a view of the same memory
             out[view.name] = tensor.to(torch_dtype(self.cfg.dtype))
-        out["label"] = torch.tensor([s.label for s in batch.samples], dtype=torch.long)
-        out["key"] = batch.keys
+        out.update(batch.rows(self.repeats))
         out["data_step"] = (self.position.epoch, batch.step)
         return out
 
@@ -356,7 +360,7 @@ class _Feeder:
         ld = loader
         self.ahead = rank_read_ahead(lambda key: ld._fetch(epoch, key[1]), order=ld.position.order, index=ld.index,
                                      epoch=epoch, steps=range(start_step, self.steps), rank=ld.shard_id,
-                                     world_size=ld.num_shards, batch_size=ld.batch_size, cfg=ld.cfg)
+                                     world_size=ld.num_shards, cfg=ld.cfg)
         ld.read_ahead_stats = self.ahead.stats
 
     def close(self) -> None:

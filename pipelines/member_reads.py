@@ -101,9 +101,9 @@ class Found(Generic[T]):
 
 
 def first_readable(candidates: Iterable[int], index: list[IndexedSample], known_bad: Callable[[str], bool],
-                   read: Callable[[IndexedSample], T], where: str) -> Found[T]:
+                   read: Callable[[int], T], where: str) -> Found[T]:
     """The first candidate (a position's sample, then its spares: ``GlobalOrder.candidates``) that is
-    not known bad and that ``read`` reads without ``UnusableSample``.
+    not known bad and that ``read`` (given its sample id) reads without ``UnusableSample``.
 
     Runs on read-ahead threads: it records nothing itself; the caller records ``bad`` in the loader's
     position, in delivery order, so the counts and logs are those of reading one sample at a time.
@@ -114,7 +114,7 @@ def first_readable(candidates: Iterable[int], index: list[IndexedSample], known_
         if known_bad(entry.key) or any(key == entry.key for key, _, _ in bad):
             continue
         try:
-            return Found(candidate, read(entry), bad)
+            return Found(candidate, read(candidate), bad)
         except UnusableSample as err:
             bad.append((entry.key, entry.shard, str(err)))
     raise RuntimeError(f"{where}: every sample is bad, no spare left")

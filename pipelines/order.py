@@ -141,7 +141,15 @@ def _permutation(order: GlobalOrder, epoch: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def build_order(cfg: DataConfig, shards: ShardSet, global_batch: int, seed: int) -> GlobalOrder:
-    """The loaders' global order over ``shards`` (the DALI and the baseline loader share it)."""
-    return GlobalOrder(shards.total, global_batch, seed=seed, drop_last=cfg.drop_last, shuffle=cfg.shuffle,
-                       shard_sizes=tuple(shards.num_samples), block_shards=cfg.block_shards)
+def build_order(cfg: DataConfig, shards: ShardSet, batch_size: int, num_shards: int, seed: int) -> GlobalOrder:
+    """The loaders' global order over ``shards`` (the DALI and the baseline loader share it).
+
+    ``batch_size`` counts view-sets per rank. The order counts videos: with ``cfg.repeats`` = R view-sets
+    per video, a data step holds ``batch_size / R`` videos per rank (R must divide it), so an epoch
+    still visits every video once, each with its R view-sets.
+    """
+    if batch_size % cfg.repeats:
+        raise ValueError(f"data.repeats: {cfg.repeats} view-sets per video must divide the per-rank batch "
+                         f"of {batch_size} (a rank's batch holds whole videos)")
+    return GlobalOrder(shards.total, batch_size // cfg.repeats * num_shards, seed=seed, drop_last=cfg.drop_last,
+                       shuffle=cfg.shuffle, shard_sizes=tuple(shards.num_samples), block_shards=cfg.block_shards)

@@ -127,16 +127,18 @@ class ReadAhead(Generic[K, T]):
 
 
 def rank_read_ahead(fetch: Callable[[tuple[int, int]], T], *, order, index: list, epoch: int, steps: Iterable[int],
-                    rank: int, world_size: int, batch_size: int, cfg, share: int = 1) -> ReadAhead[tuple[int, int], T]:
+                    rank: int, world_size: int, cfg, share: int = 1) -> ReadAhead[tuple[int, int], T]:
     """A loader's read-ahead over its slice of ``steps`` of ``epoch``: keys ``(step, position)`` in
-    delivery order, each costing its own sample's member bytes (a spare read instead costs what it
-    costs; spares are rare). ``cfg`` (``DataConfig``) gives the steps ahead, the byte budget (split
-    over ``share`` consumers, e.g. the baseline's workers) and the threads."""
+    delivery order (a position is a video; with ``data.repeats`` its view-sets come from one read),
+    each costing its own sample's member bytes (a spare read instead costs what it costs; spares are
+    rare). ``cfg`` (``DataConfig``) gives the steps ahead, the byte budget (split over ``share``
+    consumers, e.g. the baseline's workers) and the threads."""
     keys = ((step, p) for step in steps for p in order.positions(step, rank, world_size))
+    videos_per_step = len(order.positions(0, rank, world_size))
 
     def cost(key: tuple[int, int]) -> int:
         entry = index[order.sample_at(epoch, key[1])]
         return entry.meta.size + entry.video.size
 
-    return ReadAhead(fetch, keys, cost=cost, max_ahead=cfg.read_ahead_steps * batch_size,
+    return ReadAhead(fetch, keys, cost=cost, max_ahead=cfg.read_ahead_steps * videos_per_step,
                      max_bytes=max(1, cfg.read_ahead_bytes // share), threads=cfg.read_threads)

@@ -80,10 +80,15 @@ class ShardSet:
     index_paths: list[str]
     num_samples: list[int]
     label_map: dict[str, int] = field(default_factory=dict)
+    store: Storage | None = field(default=None, repr=False, compare=False)   # what reads them
 
     @property
     def total(self) -> int:
         return sum(self.num_samples)
+
+    def sample_index(self) -> list[IndexedSample]:
+        """Every sample of these shards, in manifest order (``read_sample_index``)."""
+        return read_sample_index(self.paths, self.index_paths, self.num_samples, self.store)
 
 
 def read_shard_set(folder: str | os.PathLike, store: Storage | None = None) -> ShardSet:
@@ -103,4 +108,4 @@ def read_shard_set(folder: str | os.PathLike, store: Storage | None = None) -> S
         raise FileNotFoundError(f"{where}: lists {missing[0]}, which does not exist"
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return ShardSet(folder, manifest.codec, [tar for tar, _ in files], [idx for _, idx in files],
-                    [s.num_samples for s in manifest.shards], dict(manifest.label_map))
+                    [s.num_samples for s in manifest.shards], dict(manifest.label_map), store)

@@ -5,7 +5,9 @@ colour). All random choices for one sample -- frames and every view's crop box, 
 grayscale, blur and solarize -- are drawn here from the sample's own generator
 (``frame_plans.sample_rng``), packed into one small float vector per view, and handed to the graph as
 per-sample arguments. The graph itself holds no random state, which makes it exactly resumable from
-the reader's position alone, and lets the baseline loader apply the very same parameters.
+the reader's position alone, and lets the baseline loader apply the very same parameters. With repeated sampling (``data.repeats: R``) a
+sample's plan holds R view-sets, each drawn from its own generator (``sample_rng(..., repeat)``), over
+one union of frames that the decoder reads once.
 """
 
 from __future__ import annotations
@@ -77,26 +79,39 @@ def frame_plan(cfg: DataConfig, num_frames: int, fps: float, rng: np.random.Gene
 
 
 @dataclass
+class ViewSet:
+    """One view-set of a sample (every view of the recipe once): where its slots lie in the decoded
+    union, and each view's parameters."""
+
+    positions: dict[str, np.ndarray]   # slot -> (T,) int32 positions into ``SamplePlan.frames``
+    params: dict[str, np.ndarray]      # view name -> (NUM_PARAMS,) float32
+
+
+@dataclass
 class SamplePlan:
-    """Everything random about one sample: frames to decode, per-slot positions, per-view params."""
+    """Everything random about one sample visit: the frames to decode once, and its view-sets
+    (``data.repeats`` of them, repeat index = list index)."""
 
     key: str
     frames: np.ndarray                 # (U,) int32, sorted unique source frame indices to decode
-    positions: dict[str, np.ndarray]   # slot -> (T,) int32 positions into ``frames``
-    params: dict[str, np.ndarray]      # view name -> (NUM_PARAMS,) float32
+    view_sets: list[ViewSet]
 
-    def view_frames(self, view: ViewSpec) -> np.ndarray:
-        """Source frame indices of a view, in order."""
-        return self.frames[self.positions[view.slot]]
+    def view_frames(self, view: ViewSpec, repeat: int = 0) -> np.ndarray:
+        """Source frame indices of a view of view-set ``repeat``, in order."""
+        return self.frames[self.view_sets[repeat].positions[view.slot]]
 
 
 def plan_sample(cfg: DataConfig, views: list[ViewSpec], *, seed: int, epoch: int, key: str,
                 num_frames: int, fps: float, width: int, height: int) -> SamplePlan:
-    """Draw one sample's frame plan and view parameters from its own generator."""
-    rng = sample_rng(seed, epoch, key)
-    frames, positions = union_and_positions(frame_plan(cfg, num_frames, fps, rng))
-    params = {v.name: view_params(rng, v, cfg.augment, width, height) for v in views}
-    return SamplePlan(key, frames, positions, params)
+    """Draw a sample's ``cfg.repeats`` view-sets: view-set r's frame plan and view parameters come
+    from its own generator ``sample_rng(seed, epoch, key, r)``; their frames share one union."""
+    plans, params = [], []
+    for repeat in range(cfg.repeats):
+        rng = sample_rng(seed, epoch, key, repeat)
+        plans.append(frame_plan(cfg, num_frames, fps, rng))
+        params.append({v.name: view_params(rng, v, cfg.augment, width, height) for v in views})
+    frames, positions = union_and_positions(plans)
+    return SamplePlan(key, frames, [ViewSet(pos, par) for pos, par in zip(positions, params)])
 
 
 def view_params(rng: np.random.Generator, view: ViewSpec, aug: AugmentConfig, width: int,

@@ -12,10 +12,20 @@ from pathlib import Path
 from common.errors import run_cli, writing_to
 from shard_tools.encode import CODEC_TABLE, EncodeSettings
 from shard_tools.executors import EXECUTORS, default_workers
-from shard_tools.sources import DATASET_KINDS, load_label_map, read_folder, read_kinetics_csv, read_ssv2
+from shard_tools.sources import (DATASET_KINDS, as_location, is_url, load_label_map, location_name, read_folder,
+                                 read_kinetics_csv, read_ssv2)
 
 SUBCOMMANDS = ("shard", "verify", "stats", "bench")
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """``4GiB`` / ``500MB`` / a plain number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or (unit and unit not in _SIZE_UNITS) or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: give a size in bytes (4GiB, 500MB)")
+    return int(float(match.group(1)) * _SIZE_UNITS.get(unit, 1))
 
 
 def parse_shard_size(text: str) -> tuple[int | None, int | None]:
@@ -49,17 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--source", choices=("auto",) + DATASET_KINDS, default="auto",
                      help="input layout; auto: .csv annotations -> kinetics, .json -> ssv2, "
                           "none -> folder of class subfolders")
-    src.add_argument("--annotations", type=Path,
+    src.add_argument("--annotations", type=as_location,
                      help="Kinetics CSV (label,youtube_id,time_start,time_end,split[,is_cc]) or SSv2 "
-                          "train.json/validation.json/test.json")
-    src.add_argument("--labels", type=Path, help="SSv2 labels.json (name -> id)")
-    src.add_argument("--videos", type=Path, required=True,
-                     help="video folder (Kinetics: flat {id}_{start:06d}_{end:06d}.mp4 or class folders)")
+                          "train.json/validation.json/test.json (a path or a URL)")
+    src.add_argument("--labels", type=as_location, help="SSv2 labels.json (name -> id; a path or a URL)")
+    src.add_argument("--videos", type=as_location, required=True,
+                     help="video folder or URL prefix (s3://bucket/k400/train; Kinetics: flat "
+                          "{id}_{start:06d}_{end:06d}.mp4 or class folders)")
     src.add_argument("--split", help="split name (Kinetics: rows of this split; default from the data)")
-    src.add_argument("--label-map", type=Path,
+    src.add_argument("--label-map", type=as_location,
                      help="fixed class map (JSON name->id or one name per line) so splits agree")
+    src.add_argument("--fetch-bytes", type=lambda text: parse_bytes(text, "--fetch-bytes"), default="4GiB",
+                     help="URL --videos: local disk the inputs being processed may take at once "
+                          "(each is fetched whole, then deleted)")
     out = shard.add_argument_group("output")
-    out.add_argument("--out", type=Path, required=True, help="output folder")
+    out.add_argument("--out", type=as_location, required=True,
+                     help="output folder, or a URL (s3://bucket/prefix): shards are built in --work-dir "
+                          "and uploaded, the manifest last")
+    out.add_argument("--work-dir", type=Path,
+                     help="URL --out: the local folder shards are built in and the resume journals live in "
+                          "(default ~/.cache/shard_tools/work/<the URL>)")
     out.add_argument("--name", help="shard name prefix (default: the dataset kind)")
     out.add_argument("--shard-size", type=parse_shard_size, default="1000",
                      help="samples per shard (1000) or bytes per shard (256MB, 1GiB)")
@@ -125,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _listing_from_args(args):
     kind = args.source
     if kind == "auto":
+        suffix = Path(location_name(args.annotations)).suffix if args.annotations is not None else None
         if args.annotations is None:
             kind = "folder"
-        elif args.annotations.suffix == ".csv":
+        elif suffix == ".csv":
             kind = "kinetics"
-        elif args.annotations.suffix == ".json":
+        elif suffix == ".json":
             kind = "ssv2"
         else:
             raise ValueError(f"--annotations {args.annotations}: cannot tell the format; pass --source")
@@ -164,7 +184,10 @@ def _listing_from_args(args):
 
 def cmd_shard(args) -> int:
     from shard_tools.job import ShardJob, run_shard_job
+    from shard_tools.publish import default_work_folder, uploaded_objects
 
+    if is_url(args.out):
+        uploaded_objects(args.out)  # a missing bucket or credentials: say so before listing any input
     listing, source = _listing_from_args(args)
     settings = EncodeSettings(codec=args.codec, short_side=args.short_side, max_fps=args.max_fps,
                               keyframe_interval=args.keyframe_interval, crf=args.crf,
@@ -173,21 +196,30 @@ def cmd_shard(args) -> int:
                               min_side=args.min_side,
                               max_gap=args.max_gap, copy=args.copy)
     max_samples, max_bytes = args.shard_size
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
-    job = ShardJob(out_dir=args.out, name=args.name or listing.dataset, settings=settings, seed=args.seed,
+    if is_url(args.out):
+        work_dir = args.work_dir or default_work_folder(args.out)
+        print(f"[shard_tools] building shards in {work_dir}, uploading them to {args.out}", file=sys.stderr)
+    elif args.work_dir is not None:
+        raise ValueError(f"--work-dir {args.work_dir}: only for a URL --out (a local --out is built in place)")
+    else:
+        work_dir = args.out
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ValueError(f"{'--work-dir' if is_url(args.out) else '--out'} {work_dir}: exists and is not a folder")
+    job = ShardJob(out_dir=work_dir, name=args.name or listing.dataset, settings=settings, seed=args.seed,
                    shard_max_samples=max_samples, shard_max_bytes=max_bytes, executor=args.executor,
                    workers=args.workers, ray_address=args.ray_address, keep_work=args.keep_work,
-                   progress=not args.no_progress, source=source)
-    # a full disk reported on close names no file: the error names the output folder
-    with writing_to(args.out, hint="finished videos are kept in OUT/.work: free space and rerun the same "
+                   progress=not args.no_progress, source=source,
+                   upload_to=args.out if is_url(args.out) else None, fetch_bytes=args.fetch_bytes)
+    # a full disk reported on close names no file: the error names the output (or work) folder
+    kept = f"{work_dir}/.work" if is_url(args.out) else "OUT/.work"
+    with writing_to(work_dir, hint=f"finished videos are kept in {kept}: free space and rerun the same "
                                    "command to resume"):
         manifest = run_shard_job(listing, job)
     unexpected = manifest.quarantine.by_reason.get("unexpected error", 0)
     if unexpected:
         # Per-input failures never end the job; many "unexpected error"s point at the environment.
         print(f"[shard_tools] warning: {unexpected} input(s) quarantined as 'unexpected error' (see "
-              f"{args.out / manifest.quarantine.path}); if the cause is the environment, fix it and "
+              f"{args.out}/{manifest.quarantine.path}); if the cause is the environment, fix it and "
               "rerun into a new folder", file=sys.stderr)
     print(json.dumps({"out": str(args.out), "codec": manifest.codec, "totals": dataclasses.asdict(manifest.totals),
                       "quarantine": manifest.quarantine.by_reason}, indent=1))

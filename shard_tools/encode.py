@@ -24,6 +24,8 @@ from pathlib import Path
 
 import av
 
+from common.typed_config import dataclass_from_dict
+from shard_tools.fetch import FetchFailed, local_input
 from shard_tools.sources import VideoInput
 
 QUARANTINE_REASONS = ("missing", "zero bytes", "unreadable", "not a video", "no video stream", "truncated",
@@ -104,15 +106,8 @@ class EncodeSettings:
 
     @classmethod
     def from_dict(cls, raw: dict, prefix: str = "encode") -> "EncodeSettings":
-        """Strict construction from plain data (a manifest's ``encode`` entry, YAML) by ``typed_config``:
-        unknown keys and values of the wrong type are errors naming ``prefix.key``.
-
-        ``typed_config`` is imported here, not with the module: Ray ships only the ``shard_tools``
-        package to its workers (``executors.py``, ``py_modules``), and they receive built settings
-        (a pickled frozen dataclass) and never call this.
-        """
-        from typed_config import dataclass_from_dict
-
+        """Strict construction from plain data (a manifest's ``encode`` entry, YAML) by
+        ``common.typed_config``: unknown keys and values of the wrong type are errors naming ``prefix.key``."""
         return dataclass_from_dict(cls, raw, prefix)
 
     def to_dict(self) -> dict:
@@ -186,16 +181,19 @@ def output_rate(stream, max_fps: float) -> Fraction:
     return min(Fraction(rate), cap)
 
 
-def _open_source(item: VideoInput):
-    path = Path(item.path)
+def _open_source(item: VideoInput, local: str):
+    """Open the input's local file (``item.path``, or the fetched copy of a URL input); messages
+    name the input (the URL), never the copy."""
+    path = Path(local)
+    shown = path if local == item.path else item.path
     if not path.exists():
         broken = " (a broken symlink)" if path.is_symlink() else ""
-        raise VideoRejected("probe", "missing", f"{path} does not exist{broken}")
+        raise VideoRejected("probe", "missing", f"{shown} does not exist{broken}")
     if not path.is_file():
-        raise VideoRejected("probe", "not a video", f"{path} is not a regular file")
+        raise VideoRejected("probe", "not a video", f"{shown} is not a regular file")
     size = path.stat().st_size
     if size == 0:
-        raise VideoRejected("probe", "zero bytes", f"{path} is empty")
+        raise VideoRejected("probe", "zero bytes", f"{shown} is empty")
     # Read the head first: an unreadable file fails here with the OS's own reason (PermissionError
     # -> "unreadable" in process_video), not as an FFmpeg error that looks like a bad video.
     with open(path, "rb") as f:
@@ -206,23 +204,23 @@ def _open_source(item: VideoInput):
         raise  # av.error.PermissionError & co. are OSErrors: the file, not its content, is the problem
     except (av.error.FFmpegError, UnicodeDecodeError) as err:
         reason = "truncated" if _has_container_magic(head) else "not a video"
-        raise VideoRejected("probe", reason, f"{path}: FFmpeg cannot open it ({err})") from None
+        raise VideoRejected("probe", reason, f"{shown}: FFmpeg cannot open it ({err})") from None
     format_name = container.format.name
     still = format_name.endswith(IMAGE_FORMAT_SUFFIX) or (
         format_name == "gif" and container.streams.video and container.streams.video[0].frames <= 1)
     if format_name in NON_VIDEO_FORMATS or still:
         container.close()
         what = "a still image" if still or format_name == "image2" else "not a video"
-        raise VideoRejected("probe", "not a video", f"{path}: FFmpeg reads it as {format_name!r} ({what})")
+        raise VideoRejected("probe", "not a video", f"{shown}: FFmpeg reads it as {format_name!r} ({what})")
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
-        raise VideoRejected("probe", "no video stream", f"{path}: streams: {', '.join(kinds)}")
+        raise VideoRejected("probe", "no video stream", f"{shown}: streams: {', '.join(kinds)}")
     stream = container.streams.video[0]
     codec_context = stream.codec_context
     if codec_context is None or not codec_context.name:
         container.close()
-        raise VideoRejected("probe", "unsupported codec", f"{path}: FFmpeg has no decoder for its video codec")
+        raise VideoRejected("probe", "unsupported codec", f"{shown}: FFmpeg has no decoder for its video codec")
     return container, stream, size
 
 
@@ -247,7 +245,7 @@ def _keyframe_interval_ok(path: str, max_interval: int) -> bool:
     return True
 
 
-def _can_copy(item: VideoInput, container, stream, settings: EncodeSettings, rate: Fraction,
+def _can_copy(local: str, container, stream, settings: EncodeSettings, rate: Fraction,
               size: tuple[int, int]) -> bool:
     codec_context = stream.codec_context
     return (settings.copy
@@ -257,7 +255,7 @@ def _can_copy(item: VideoInput, container, stream, settings: EncodeSettings, rat
             and codec_context.pix_fmt == "yuv420p"
             and (codec_context.width, codec_context.height) == size
             and stream.average_rate is not None and Fraction(stream.average_rate) == rate
-            and _keyframe_interval_ok(item.path, settings.keyframe_interval))
+            and _keyframe_interval_ok(local, settings.keyframe_interval))
 
 
 class _Encoder:
@@ -399,8 +397,8 @@ def test_decode(payload: bytes, settings: EncodeSettings, size: tuple[int, int])
     return count, rate
 
 
-def _process(item: VideoInput, settings: EncodeSettings) -> tuple[dict, bytes]:
-    container, stream, source_bytes = _open_source(item)
+def _process(item: VideoInput, local: str, settings: EncodeSettings) -> tuple[dict, bytes]:
+    container, stream, source_bytes = _open_source(item, local)
     with container:
         codec_context = stream.codec_context
         if stream.frames and stream.frames < settings.min_frames and stream.average_rate \
@@ -418,9 +416,9 @@ def _process(item: VideoInput, settings: EncodeSettings) -> tuple[dict, bytes]:
         rate = output_rate(stream, settings.max_fps)
         source_info = {"source_codec": codec_context.name, "source_width": width,
                        "source_height": height, "source_bytes": source_bytes}
-        copied = _can_copy(item, container, stream, settings, rate, size)
+        copied = _can_copy(local, container, stream, settings, rate, size)
         if copied:
-            payload = Path(item.path).read_bytes()
+            payload = Path(local).read_bytes()
         else:
             payload, _ = transcode(item, container, stream, settings, rate, size)
     try:
@@ -458,15 +456,22 @@ def _failed_stage(err: BaseException) -> str:
     return stage
 
 
-def process_video(item: VideoInput, settings: EncodeSettings) -> VideoOutcome:
+def process_video(item: VideoInput, settings: EncodeSettings, fetch_dir: str | None = None) -> VideoOutcome:
     """Probe, re-encode (or copy) and test-decode one video; every failure becomes a quarantine record.
 
     One input never stops the job: a file the OS will not let us read (PermissionError, I/O error, a
-    path that vanished) is ``unreadable``; any other exception is ``unexpected error`` with its type
-    and message (the manifest's ``by_reason`` counts them; many of them point at the environment).
+    path that vanished, an object that cannot be fetched after the storage layer's retries) is
+    ``unreadable``; any other exception is ``unexpected error`` with its type and message (the
+    manifest's ``by_reason`` counts them; many of them point at the environment).
+
+    Args:
+        fetch_dir: where a URL input is fetched to (:func:`shard_tools.fetch.local_input`).
     """
     try:
-        record, payload = _process(item, settings)
+        with local_input(item.path, item.key, fetch_dir) as local:
+            record, payload = _process(item, local, settings)
+    except FetchFailed as err:
+        stage, reason, detail = "probe", err.reason, str(err)
     except VideoRejected as rejected:
         stage, reason, detail = rejected.stage, rejected.reason, rejected.detail
     except OSError as err:  # includes av.error.PermissionError / FileNotFoundError (they are OSErrors)

@@ -7,9 +7,11 @@ manifest with :func:`write_manifest`; the loaders, ``evaluate.py`` and ``verify`
 it with :func:`read_manifest`. Shard paths come from the manifest only (count-sized shards are
 fixed seeded groups, so shard numbers can skip), relative to the manifest's folder.
 
-Standard library only: Ray ships ``shard_tools`` to its workers, and ``pipelines`` imports this
-module without pulling torch or DALI in (webdataset imports torch, so its key split is restated
-here and a test pins it to webdataset's).
+Standard library only (plus ``common``'s strict loader and atomic writes and ``storage``'s reads of
+a shard folder at a URL, whose drivers load only when a URL is read): Ray ships ``shard_tools``,
+``common`` and ``storage`` to its workers, and ``pipelines`` imports
+this module without pulling torch or DALI in (webdataset imports torch, so its key split is
+restated here and a test pins it to webdataset's).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import json
 import os
 import re
 import tarfile
-import types
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from common.atomic_io import atomic_write_bytes, atomic_write_json
+from common.typed_config import ConfigError, dataclass_from_dict
+from storage import StorageAccessError, default_storage, is_url, join
 
 MANIFEST_NAME = "manifest.json"
 QUARANTINE_NAME = "quarantine.jsonl"
@@ -176,9 +180,14 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST_NAME) -> Manifest:
-        """Strict: unknown or missing keys and values of the wrong type are errors naming ``where``
-        and the dotted field."""
-        manifest = _build(cls, data, where, "")
+        """Strict (``common.typed_config``): unknown or missing keys and values of the wrong type are
+        errors naming ``where`` and the dotted field."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: the manifest must be a JSON object, got {type(data).__name__}")
+        try:
+            manifest = dataclass_from_dict(cls, data, "")
+        except ConfigError as err:
+            raise ManifestError(f"{where}: {err}") from err
         manifest.check(where)
         return manifest
 
@@ -214,8 +223,6 @@ class Manifest:
     def shard_locations(self, folder: str | os.PathLike) -> list[tuple[str, str]]:
         """``(tar, idx)`` of every shard as locations under ``folder``, a local path or a URL
         (``storage.locations``); nothing is checked (``pipelines.shard_index`` checks them in one listing)."""
-        from storage import join   # lazily, as in read_manifest
-
         return [(join(folder, s.path), join(folder, s.idx_path)) for s in self.shards]
 
 
@@ -226,10 +233,6 @@ def read_manifest(folder: str | os.PathLike, store=None) -> Manifest:
     read through ``store`` (a ``storage.Storage``; the process's default if None), and a missing
     bucket, missing credentials or a denied read is one ``StorageAccessError`` naming the URL.
     """
-    # storage is imported here, not at the top: Ray ships shard_tools alone to its workers, which
-    # only write local files
-    from storage import StorageAccessError, default_storage, is_url, join
-
     if is_url(folder):
         path = join(folder, MANIFEST_NAME)
         try:
@@ -256,54 +259,8 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest, *, sync: bool 
     """Write ``folder/manifest.json`` atomically (the manifest marks a finished job); return its path."""
     manifest.check(str(Path(folder) / MANIFEST_NAME))
     path = Path(folder) / MANIFEST_NAME
-    atomic_write_bytes(path, (json.dumps(manifest.to_dict(), indent=1) + "\n").encode(), sync=sync)
+    atomic_write_json(path, manifest.to_dict(), indent=1, sync=sync)
     return path
-
-
-def _build(cls, data: Any, where: str, prefix: str):
-    """``cls`` (a dataclass) from plain JSON data, checking keys and types field by field."""
-    label = prefix.rstrip(".") or "the manifest"
-    if not isinstance(data, dict):
-        raise ManifestError(f"{where}: {label} must be a JSON object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ManifestError(f"{where}: {prefix}{unknown[0]}: unknown key (not in the shard format)")
-    values = {}
-    for name, f in fields.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ManifestError(f"{where}: {prefix}{name}: missing")
-            continue
-        values[name] = _value(data[name], hints[name], where, prefix + name)
-    return cls(**values)
-
-
-def _value(value: Any, annotation: Any, where: str, name: str) -> Any:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _value(value, inner, where, name)
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, where, name + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ManifestError(f"{where}: {name}: expected a list, got {value!r:.80}")
-        return [_value(v, args[0], where, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ManifestError(f"{where}: {name}: expected an object, got {value!r:.80}")
-        return {k: _value(v, args[1], where, f"{name}.{k}") for k, v in value.items()}
-    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ManifestError(f"{where}: {name}: expected an integer, got {value!r:.80}")
-    if annotation is str and not isinstance(value, str):
-        raise ManifestError(f"{where}: {name}: expected a string, got {value!r:.80}")
-    return value
 
 
 # ---------------------------------------------------------------- DALI index
@@ -353,8 +310,6 @@ def dali_index_bytes(tar_path: str | os.PathLike) -> bytes:
 def read_dali_index(idx_path: str | os.PathLike, store=None) -> list[list[IndexMember]]:
     """Every sample of a DALI index (its members in tar order); errors name the index file. A URL is
     read through ``store`` (as :func:`read_manifest`)."""
-    from storage import default_storage, is_url   # lazily, as in read_manifest
-
     if is_url(idx_path):
         raw = (store or default_storage()).read_bytes(os.fspath(idx_path))
         try:
@@ -382,17 +337,3 @@ def read_dali_index(idx_path: str | os.PathLike, store=None) -> list[list[IndexM
     if len(samples) != int(header[1]):
         raise ManifestError(f"{idx_path}: the header announces {header[1]} samples, {len(samples)} lines follow")
     return samples
-
-
-# ---------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> None:
-    """Write to ``path.tmp``, fsync (unless ``sync=False``: scratch files), rename: readers see the
-    old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -18,6 +18,11 @@ Resume design (kill -9 at any moment, rerun with the same arguments, same final 
    and whose keys match the plan, and rewrites any other.
 5. ``quarantine.jsonl`` and then ``manifest.json`` are written last; the manifest marks a finished job.
    ``OUT/.work`` (a few files) is deleted afterwards unless ``keep_work``.
+6. With an output URL (``upload_to``) the same job runs in a local work folder and every finished
+   shard is uploaded, confirmed, journaled and deleted locally before its payloads are released;
+   the manifest is uploaded last (:mod:`shard_tools.publish`, which also says how a rerun knows what
+   is uploaded). Inputs listed from a URL are fetched by the worker that processes them, and the
+   driver keeps the fetched bytes in flight under ``fetch_bytes`` (:mod:`shard_tools.fetch`).
 """
 
 from __future__ import annotations
@@ -33,16 +38,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.atomic_io import atomic_write_json, write_jsonl
 from shard_tools import __version__
 from shard_tools.encode import EncodeSettings, preflight, process_video, quarantine_entry
 from shard_tools.executors import map_unordered
-from shard_tools.format import (MANIFEST_NAME, QUARANTINE_NAME, Manifest, QuarantineSummary, ShardEntry,
-                                ShardSize, Totals, atomic_write_bytes, index_file_name, read_manifest,
-                                shard_file_name, write_manifest)
+from shard_tools.format import (QUARANTINE_NAME, Manifest, QuarantineSummary, ShardEntry, ShardSize, Totals,
+                                index_file_name, shard_file_name, write_manifest)
 from shard_tools.journal import WorkJournal
-from shard_tools.sources import SourceListing, VideoInput
-from shard_tools.writer import (PlannedShard, estimate_sample_bytes, plan_shards, sample_members, shard_keys,
-                                write_jsonl, write_shard)
+from shard_tools.publish import BucketOutput, FolderOutput
+from shard_tools.sources import SourceListing, VideoInput, is_url
+from shard_tools.writer import PlannedShard, estimate_sample_bytes, plan_shards, sample_members, shard_keys, write_shard
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,10 @@ class ShardJob:
     """Where and how to write shards.
 
     Args:
-        out_dir: output folder (shards, .idx, manifest.json, quarantine.jsonl, .work/ while running).
+        out_dir: output folder (shards, .idx, manifest.json, quarantine.jsonl, .work/ while running);
+            with ``upload_to``, the local work folder the shards are built in.
+        upload_to: an output URL (``s3://bucket/prefix``): finished shards, then quarantine.jsonl
+            and manifest.json, are uploaded there (:mod:`shard_tools.publish`).
         name: shard name prefix: ``{name}-{split}-{index:06d}.tar``.
         settings: encode settings.
         seed: shuffles samples across shards.
@@ -63,6 +71,8 @@ class ShardJob:
             size (:class:`shard_tools.journal.WorkJournal`).
         process: the per-input function (default :func:`shard_tools.encode.process_video`); the
             scale benchmark swaps in a near-free stand-in. Not part of the fingerprint.
+        fetch_bytes: URL inputs: the inputs in flight are fetched to local disk, and their sizes
+            sum to at most this (one larger input runs alone).
     """
 
     out_dir: Path
@@ -81,6 +91,8 @@ class ShardJob:
     sync_seconds: float = 1.0
     segment_bytes: int = 64 << 20
     process: Callable | None = None
+    upload_to: str | None = None
+    fetch_bytes: int = 4 << 30
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -102,6 +114,10 @@ def job_fingerprint(listing: SourceListing, job: ShardJob) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
+# Under the job's .work: where pool workers put fetched copies of URL inputs (deleted per input).
+FETCH_FOLDER = "fetch"
+
+
 def _log(message: str) -> None:
     print(f"[shard_tools] {message}", file=sys.stderr, flush=True)
 
@@ -116,25 +132,17 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> Manifest:
     """Run (or resume, or confirm) a sharding job; return the manifest."""
     preflight(job.settings)
     out_dir = Path(job.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = out_dir / ".work"
     fingerprint = job_fingerprint(listing, job)
-    manifest_path = out_dir / MANIFEST_NAME
+    output = BucketOutput(job.upload_to, out_dir) if job.upload_to else FolderOutput(out_dir)
 
-    if manifest_path.exists():
-        manifest = read_manifest(out_dir)
-        if manifest.job_fingerprint != fingerprint:
-            raise ValueError(f"{out_dir} already holds a finished job with other arguments or inputs; "
-                             "write to a new folder")
-        missing = [s.path for s in manifest.shards
-                   if not (out_dir / s.path).exists() or not (out_dir / s.idx_path).exists()]
-        if not missing:
-            _log(f"{out_dir}: already complete ({manifest.totals})")
-            return manifest
-        if not work_dir.exists():
-            raise ValueError(f"{out_dir}: shards {missing[:3]} are gone and .work was deleted; "
-                             "rerun into a new folder")
-        manifest_path.unlink()
+    manifest = output.finished(fingerprint, resumable=work_dir.exists())
+    if manifest is not None:
+        _log(f"{output.describe()}: already complete ({manifest.totals})")
+        if job.upload_to and work_dir.exists() and not job.keep_work:
+            output.cleanup(work_dir)  # a kill after the manifest's upload left the work folder
+        return manifest
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     job_file = work_dir / "job.json"
     if job_file.exists():
@@ -143,13 +151,14 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> Manifest:
                              "inputs; rerun that job or write to a new folder")
     else:
         work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(job_file, json.dumps({"job_fingerprint": fingerprint}).encode())
+        atomic_write_json(job_file, {"job_fingerprint": fingerprint})
     _remove_temporaries(out_dir)
     _remove_temporaries(work_dir)
+    shutil.rmtree(work_dir / FETCH_FOLDER, ignore_errors=True)  # copies a killed run's workers left
 
     journal = WorkJournal(work_dir, sync_every=job.sync_every, sync_seconds=job.sync_seconds,
                           segment_bytes=job.segment_bytes, keep=job.keep_work)
-    writer = _ShardWriter(listing, job, journal)
+    writer = _ShardWriter(listing, job, journal, output)
     try:
         if job.shard_max_bytes:
             # Sizes are known only once every video is encoded: encode all, then plan and write.
@@ -171,8 +180,9 @@ def run_shard_job(listing: SourceListing, job: ShardJob) -> Manifest:
     finally:
         journal.close()
     manifest = writer.finish(fingerprint)
+    output.publish_final()
     if not job.keep_work:
-        shutil.rmtree(work_dir)
+        output.cleanup(work_dir)
     return manifest
 
 
@@ -184,8 +194,9 @@ class _ShardWriter:
     Records of written samples leave memory (the manifest entry keeps what the manifest needs).
     """
 
-    def __init__(self, listing: SourceListing, job: ShardJob, journal: WorkJournal):
-        self.listing, self.job, self.journal = listing, job, journal
+    def __init__(self, listing: SourceListing, job: ShardJob, journal: WorkJournal,
+                 output: FolderOutput | BucketOutput):
+        self.listing, self.job, self.journal, self.output = listing, job, journal, output
         self.out_dir = Path(job.out_dir)
         self.extension = job.settings.extension
         self.records: dict[str, dict] = journal.load()
@@ -222,10 +233,18 @@ class _ShardWriter:
         bar = tqdm(total=len(self.listing.inputs), initial=done, unit="video", dynamic_ncols=True,
                    disable=not self.job.progress, desc="shard")
         bar.set_postfix(quarantined=quarantined)
-        tasks = ((item, self.job.settings) for item in todo)
         process = self.job.process or process_video
+        if is_url(todo[0].path):
+            # Workers fetch URL inputs to local disk: bound the bytes in flight. Pool workers share
+            # this machine's work folder; a Ray node uses its own temp folder.
+            fetch_dir = None if self.job.executor == "ray" else str(self.journal.work_dir / FETCH_FOLDER)
+            tasks = ((item, self.job.settings, fetch_dir) for item in todo)
+            sizes = self.listing.sizes
+            window = {"cost": lambda task: sizes.get(task[0].path, 0), "max_cost": self.job.fetch_bytes}
+        else:
+            tasks, window = ((item, self.job.settings) for item in todo), {}
         for outcome in map_unordered(process, tasks, executor=self.job.executor, workers=self.job.workers,
-                                     ray_address=self.job.ray_address):
+                                     ray_address=self.job.ray_address, **window):
             entry = self.journal.append(outcome.key, outcome.ok, outcome.record,
                                         outcome.payload if outcome.ok else None)
             self.records[outcome.key] = entry
@@ -263,23 +282,26 @@ class _ShardWriter:
         samples = {k: self.records[k]["record"] for k in keys}
         tar_name = shard_file_name(self.job.name, self.listing.split, shard.index)
         tar_path, idx_path = self.out_dir / tar_name, self.out_dir / index_file_name(tar_name)
-        complete = tar_path.exists() and idx_path.exists() and shard_keys(tar_path) == keys
-        if not complete:
-            if validate:
-                lost = [k for k in keys if self.journal.read_payload(self.records[k]) is None]
-                if lost:
-                    for k in lost:
-                        del self.records[k]
-                    self.remaining[shard.index] = len(lost)
-                    return
-            members = (sample_members(k, self.extension, data, samples[k])
-                       for k, data in self._payloads(keys))
-            write_shard(tar_path, idx_path, members)
+        size = self.output.published_bytes(tar_name, keys)
+        if size is None:
+            complete = tar_path.exists() and idx_path.exists() and shard_keys(tar_path) == keys
+            if not complete:
+                if validate:
+                    lost = [k for k in keys if self.journal.read_payload(self.records[k]) is None]
+                    if lost:
+                        for k in lost:
+                            del self.records[k]
+                        self.remaining[shard.index] = len(lost)
+                        return
+                members = (sample_members(k, self.extension, data, samples[k])
+                           for k, data in self._payloads(keys))
+                write_shard(tar_path, idx_path, members)
+            size = self.output.publish_shard(tar_path, idx_path, keys)
         self.journal.release(self.records[k] for k in keys)
         for k in keys:  # the manifest entry below keeps what the manifest needs
             del self.records[k]
         self.entries[shard.index] = ShardEntry(
-            path=tar_name, idx_path=idx_path.name, num_samples=len(keys), bytes=tar_path.stat().st_size,
+            path=tar_name, idx_path=idx_path.name, num_samples=len(keys), bytes=size,
             keys=keys, sources=[samples[k]["source"] for k in keys],
             num_frames=sum(samples[k]["num_frames"] for k in keys))
 

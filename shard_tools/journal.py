@@ -61,27 +61,7 @@ class WorkJournal:
     # ---- reading -------------------------------------------------------------------------------
     def load(self) -> dict[str, dict]:
         """key -> entry of every complete journal line (later lines win); cuts a torn tail off."""
-        entries: dict[str, dict] = {}
-        if not self.path.exists():
-            return entries
-        data = self.path.read_bytes()
-        good_end = 0
-        position = 0
-        while position < len(data):
-            newline = data.find(b"\n", position)
-            if newline < 0:
-                break  # torn last line: written partly before a crash
-            try:
-                entry = json.loads(data[position:newline])
-            except ValueError:
-                break  # cannot happen with one write per line, but never trust a tail
-            entries[entry["key"]] = entry
-            position = good_end = newline + 1
-        if good_end < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-                os.fsync(f.fileno())
-        return entries
+        return {entry["key"]: entry for entry in read_complete_lines(self.path)}
 
     def _segment_path(self, number: int) -> Path:
         return self.work_dir / _segment_name(number)
@@ -190,6 +170,40 @@ class WorkJournal:
             if fd is not None:
                 os.close(fd)
         self._segment_fd = self._journal_fd = None
+
+
+def read_complete_lines(path: Path) -> list[dict]:
+    """The records of an append-only JSON-lines journal, in order; a torn tail (a line a crash cut
+    short) is cut off the file so that appending goes on from a complete line."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records = []
+    good_end = position = 0
+    while position < len(data):
+        newline = data.find(b"\n", position)
+        if newline < 0:
+            break  # torn last line: written partly before a crash
+        try:
+            records.append(json.loads(data[position:newline]))
+        except ValueError:
+            break  # cannot happen with one write per line, but never trust a tail
+        position = good_end = newline + 1
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            os.fsync(f.fileno())
+    return records
+
+
+def append_synced_line(path: Path, record: dict) -> None:
+    """Append one record in one write and fsync it (for rare, precious lines: a confirmed upload)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        _write_all(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

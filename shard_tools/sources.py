@@ -23,18 +23,28 @@ silently: loose videos in a class-folder layout are quarantined (``not in a clas
 files with an extension outside :data:`VIDEO_SUFFIXES` are counted in ``SourceListing.skipped``
 (the manifest lists them). Kinetics / SSv2 rows whose clip exists only under another extension
 use that file (the probe then says what it is).
+
+Every location (video root, annotation file, label map) may be a local path or a storage URL
+(``s3://bucket/prefix``, ``gs://...``, any listable fsspec URL; :mod:`storage`). A URL video root is
+listed once (one recursive listing, not one request per folder) and gives the same keys, input ids,
+labels and order as the same files on disk; the inputs' ``path`` is then the object's URL and
+``SourceListing.sizes`` holds its size, which bounds the temporary space that fetching takes
+(:mod:`shard_tools.fetch`).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import storage
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg",
                             ".flv", ".wmv", ".3gp", ".ogv", ".ts", ".mts", ".m2ts", ".vob", ".f4v",
@@ -101,6 +111,8 @@ class SourceListing:
     # ({"count", "reason", "by_extension", "examples"}); under any layout, "unreadable_folders"
     # (relative paths). Empty when there are none.
     skipped: dict = field(default_factory=dict)
+    # URL inputs only: object URL -> bytes (from the listing), what fetching it will take on disk.
+    sizes: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_inputs(self) -> int:
@@ -125,6 +137,32 @@ def bound_key(key: str, hashed_text: str) -> tuple[str, dict | None]:
         return key, None
     return hashed_key(key, hashed_text), {"of": hashed_text,
                                           "why": f"key longer than {MAX_KEY_LENGTH} characters"}
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """``s3://...``, ``gs://...``, ``https://...``: a location the storage layer reads (a local path otherwise)."""
+    return isinstance(location, str) and storage.is_url(location)
+
+
+def as_location(text: str | os.PathLike) -> str | Path:
+    """A URL stays text (``Path`` would fold its ``//``), without a trailing '/'; anything else is a
+    local ``Path`` (``file:///x`` too)."""
+    if not is_url(text):
+        return Path(storage.local_path(text))
+    stripped = text.rstrip("/")
+    return stripped if not stripped.endswith(":") else text
+
+
+def location_name(location: str | Path) -> str:
+    """The last path component: ``train.csv`` of ``s3://b/k400/train.csv`` or of ``k400/train.csv``."""
+    return location.rstrip("/").rsplit("/", 1)[-1] if is_url(location) else Path(location).name
+
+
+def read_location_text(location: str | Path) -> str:
+    """A small text file (annotations, label map) from disk or from a URL."""
+    if is_url(location):
+        return storage.read_bytes(location).decode("utf-8")
+    return Path(location).read_text()
 
 
 def _walk_files(root: str, unreadable: list[str]):
@@ -178,24 +216,67 @@ def _suffix(name: str) -> str:
     return name[dot:].lower() if dot > 0 else ""
 
 
-def index_files_by_stem(root: Path) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
-    """One walk of ``root``: (video files by stem, other files by stem, folders that could not be
-    read), paths as sorted strings."""
-    if not Path(root).is_dir():
-        raise ValueError(f"{root}: the video folder does not exist or is not a folder")
+def _walk_url(root: str, sizes: dict[str, int]):
+    """:func:`_walk_files` for a URL prefix: one recursive listing, regrouped into (folder URL, [file
+    names]) in the local walk's order (a folder's files sorted, then its subfolders depth first in
+    sorted order), so a bucket and a local copy give the same inputs in the same order. Fills
+    ``sizes`` (URL -> bytes)."""
+    listed = storage.default_storage().list_tree(root)
+    if not listed:
+        raise ValueError(f"{root}: no files under this URL (is the prefix right?)")
+
+    def walk_order(rel: str) -> tuple:
+        *folders, name = rel.split("/")
+        return tuple((1, f) for f in folders) + ((0, name),)
+
+    current, names = None, []
+    for rel, size in sorted(listed.items(), key=lambda item: walk_order(item[0])):
+        folder, _, name = rel.rpartition("/")
+        if folder != current:
+            if names:
+                yield _join(root, current), names
+            current, names = folder, []
+        names.append(name)
+        sizes[_join(root, rel)] = size
+    if names:
+        yield _join(root, current), names
+
+
+def _join(root: str, rel: str) -> str:
+    return f"{root}/{rel}" if rel else root
+
+
+def _relative(path: str, root: str) -> str:
+    """``path`` relative to ``root`` with '/' separators (a URL or a local path under ``root``)."""
+    if is_url(root):
+        return path[len(root) + 1:]
+    return os.path.relpath(path, root)
+
+
+def index_files_by_stem(root: str | Path, sizes: dict[str, int] | None = None
+                        ) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """One walk of ``root`` (a folder or a URL prefix): (video files by stem, other files by stem,
+    folders that could not be read), paths as sorted strings (URLs under a URL root, whose sizes go
+    into ``sizes``)."""
     videos: dict[str, list[str]] = {}
     others: dict[str, list[str]] = {}
     unreadable: list[str] = []
-    for folder, names in _walk_files(str(root), unreadable):
+    if is_url(root):
+        walk = _walk_url(str(as_location(root)), {} if sizes is None else sizes)
+    else:
+        if not Path(root).is_dir():
+            raise ValueError(f"{root}: the video folder does not exist or is not a folder")
+        walk = _walk_files(str(root), unreadable)
+    for folder, names in walk:
         for name in names:
             suffix = _suffix(name)
             stem = name[:len(name) - len(suffix)] if suffix else name
             (videos if suffix in VIDEO_SUFFIXES else others).setdefault(stem, []).append(
-                os.path.join(folder, name))
+                _join(folder, name) if is_url(folder) else os.path.join(folder, name))
     return videos, others, unreadable
 
 
-def _skipped_summary(root: Path, paths: list[str], unreadable_folders: list[str]) -> dict:
+def _skipped_summary(root: str | Path, paths: list[str], unreadable_folders: list[str]) -> dict:
     """What the manifest says about files that are not inputs: under a folder layout, files with an
     unlisted extension; under any layout, folders that could not be read."""
     summary: dict = {}
@@ -203,16 +284,18 @@ def _skipped_summary(root: Path, paths: list[str], unreadable_folders: list[str]
         by_extension = Counter(_suffix(os.path.basename(p)) or "(none)" for p in paths)
         summary.update({"count": len(paths), "reason": f"extension not one of {' '.join(sorted(VIDEO_SUFFIXES))}",
                         "by_extension": dict(sorted(by_extension.items())),
-                        "examples": [os.path.relpath(p, root) for p in sorted(paths)[:MAX_SKIPPED_EXAMPLES]]})
+                        "examples": [_relative(p, str(root)) for p in sorted(paths)[:MAX_SKIPPED_EXAMPLES]]})
     if unreadable_folders:
         summary["unreadable_folders"] = sorted(os.path.relpath(p, root) for p in unreadable_folders)
     return summary
 
 
-def load_label_map(path: Path) -> dict[str, int]:
-    """A label map file: JSON {name: id} or a text file with one class name per line (id = line)."""
-    text = Path(path).read_text()
-    if Path(path).suffix == ".json":
+def load_label_map(path: str | Path) -> dict[str, int]:
+    """A label map file (path or URL): JSON {name: id} or a text file with one class name per line
+    (id = line)."""
+    path = as_location(path)
+    text = read_location_text(path)
+    if location_name(path).endswith(".json"):
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: label map JSON must be an object name -> id")
@@ -245,7 +328,7 @@ def _parse_seconds(text: str) -> int:
     return int(value)
 
 
-def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = None,
+def read_kinetics_csv(csv_path: str | Path, video_root: str | Path, *, split: str | None = None,
                       label_map: dict[str, int] | None = None) -> SourceListing:
     """Read an official Kinetics annotation CSV.
 
@@ -255,10 +338,14 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
         video_root: folder with the clips, flat or in class folders.
         split: keep only rows of this split; required when the CSV mixes several splits.
         label_map: fixed name -> id map (so train and val agree); default: sorted CSV labels.
+    Either location may be a URL (the CSV is read whole; the videos are listed once).
     """
-    csv_path, video_root = Path(csv_path), Path(video_root)
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
+    csv_path, video_root = as_location(csv_path), as_location(video_root)
+    if is_url(csv_path):
+        rows = list(csv.reader(io.StringIO(read_location_text(csv_path), newline="")))
+    else:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))
     header = [h.strip() for h in rows[0]] if rows else []
     required = ("youtube_id", "time_start", "time_end")
     if not all(name in header for name in required) or set(header) - set(KINETICS_COLUMNS) - {"is_cc"}:
@@ -286,9 +373,9 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
         names = sorted({c[0] for _, _, c in body} - {""})
         label_map = {name: i for i, name in enumerate(names)}
     listing = SourceListing("kinetics", split, label_map=dict(label_map))
-    by_stem, other_by_stem, unreadable = index_files_by_stem(video_root)
+    by_stem, other_by_stem, unreadable = index_files_by_stem(video_root, listing.sizes)
     listing.skipped = _skipped_summary(video_root, [], unreadable)
-    root_text, csv_name, csv_text = str(video_root), csv_path.name, str(csv_path)
+    root_text, csv_name, csv_text = str(video_root), location_name(csv_path), str(csv_path)
     candidates = []
     for line_no, row, (label_name, youtube_id, start_text, end_text, row_split) in body:
         if row_split not in ("", split):
@@ -315,7 +402,7 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
             in_class = [p for p in paths
                         if os.path.basename(os.path.dirname(p)) in (label_name, label_name.replace(" ", "_"))]
             paths = in_class or paths
-        path = paths[0] if paths else os.path.join(root_text, stem + ".mp4")
+        path = paths[0] if paths else _missing_path(root_text, stem + ".mp4")
         label = label_map[label_name] if label_name else -1
         key, key_hash = bound_key(stem, stem)
         candidates.append(VideoInput(input_id, key, path, label, label_name, "kinetics", split, key_hash))
@@ -323,12 +410,17 @@ def read_kinetics_csv(csv_path: Path, video_root: Path, *, split: str | None = N
     return listing
 
 
+def _missing_path(root_text: str, name: str) -> str:
+    """Where a row's clip would be (it is not there: the probe quarantines it as ``missing``)."""
+    return _join(root_text, name) if is_url(root_text) else os.path.join(root_text, name)
+
+
 def ssv2_template_to_label(template: str) -> str:
     """SSv2's convention: the class name is the template with '[' and ']' removed."""
     return template.replace("[", "").replace("]", "")
 
 
-def read_ssv2(annotation_path: Path, labels_path: Path, video_root: Path, *,
+def read_ssv2(annotation_path: str | Path, labels_path: str | Path, video_root: str | Path, *,
               split: str | None = None) -> SourceListing:
     """Read Something-Something v2 annotations.
 
@@ -337,18 +429,21 @@ def read_ssv2(annotation_path: Path, labels_path: Path, video_root: Path, *,
         labels_path: ``labels.json`` mapping class name -> id (ids may be strings).
         video_root: folder with ``{id}.webm``.
         split: split name; default from the annotation file name (``train``, ``validation``...).
+    Any of the three locations may be a URL.
     """
-    annotation_path, video_root = Path(annotation_path), Path(video_root)
-    label_map = load_label_map(Path(labels_path))
-    rows = json.loads(annotation_path.read_text())
+    annotation_path, video_root = as_location(annotation_path), as_location(video_root)
+    label_map = load_label_map(labels_path)
+    rows = json.loads(read_location_text(annotation_path))
     if not isinstance(rows, list):
         raise ValueError(f"{annotation_path}: expected a JSON list of {{id, label, template, placeholders}}")
-    listing = SourceListing("ssv2", split or annotation_path.stem, label_map=label_map)
-    by_stem, other_by_stem, unreadable = index_files_by_stem(video_root)
+    annotation_name = location_name(annotation_path)
+    listing = SourceListing("ssv2", split or Path(annotation_name).stem, label_map=label_map)
+    by_stem, other_by_stem, unreadable = index_files_by_stem(video_root, listing.sizes)
     listing.skipped = _skipped_summary(video_root, [], unreadable)
+    root_text = str(video_root)
     candidates = []
     for index, row in enumerate(rows):
-        input_id = f"{annotation_path.name}:{index}"
+        input_id = f"{annotation_name}:{index}"
         source = f"{annotation_path}:{index}"
         try:
             if not isinstance(row, dict) or "id" not in row:
@@ -368,7 +463,7 @@ def read_ssv2(annotation_path: Path, labels_path: Path, video_root: Path, *,
                                                   "bad annotation row", str(err)))
             continue
         paths = (by_stem.get(video_id) or _not_sidecars(other_by_stem.get(video_id))
-                 or [str(video_root / f"{video_id}.webm")])
+                 or [_missing_path(root_text, f"{video_id}.webm")])
         key, key_hash = bound_key(video_id, video_id)
         candidates.append(VideoInput(input_id, key, paths[0], label, label_name, "ssv2", listing.split,
                                      key_hash))
@@ -376,7 +471,7 @@ def read_ssv2(annotation_path: Path, labels_path: Path, video_root: Path, *,
     return listing
 
 
-def read_folder(root: Path, *, labelled: bool, split: str = "train",
+def read_folder(root: str | Path, *, labelled: bool, split: str = "train",
                 label_map: dict[str, int] | None = None) -> SourceListing:
     """A folder of class subfolders (``labelled=True``) or of unlabelled videos.
 
@@ -385,31 +480,32 @@ def read_folder(root: Path, *, labelled: bool, split: str = "train",
     a hash suffix of their relative path, so every file stays an input under a key that depends
     only on its own path. Video files directly in ``root`` of a class layout are quarantined as
     ``not in a class folder``; files with other extensions are counted in ``listing.skipped``.
+    ``root`` may be a URL prefix (its objects are the files).
     """
-    root = Path(root)
-    if not root.is_dir():
+    root = as_location(root)
+    if not is_url(root) and not root.is_dir():
         raise ValueError(f"{root}: not a folder")
-    videos, others, unreadable = index_files_by_stem(root)
+    listing = SourceListing("folder" if labelled else "unlabelled", split)
+    videos, others, unreadable = index_files_by_stem(root, listing.sizes)
     root_text = str(root)
     files = sorted(p for paths in videos.values() for p in paths)
-    listing = SourceListing("folder" if labelled else "unlabelled", split)
     loose: list[str] = []
     if labelled:
         loose = [p for p in files if os.path.dirname(p) == root_text]
         files = [p for p in files if os.path.dirname(p) != root_text]
         if label_map is None:
-            classes = sorted({os.path.relpath(p, root_text).split(os.sep)[0] for p in files})
+            classes = sorted({_relative(p, root_text).split(os.sep)[0] for p in files})
             label_map = {name: i for i, name in enumerate(classes)}
     listing.label_map = dict(label_map or {})
     listing.skipped = _skipped_summary(root, [p for paths in others.values() for p in paths], unreadable)
     for path in loose:
-        rel = os.path.relpath(path, root_text)
+        rel = _relative(path, root_text)
         listing.rejected.append(RejectedInput(rel, None, path, "listing", "not in a class folder",
                                               f"{path}: a class-folder layout takes its label from the "
                                               f"subfolder; this video is directly in {root}"))
     candidates = []
     for path in files:
-        rel = Path(os.path.relpath(path, root_text)).as_posix()
+        rel = Path(_relative(path, root_text)).as_posix()
         if labelled:
             label_name = rel.split("/")[0]
             if label_name not in listing.label_map:

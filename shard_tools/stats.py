@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shard_tools.format import read_dali_index, read_manifest
 from shard_tools.verify import read_quarantine, read_shard_samples
+from storage import default_storage, is_url, join
 
 DURATION_EDGES = (0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 60)
 BAR_WIDTH = 40
@@ -26,8 +27,6 @@ REMOTE_READS_IN_FLIGHT = 32
 
 def collect_records(out: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
     """(manifest, sample json records, quarantine entries) of a shard folder, local or at a URL."""
-    from storage import is_url
-
     manifest = read_manifest(out).to_dict()  # checked against the format, then read as plain data
     if is_url(out):
         records = _remote_records(os.fspath(out), manifest)
@@ -40,8 +39,6 @@ def collect_records(out: str | os.PathLike) -> tuple[dict, list[dict], list[dict
 def _remote_records(url: str, manifest: dict) -> list[dict]:
     """Every sample's json of a remote shard folder, in manifest order, by ranged reads at the ``.idx``
     offsets of the json members."""
-    from storage import default_storage, join
-
     store = default_storage()
     members = []
     for shard in manifest["shards"]:

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import av
 
+from common.atomic_io import read_jsonl
 from shard_tools.format import dali_index_bytes, members_by_sample, read_manifest
 from shard_tools.sources import load_label_map, read_folder, read_kinetics_csv, read_ssv2
-from shard_tools.writer import read_jsonl
+from storage import StorageAccessError, default_storage, is_url, join
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -46,20 +47,17 @@ def read_shard_samples(tar_path: Path, *, with_video: bool = False) -> list[dict
 
 
 def relist_input_ids(manifest: dict) -> set[str]:
-    """Input ids of the original sources, listed again the way the job listed them."""
+    """Input ids of the original sources, listed again the way the job listed them (paths or URLs)."""
     source = manifest.get("source") or {}
     kind, videos = source.get("kind"), source.get("videos")
     label_map = manifest.get("label_map") or None
     if kind == "kinetics":
-        listing = read_kinetics_csv(Path(source["annotations"]), Path(videos), split=source.get("split"),
-                                    label_map=label_map)
+        listing = read_kinetics_csv(source["annotations"], videos, split=source.get("split"), label_map=label_map)
     elif kind == "ssv2":
-        listing = read_ssv2(Path(source["annotations"]), Path(source["labels"]), Path(videos),
-                            split=source.get("split"))
+        listing = read_ssv2(source["annotations"], source["labels"], videos, split=source.get("split"))
     elif kind in ("folder", "unlabelled"):
-        listing = read_folder(Path(videos), labelled=(kind == "folder"), split=source.get("split", "train"),
-                              label_map=load_label_map(Path(source["label_map"])) if source.get("label_map")
-                              else None)
+        listing = read_folder(videos, labelled=(kind == "folder"), split=source.get("split", "train"),
+                              label_map=load_label_map(source["label_map"]) if source.get("label_map") else None)
     else:
         raise ValueError(f"manifest source kind {kind!r} cannot be listed again")
     return {v.input_id for v in listing.inputs} | {r.input_id for r in listing.rejected}
@@ -118,8 +116,6 @@ def check_shard(out: str, shard: dict, extension: str, label_names: dict, decode
             video at a time) or ``none``.
     Returns: {problems, input_ids, videos_decoded}.
     """
-    from storage import is_url   # lazily: Ray ships shard_tools and storage to its workers
-
     if is_url(out):
         return _check_remote_shard(out, shard, extension, label_names, decoder, threads)
     out = Path(out)
@@ -196,8 +192,6 @@ def check_shard(out: str, shard: dict, extension: str, label_names: dict, decode
 def _check_remote_shard(url: str, shard: dict, extension: str, label_names: dict, decoder: str,
                         threads: int) -> dict:
     """:func:`check_shard` on a local copy of one remote shard and its index, deleted afterwards."""
-    from storage import StorageAccessError, default_storage, join
-
     store = default_storage()
     with tempfile.TemporaryDirectory(prefix="verify-shard-") as tmp:
         for rel in (shard["path"], shard["idx_path"]):
@@ -214,8 +208,6 @@ def _check_remote_shard(url: str, shard: dict, extension: str, label_names: dict
 
 def read_quarantine(out: str | os.PathLike, rel: str) -> list[dict]:
     """The quarantine lines of a shard folder, local or at a URL (none if the file is absent)."""
-    from storage import StorageAccessError, default_storage, is_url, join
-
     if not is_url(out):
         return read_jsonl(Path(out) / rel)
     try:
@@ -238,7 +230,6 @@ def verify_shards(out: str | os.PathLike, *, decoder: str = "auto", threads: int
             ``ray`` (``ray_address``), the same :func:`check_shard` either way.
     """
     from shard_tools.executors import map_unordered
-    from storage import is_url
 
     out = os.fspath(out) if is_url(out) else Path(out)
     manifest = read_manifest(out).to_dict()  # checked against the format, then read as plain data

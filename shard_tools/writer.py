@@ -10,14 +10,14 @@ give byte-identical shards on every run.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shard_tools.format import atomic_write_bytes, members_by_sample, write_dali_index
+from common.atomic_io import atomic_writer
+from shard_tools.format import members_by_sample, write_dali_index
 
 # ustar header (512) + data padded to 512 per member: used to estimate a shard's size in bytes.
 TAR_BLOCK = 512
@@ -90,16 +90,13 @@ def write_shard(tar_path: Path, idx_path: Path, samples) -> int:
     tar_path, idx_path = Path(tar_path), Path(idx_path)
     import webdataset as wds  # imports torch (~3 s): only pay for it when a shard is written
 
-    tmp = tar_path.with_name(tar_path.name + ".tmp")
-    with open(tmp, "wb") as stream:
+    with atomic_writer(tar_path) as stream:
         # mtime=0 and a fixed owner: identical samples give identical tar bytes.
         with wds.TarWriter(stream, mtime=0, user="shard_tools", group="shard_tools") as sink:
             for sample in samples:
                 sink.write(sample)
         stream.flush()
-        os.fsync(stream.fileno())
-    write_dali_index(tmp, idx_path)
-    os.replace(tmp, tar_path)
+        write_dali_index(stream.name, idx_path)
     return tar_path.stat().st_size
 
 
@@ -107,15 +104,3 @@ def shard_keys(tar_path: Path) -> list[str]:
     """Sample keys of a shard in order (reads only the tar headers)."""
     with tarfile.open(tar_path, "r:") as archive:
         return [key for key, _ in members_by_sample(archive)]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

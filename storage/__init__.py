@@ -3,8 +3,9 @@ fsspec protocol), with retries, clear start-up errors and counters.
 
 - ``locations``: a location is one string, a local path or a URL; ``join`` / ``parent`` / ``is_url``.
 - ``store.Storage``: ``read_bytes`` (manifest, ``.idx``), ``read_range`` (one tar member at its
-  ``.idx`` offset, length checked), ``size`` / ``sizes`` / ``exists`` / ``list_files``, ``get_file``,
-  ``put_file`` / ``put_bytes`` (the sharding job's uploads).
+  ``.idx`` offset, length checked), ``size`` / ``sizes`` / ``exists`` / ``list_files`` / ``list_tree``
+  (a whole input tree in one recursive listing), ``get_file``, ``put_file`` / ``put_bytes`` /
+  ``remove`` (the sharding job's uploads).
 - ``retry.RetryPolicy``: exponential backoff with full jitter, bounded in attempts and time.
 - ``errors``: transient vs permanent; ``StorageAccessError`` (credentials, bucket, denied, not found:
   one line naming the URL, exit 2), ``StorageReadError`` (a read that failed for good).

@@ -28,6 +28,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterable
+from urllib.parse import unquote
 from typing import Any
 
 from .counters import StorageCounters
@@ -231,6 +232,57 @@ class Storage:
         with _access(folder):
             entries = with_retries(attempt, self.retry, folder, self.counters)
         return {name(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+
+    def list_tree(self, folder: str) -> dict[str, int]:
+        """``{relative path: size}`` of every file under a folder or prefix, at any depth ('/'-separated
+        paths; one recursive listing of an object store, paged by the driver, not one per folder)."""
+        if not is_url(folder):
+            root = local_path(folder)
+            found = {}
+            with _access(folder):
+                for dirpath, _, files in os.walk(root):
+                    for f in files:
+                        full = os.path.join(dirpath, f)
+                        found[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
+            return found
+        fs, path = self._fs(folder)
+        path = path.rstrip("/")
+
+        def attempt() -> dict[str, Any]:
+            fs.invalidate_cache(path)
+            return fs.find(path, detail=True)
+
+        with _access(folder):
+            entries = with_retries(attempt, self.retry, folder, self.counters)
+        found = {key[len(path) + 1:]: e.get("size") for key, e in entries.items()
+                 if e.get("type") == "file" and key.startswith(path + "/") and not key.endswith("/")}
+        if protocol(folder) in ("http", "https"):
+            # An HTTP listing is the server's index pages: links are percent-encoded and carry no
+            # size (one HEAD per file gives it, as ``sizes`` does).
+            found = {unquote(rel): size for rel, size in found.items()}
+            unknown = [rel for rel, size in found.items() if size is None]
+            sizes = self.sizes(f"{folder.rstrip('/')}/{rel}" for rel in unknown)
+            found.update(zip(unknown, sizes.values()))
+        return {rel: int(size or 0) for rel, size in found.items()}
+
+    def remove(self, location: str) -> None:
+        """Delete a file or object (gone already is fine)."""
+        if not is_url(location):
+            try:
+                os.unlink(local_path(location))
+            except FileNotFoundError:
+                pass
+            return
+        fs, path = self._fs(location)
+
+        def attempt() -> None:
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+        with _access(location):
+            with_retries(attempt, self.retry, location, self.counters)
 
     def get_file(self, location: str, local: str | os.PathLike) -> None:
         """Copy a whole file or object to a local path (written to a temporary name, then renamed)."""

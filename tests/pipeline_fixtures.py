@@ -134,20 +134,24 @@ def meta_of(shards: Path) -> dict[str, dict]:
 
 
 def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> None:
-    """One epoch of ``loader`` over index videos: every view of every sample holds exactly the frames
-    its plan names, in order, with the sample's label, and every sample of ``shards`` comes once."""
+    """One epoch of ``loader`` over index videos: every view of every view-set holds exactly the frames
+    its plan names, in order, with the sample's label; every sample of ``shards`` comes once per epoch
+    with its ``cfg.repeats`` view-sets next to each other (repeat 0 .. R-1)."""
     metas = meta_of(shards)
     seen = []
+    r = cfg.repeats
     # All steps are collected first: the zero-copy outputs of early steps must survive later steps.
     for batch in list(loader):
-        assert set(batch) == set(loader.view_names) | {"label", "key", "data_step"}
+        assert set(batch) == set(loader.view_names) | {"label", "key", "video_id", "repeat", "data_step"}
+        assert batch["repeat"].tolist() == list(range(r)) * (len(batch["key"]) // r)
         for b, key in enumerate(batch["key"]):
             m = metas[key]
             plan = plan_sample(cfg, loader.views, seed=seed, epoch=0, key=key, num_frames=m["num_frames"],
                                fps=m["fps"], width=m["width"], height=m["height"])
             for view in loader.views:
                 got = frame_indices(batch[view.name][b:b + 1], cfg)[0]
-                assert got == plan.view_frames(view).tolist(), (key, view.name)
+                assert got == plan.view_frames(view, int(batch["repeat"][b])).tolist(), (key, view.name)
             assert batch["label"][b].item() == m["label"]
-        seen += batch["key"]
+            assert batch["key"][b - b % r] == key and batch["video_id"][b] == batch["video_id"][b - b % r]
+        seen += batch["key"][::r]
     assert set(seen) == set(metas)              # one epoch: every sample (a partial last step wraps)

@@ -83,6 +83,37 @@ def test_short_and_long_clips_do_not_share_a_batchnorm_batch():
     torch.testing.assert_close(p_short, student.predictor(alone))
 
 
+def test_mocov3_method_masks_a_videos_view_sets_only_with_repeats_and_the_mask_setting():
+    """build_method: MoCo v3 with data.repeats > 1 passes the batch's video ids to the loss (same-video
+    view-sets out of the negatives); R = 1, objective.mask_same_video=false, BYOL and SimSiam do not."""
+    from tests.train_fixtures import tiny_config
+    from training.config import apply_overrides, config_from_dict, config_to_dict
+    from training.methods import build_method
+
+    def method(**overrides):
+        raw = config_to_dict(tiny_config())
+        raw["objective"]["name"] = overrides.pop("name", "mocov3")
+        raw["data"].update(shards="unused", recipe="lstcl")
+        raw["model"] = {"backbone": "timesformer_tiny_patch16", "proj_dim": 8, "proj_hidden_dim": 16,
+                        "pred_hidden_dim": 16, "backbone_kwargs": {"depth": 1, "img_size": 16, "num_frames": 2}}
+        apply_overrides(raw, [f"{k}={v}" for k, v in overrides.items()])
+        return build_method(config_from_dict(raw), ["short", "long"])
+
+    assert method(**{"data.repeats": 2}).mask_same_video
+    assert not method().mask_same_video
+    assert not method(**{"data.repeats": 2, "objective.mask_same_video": "false"}).mask_same_video
+    assert not method(name="byol", **{"data.repeats": 2}).mask_same_video
+    moco = method(**{"data.repeats": 2})
+    gen = torch.Generator().manual_seed(3)
+    p1, p2, z1, z2, k1, k2 = [torch.randn(4, 8, generator=gen) for _ in range(6)]
+    ids = torch.tensor([7, 7, 2, 2])
+    loss, _ = moco.loss(((p1, p2), (z1, z2)), (None, (k1, k2)), teacher_temp=0.0, video_ids=ids)
+    torch.testing.assert_close(loss, moco.objective(p1, p2, k1, k2, video_ids=ids)["loss"])
+    assert not torch.isclose(loss, moco.objective(p1, p2, k1, k2)["loss"])
+    with pytest.raises(ValueError, match="video ids"):
+        moco.loss(((p1, p2), (z1, z2)), (None, (k1, k2)), teacher_temp=0.0)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ TRAIN = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs
          "model.backbone=timesformer_tiny_patch16", "model.backbone_kwargs={depth: 1, img_size: 32, num_frames: 4}",
          "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16", "data.svt.global_frames=[4, 2]",
          "data.svt.global_size=32", "data.svt.local_frames=[2, 2]", "data.svt.local_size=16", "data.num_threads=1",
-         "data.shuffle_buffer=4", "trainer.batch_size_per_gpu=2", "trainer.max_steps=2", "trainer.ckpt_every_steps=2",
+         "trainer.batch_size_per_gpu=2", "trainer.max_steps=2", "trainer.ckpt_every_steps=2",
          "trainer.progress_bar=false", "trainer.torch_threads=1", "optim.lr_reference_batch=0", "optim.warmup_epochs=0"]
 EVALUATE = [sys.executable, str(ROOT / "evaluate.py")]
 RANDOM_TINY = ["--checkpoint", "random", "--model", "timesformer_tiny_patch16",

@@ -189,9 +189,9 @@ def test_evaluate_takes_train_py_overrides_and_extract_embeds_the_data_section(t
     assert (cfg.data.eval.fast_frames, cfg.batch_size, cfg.precision) == (64, 5, "bf16")
     assert evaluate._extract_config(args, clips=1).data.eval.clips == 1  # attention draws one clip
 
-    # The flat keys of earlier versions name their new place; a section of another command is an error.
-    for text, expected in (("extract:\n  clips: 2\n", "extract.clips: moved to extract.data.eval.clips"),
-                           ("extract:\n  data_device: cpu\n", "extract.data_device: moved to extract.data.device"),
+    # A key outside its section is unknown, naming the file; a section of another command is an error.
+    for text, expected in (("extract:\n  clips: 2\n", f"{config}: extract.clips: unknown key"),
+                           ("extract:\n  data_device: cpu\n", f"{config}: extract.data_device: unknown key"),
                            ("extract:\n  data: {mean: [0, 0, 0]}\n", "extract.data.mean: taken from the checkpoint")):
         config.write_text(text)
         assert evaluate.main(argv) == 2

@@ -142,7 +142,7 @@ TRAIN_TINY = ["trainer.max_steps=1", "model.backbone_kwargs={depth: 1, img_size:
               "trainer.torch_threads=1", "trainer.tensorboard=false", "trainer.batch_size_per_gpu=4",
               "data.svt.global_frames=[4, 2]", "data.svt.global_size=32", "data.svt.local_frames=[2, 2]",
               "data.svt.local_size=16", "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
-              "data.num_threads=1", "data.shuffle_buffer=4", "optim.warmup_epochs=0", "optim.lr_reference_batch=0",
+              "data.num_threads=1", "optim.warmup_epochs=0", "optim.lr_reference_batch=0",
               "optim.lr=0.01"]
 
 

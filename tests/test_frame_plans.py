@@ -192,11 +192,14 @@ def test_eval_plan_is_deterministic_and_segmented(n, clips):
 @FAST
 @given(n=num_frames, seed=seeds)
 def test_union_positions_reconstruct_every_slot(n, seed):
-    plan = svt_frame_plan(n, 30.0, np.random.default_rng(seed), SVTConfig())
-    union, positions = union_and_positions(plan)
+    rng = np.random.default_rng(seed)
+    plans = [svt_frame_plan(n, 30.0, rng, SVTConfig()) for _ in range(3)]   # three view-sets of a video
+    union, positions = union_and_positions(plans)
     assert np.all(np.diff(union) > 0)      # sorted, each frame decoded once
-    for slot, idx in plan.items():
-        assert np.array_equal(union[positions[slot]], idx)
+    assert set(union) == {int(i) for plan in plans for idx in plan.values() for i in idx}
+    for plan, pos in zip(plans, positions):
+        for slot, idx in plan.items():
+            assert np.array_equal(union[pos[slot]], idx)
 
 
 def test_plans_are_seeded_per_sample():
@@ -206,12 +209,44 @@ def test_plans_are_seeded_per_sample():
     a = plan_sample(cfg, views, seed=1, epoch=0, key="abc", **kw)
     b = plan_sample(cfg, views, seed=1, epoch=0, key="abc", **kw)
     assert np.array_equal(a.frames, b.frames)
-    assert all(np.array_equal(a.params[v], b.params[v]) for v in a.params)
+    assert all(np.array_equal(a.view_sets[0].params[v], b.view_sets[0].params[v]) for v in a.view_sets[0].params)
     for other in (dict(seed=2, epoch=0, key="abc"), dict(seed=1, epoch=1, key="abc"),
                   dict(seed=1, epoch=0, key="abd")):
         c = plan_sample(cfg, views, **other, **kw)
-        assert not np.array_equal(a.params["global_0"], c.params["global_0"])
+        assert not np.array_equal(a.view_sets[0].params["global_0"], c.view_sets[0].params["global_0"])
     assert sample_rng(0, 0, "k").random() == sample_rng(0, 0, "k").random()
+
+
+@pytest.mark.parametrize("recipe", ["svt", "lstcl"])
+def test_repeated_view_sets_are_independent_and_depend_only_on_their_repeat_index(recipe):
+    kw = dict(seed=3, epoch=2, key="vid", num_frames=300, fps=30.0, width=340, height=256)
+    one = DataConfig(recipe=recipe)
+    four = DataConfig(recipe=recipe, repeats=4)
+    views = recipe_views(one)
+    single = plan_sample(one, views, **kw)
+    plan = plan_sample(four, views, **kw)
+    assert len(plan.view_sets) == 4
+    # view-set 0 is the plan of data.repeats=1; view-set r is the same with 2, 3 or 4 repeats
+    for view in views:
+        assert np.array_equal(plan.view_frames(view, 0), single.view_frames(view))
+        assert np.array_equal(plan.view_sets[0].params[view.name], single.view_sets[0].params[view.name])
+    two = plan_sample(DataConfig(recipe=recipe, repeats=2), views, **kw)
+    for view in views:
+        assert np.array_equal(two.view_frames(view, 1), plan.view_frames(view, 1))
+    # each view-set draws its own frames and augmentation; the union holds every one's frames once
+    first = views[0]
+    assert len({tuple(plan.view_sets[r].params[first.name]) for r in range(4)}) == 4
+    if recipe == "svt":   # LSTCL's fixed strides can coincide in frames, never in all parameters
+        assert len({tuple(plan.view_frames(first, r)) for r in range(4)}) == 4
+    wanted = {int(i) for r in range(4) for v in views for i in plan.view_frames(v, r)}
+    assert set(plan.frames.tolist()) == wanted and np.all(np.diff(plan.frames) > 0)
+
+
+def test_repeats_must_be_positive_and_random():
+    with pytest.raises(ValueError, match="data.repeats must be >= 1"):
+        DataConfig(repeats=0)
+    with pytest.raises(ValueError, match="eval recipe"):
+        DataConfig(recipe="eval", repeats=2)
 
 
 @FAST

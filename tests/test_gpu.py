@@ -35,7 +35,7 @@ def config(shards: Path, device: str, **kw) -> DataConfig:
     kw.setdefault("svt", SVTConfig(global_size=64, local_size=32))
     kw.setdefault("lstcl", LSTCLConfig(size=64))
     kw.setdefault("augment", AugmentConfig(enabled=False))
-    return DataConfig(shards=str(shards), device=device, num_threads=2, shuffle_buffer=4, **kw)
+    return DataConfig(shards=str(shards), device=device, num_threads=2, **kw)
 
 
 @pytest.mark.parametrize("recipe", ["svt", "lstcl"])

@@ -46,6 +46,19 @@ def info_nce_reference(q, k, tau):
     return sum(losses) / len(losses) * 2 * tau
 
 
+def masked_info_nce_reference(q, k, ids, key_ids, tau, offset=0):
+    """InfoNCE with the same-video keys dropped from each query's denominator (all but its positive)."""
+    qn = q / q.norm(dim=1, keepdim=True)
+    kn = k / k.norm(dim=1, keepdim=True)
+    losses = []
+    for i in range(q.shape[0]):
+        pos = i + offset
+        kept = [j for j in range(k.shape[0]) if j == pos or key_ids[j] != ids[i]]
+        logits = torch.stack([qn[i] @ kn[j] / tau for j in kept])
+        losses.append(-(qn[i] @ kn[pos] / tau - torch.log(torch.exp(logits).sum())))
+    return sum(losses) / len(losses) * 2 * tau
+
+
 def cos_reference(p, z):
     return torch.stack([p[i] @ z[i] / (p[i].norm() * z[i].norm()) for i in range(p.shape[0])])
 
@@ -135,6 +148,40 @@ def test_mocov3_temperature_changes_loss_and_positive_pairs_score_perfectly():
     assert out["loss"].item() == pytest.approx(expected)
 
 
+def test_mocov3_same_video_mask_equals_dropping_those_negatives_by_hand():
+    # 3 videos x 2 view-sets (data.repeats=2, video-major rows) and 1 video x 1: 7 rows
+    ids = torch.tensor([4, 4, 9, 9, 2, 2, 7])
+    gen = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(7, 6, generator=gen, dtype=F64, requires_grad=True) for _ in range(4)]
+    refs = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = MoCoV3Loss(temperature=0.2)(*tensors, video_ids=ids)
+    q1, q2, k1, k2 = refs
+    ref = masked_info_nce_reference(q1, k2, ids, ids, 0.2) + masked_info_nce_reference(q2, k1, ids, ids, 0.2)
+    torch.testing.assert_close(out["loss"], ref, rtol=1e-10, atol=1e-12)
+    out["loss"].backward()
+    ref.backward()
+    for got, want in zip(tensors, refs):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12)
+    # the mask matters: the unmasked loss counts the copies as negatives
+    unmasked = MoCoV3Loss(temperature=0.2)(*[t.detach() for t in tensors])["loss"]
+    assert not torch.isclose(unmasked, out["loss"].detach())
+
+
+def test_mocov3_with_distinct_videos_is_bit_identical_to_no_ids():
+    gen = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors = [torch.randn(8, 16, generator=gen).to(dtype).requires_grad_(True) for _ in range(4)]
+        refs = [t.detach().clone().requires_grad_(True) for t in tensors]
+        with_ids = MoCoV3Loss(0.2)(*tensors, video_ids=torch.arange(8) * 3)
+        without = MoCoV3Loss(0.2)(*refs)
+        assert torch.equal(with_ids["loss"], without["loss"]) and torch.equal(with_ids["accuracy"], without["accuracy"])
+        with_ids["loss"].backward()
+        without["loss"].backward()
+        for got, want in zip(tensors, refs):
+            assert torch.equal(got.grad, want.grad)
+
+
 @pytest.mark.parametrize("loss_cls", [BYOLLoss, SimSiamLoss])
 def test_byol_and_simsiam_match_formula_and_stop_gradient(loss_cls):
     gen = torch.Generator().manual_seed(2)
@@ -191,7 +238,14 @@ def _make_batch(seed: int = 3, batch: int = 6, dim: int = 5):
     return moco, svt_student, svt_teacher
 
 
-def _losses_and_grads(moco, svt_student, svt_teacher):
+# video ids of _make_batch's 6 rows, 2 view-sets per video: video 11 has one on each rank (3 rows each)
+MOCO_IDS = torch.tensor([5, 5, 11, 8, 11, 8])
+
+
+def _losses_and_grads(moco, svt_student, svt_teacher, ids=MOCO_IDS):
+    masked = [t.clone().requires_grad_(True) for t in moco]
+    masked_loss = MoCoV3Loss(0.2)(*masked, video_ids=ids)["loss"]
+    masked_loss.backward()
     moco = [t.clone().requires_grad_(True) for t in moco]
     moco_loss = MoCoV3Loss(0.2)(*moco)["loss"]
     moco_loss.backward()
@@ -200,7 +254,8 @@ def _losses_and_grads(moco, svt_student, svt_teacher):
     svt.center.fill_(0.3)
     svt_loss = svt(svt_student, svt_teacher, teacher_temp=0.07)["loss"]
     svt_loss.backward()
-    return {"moco_loss": moco_loss.detach(), "moco_grads": [t.grad for t in moco],
+    return {"masked_loss": masked_loss.detach(), "masked_grads": [t.grad for t in masked],
+            "moco_loss": moco_loss.detach(), "moco_grads": [t.grad for t in moco],
             "svt_loss": svt_loss.detach(), "svt_grads": [t.grad for t in svt_student], "center": svt.center.clone()}
 
 
@@ -211,7 +266,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         moco, student, teacher = _make_batch()
         half = lambda ts: [t.chunk(world)[rank] for t in ts]  # noqa: E731
-        result = _losses_and_grads(half(moco), half(student), half(teacher))
+        result = _losses_and_grads(half(moco), half(student), half(teacher), MOCO_IDS.chunk(world)[rank])
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -224,9 +279,12 @@ def test_two_gloo_ranks_equal_one_rank_with_the_whole_batch():
         mp.spawn(_rank_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
     # Each rank's loss is the mean over its half; data-parallel training averages them (and grads).
-    for name in ("moco_loss", "svt_loss"):
+    # masked_*: the same-video mask across ranks (the gathered keys carry their video ids) equals the
+    # whole batch's, where rows 2 and 3 (video 11) sit on different ranks
+    for name in ("moco_loss", "masked_loss", "svt_loss"):
         torch.testing.assert_close(sum(r[name] for r in ranks) / world, whole[name], rtol=1e-10, atol=1e-12)
-    for name in ("moco_grads", "svt_grads"):
+    assert not torch.isclose(whole["masked_loss"], whole["moco_loss"])
+    for name in ("moco_grads", "masked_grads", "svt_grads"):
         for view, whole_grad in enumerate(whole[name]):
             # The all_gather backward already summed every rank's loss into the keys' owner, so the
             # per-rank grads divided by the world size are the whole-batch grads (DDP averaging).

@@ -4,15 +4,18 @@ the world size; rank slices that tile each data step; spares that depend on posi
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines.config import DataConfig
 from pipelines.member_reads import MemberReader
-from pipelines.order import GlobalOrder
-from pipelines.shard_index import read_sample_index
+from pipelines.order import GlobalOrder, build_order
+from pipelines.position import Position
+from pipelines.shard_index import ShardSet, read_sample_index
 
 
 @st.composite
@@ -92,6 +95,38 @@ def test_epochs_and_seeds_differ_and_world_size_must_divide():
     with pytest.raises(ValueError, match="6 samples does not divide over 4 ranks"):
         order.positions(0, 0, 4)
     assert GlobalOrder(5, 2, shuffle=False).permutation(3).tolist() == [0, 1, 2, 3, 4]
+
+
+def loader_position(cfg: DataConfig, shards: ShardSet, batch_size: int, num_shards: int, seed: int) -> Position:
+    """What ``PositionedLoader._open`` makes: the order over ``shards`` and a position at its start."""
+    return Position(build_order(cfg, shards, batch_size, num_shards, seed), batch_size, num_shards, cfg.repeats)
+
+
+def test_repeated_sampling_orders_videos_and_keeps_the_global_batch_in_view_sets():
+    """data.repeats=R: the order's steps hold G / R videos (an epoch visits each video once), the
+    position's global batch stays the configured G view-sets, and a position resumes only with the
+    same R and per-rank batches of whole videos."""
+    shards = ShardSet(Path("s"), "vp9", ["a.tar", "b.tar"], ["a.idx", "b.idx"], [30, 20])
+    cfg = DataConfig(repeats=4)
+    position = loader_position(cfg, shards, batch_size=8, num_shards=3, seed=5)   # 24 view-sets per step
+    assert position.order.global_batch == 6 and position.order.steps == -(-50 // 6)
+    assert GlobalOrder(50, 6, seed=5).permutation(0).tolist() == position.order.permutation(0).tolist()
+    state = position.state_dict()
+    assert (state["global_batch"], state["repeats"]) == (24, 4)
+    elsewhere = loader_position(cfg, shards, batch_size=4, num_shards=6, seed=0)    # 1 video per rank
+    elsewhere.load_state_dict(state)
+    assert elsewhere.seed == 5 and elsewhere.order.global_batch == 6
+    with pytest.raises(ValueError, match="data.repeats=4"):
+        loader_position(DataConfig(repeats=2), shards, batch_size=12, num_shards=2, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="batch_size_per_gpu=12"):
+        loader_position(cfg, shards, batch_size=4, num_shards=2, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="24 does not divide over 4 ranks in whole videos of 4 view-sets"):
+        loader_position(cfg, shards, batch_size=4, num_shards=4, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="must divide the per-rank batch of 6"):
+        loader_position(cfg, shards, batch_size=6, num_shards=4, seed=0)
+    # one view-set per video: the position is what it always was (no repeats other than 1)
+    single = loader_position(DataConfig(), shards, batch_size=8, num_shards=3, seed=5).state_dict()
+    assert (single["global_batch"], single["repeats"]) == (24, 1)
 
 
 def test_block_shuffle_reads_a_window_of_shards_at_a_time():

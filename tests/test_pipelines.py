@@ -65,7 +65,7 @@ def config(shards: Path, **kw) -> DataConfig:
     kw.setdefault("svt", SMALL_SVT)
     kw.setdefault("lstcl", SMALL_LSTCL)
     kw.setdefault("augment", NO_AUG)
-    return DataConfig(shards=str(shards), num_threads=2, shuffle_buffer=4, **kw)
+    return DataConfig(shards=str(shards), num_threads=2, **kw)
 
 
 @pytest.mark.parametrize("recipe", ["svt", "lstcl"])
@@ -83,6 +83,42 @@ def test_baseline_makes_the_same_frames(index_shards):
     base = {k: v for batch in build_loader(cfg, batch_size=4, seed=5, loader="baseline")
             for k, v in zip(batch["key"], frame_indices(batch["long"], cfg))}
     assert dali == base
+
+
+@pytest.mark.parametrize("recipe", ["svt", "lstcl"])
+def test_repeats_every_view_set_holds_its_planned_frames_in_both_loaders(index_shards, recipe):
+    """data.repeats=2: each video decoded once gives 2 view-sets (rows next to each other), each
+    holding exactly its own plan's frames; the baseline loader makes the same rows."""
+    cfg = config(index_shards, recipe=recipe, repeats=2)
+    loader = build_loader(cfg, batch_size=4, seed=3)
+    assert len(loader) == -(-len(LENGTHS) // 2)        # an epoch visits every video once: 2 per step
+    assert_views_hold_planned_frames(loader, cfg, index_shards, seed=3)
+    if recipe == "lstcl":
+        rows = {kind: [(k, int(r), tuple(map(tuple, frame_indices(b["long"][i:i + 1], cfg))))
+                       for b in build_loader(cfg, batch_size=4, seed=3, loader=kind)
+                       for i, (k, r) in enumerate(zip(b["key"], b["repeat"]))] for kind in ("dali", "baseline")}
+        assert rows["dali"] == rows["baseline"]
+
+
+def test_repeat_zero_is_the_single_view_set_and_the_others_differ(index_shards):
+    """Augmented SVT views: a video's view-set 0 with data.repeats=3 is bit-identical to its only view-set
+    with data.repeats=1 (same plan and parameters, sliced from a larger decoded union); view-sets 1, 2
+    have their own frames and augmentation."""
+    single = {}
+    for batch in build_loader(config(index_shards, recipe="svt", augment=AugmentConfig()), batch_size=3, seed=4):
+        for i, key in enumerate(batch["key"]):
+            single[key] = {n: batch[n][i] for n in ("global_0", "local_1")}
+    cfg = config(index_shards, recipe="svt", augment=AugmentConfig(), repeats=3)
+    loader = build_loader(cfg, batch_size=3, seed=4)
+    seen = 0
+    for batch in loader:
+        assert batch["global_0"].shape[0] == 3 and len(set(batch["key"])) == 1 and len(set(batch["video_id"].tolist())) == 1
+        key = batch["key"][0]
+        for name in ("global_0", "local_1"):
+            assert torch.equal(batch[name][0], single[key][name])
+            assert not torch.equal(batch[name][1], batch[name][0]) and not torch.equal(batch[name][2], batch[name][1])
+        seen += 1
+    assert seen == len(LENGTHS) == len(single)
 
 
 def test_shapes_dtype_and_normalization(index_shards):
@@ -183,6 +219,42 @@ def test_resume_at_another_world_size_continues_the_order(twelve_shards):
     odd = build_loader(cfg, batch_size=1, shard_id=0, num_shards=4, seed=9)
     with pytest.raises(ValueError, match="6 does not divide over 4 ranks"):
         odd.load_state_dict(state)
+
+
+def test_repeats_resume_at_another_world_size_in_whole_videos(twelve_shards):
+    """data.repeats=2, global batch 8 view-sets = 4 videos: a position saved on 2 ranks continues on 1
+    and on 4 ranks (1 video each) with the same view-sets; another data.repeats or a per-rank batch
+    that splits a video is refused naming the setting."""
+    cfg = config(twelve_shards, recipe="lstcl", repeats=2)
+
+    def rows(loader):
+        return [list(zip(b["key"], b["repeat"].tolist(), b["video_id"].tolist())) for b in loader]
+
+    whole = rows(build_loader(cfg, batch_size=8, seed=9))
+    assert len(whole) == 3 and all(len(step) == 8 for step in whole)
+    assert sorted({k for step in whole for k, _, _ in step}) == sorted(meta_of(twelve_shards))  # each once
+    loader = build_loader(cfg, batch_size=4, shard_id=1, num_shards=2, seed=9)
+    it = iter(loader)
+    assert rows([next(it)])[0] == whole[0][4:]
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    it.close()
+    assert (state["epoch"], state["step"], state["global_batch"], state["repeats"]) == (0, 1, 8, 2)
+    for world in (1, 4):
+        got = []
+        for r in range(world):
+            resumed = build_loader(cfg, batch_size=8 // world, shard_id=r, num_shards=world, seed=0)
+            resumed.load_state_dict(state)
+            got.append(rows(resumed))
+        assert [sum((got[r][s] for r in range(world)), []) for s in range(2)] == whole[1:], world
+    resumed = build_loader(cfg, batch_size=2, shard_id=3, num_shards=4, seed=0, loader="baseline")
+    resumed.load_state_dict(state)
+    assert rows(resumed) == [step[6:] for step in whole[1:]]
+    with pytest.raises(ValueError, match=r"data.repeats=2\); this run has data.repeats=1: set data.repeats=2"):
+        build_loader(config(twelve_shards, recipe="lstcl"), batch_size=8, seed=9).load_state_dict(state)
+    with pytest.raises(ValueError, match="the global batch of 8 does not divide over 3 ranks in whole videos"):
+        build_loader(cfg, batch_size=2, shard_id=0, num_shards=3, seed=9).load_state_dict(state)
+    with pytest.raises(ValueError, match="data.repeats: 2 view-sets per video must divide the per-rank batch of 1"):
+        build_loader(cfg, batch_size=1, shard_id=0, num_shards=8, seed=9)
 
 
 def test_resume_gives_the_same_next_batches(index_shards):
@@ -421,6 +493,31 @@ def test_damaged_members_are_replaced_identically_by_both_loaders(damaged_shards
                         k: metas[key][k] for k in ("num_frames", "fps", "width", "height")})
                     got = frame_indices(batch["global_0"][b:b + 1], cfg)[0]
                     assert got == plan.view_frames(loader.views[0]).tolist()
+    assert steps["dali"] == steps["baseline"]
+
+
+def test_a_damaged_video_is_replaced_by_a_spare_with_all_its_view_sets(damaged_shards):
+    """data.repeats=2: a damaged video's rows are replaced by one spare's two view-sets (real frames),
+    one replacement per video, the same in both loaders."""
+    cfg = config(damaged_shards, recipe="svt", shuffle=False, repeats=2)
+    metas = meta_of(damaged_shards)
+    steps = {}
+    for kind in ("dali", "baseline"):
+        loader = build_loader(cfg, batch_size=4, seed=0, loader=kind)
+        batches = list(loader)
+        steps[kind] = [(b["key"], b["repeat"].tolist()) for b in batches]
+        assert [len(k) for k, _ in steps[kind]] == [4] * 4, kind   # 7 videos, 2 per step: the last wraps
+        assert {k for keys, _ in steps[kind] for k in keys} == {f"idx{i:03d}" for i in range(5)}, kind
+        assert all(repeat == [0, 1, 0, 1] for _, repeat in steps[kind])
+        assert sorted(r["key"] for r in loader.stats["replacements"]) == ["midcorrupt", "truncated"]
+        assert loader.stats["decode_failures"] == 2
+        if kind == "dali":
+            for batch in batches:
+                for b, key in enumerate(batch["key"]):
+                    plan = plan_sample(cfg, loader.views, seed=0, epoch=0, key=key, **{
+                        k: metas[key][k] for k in ("num_frames", "fps", "width", "height")})
+                    got = frame_indices(batch["global_0"][b:b + 1], cfg)[0]
+                    assert got == plan.view_frames(loader.views[0], int(batch["repeat"][b])).tolist()
     assert steps["dali"] == steps["baseline"]
 
 

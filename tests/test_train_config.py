@@ -70,12 +70,22 @@ def test_every_recipe_value_has_a_source_comment():
     (["data.svt.local_size=-1"], "data.svt.local_size"),
     (["data.shards="], "data.shards"),
     (["runtime.x=1"], "runtime"),
+    (["data.repeats=3"], "data.repeats"),  # the demo's 4 view-sets per rank hold no whole videos at R=3
+    (["data.repeats=0"], "data.repeats"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
         load_config(ROOT / "configs" / "demo_cpu.yaml", overrides)
     assert field in str(info.value)
     assert "demo_cpu.yaml" in str(info.value)
+
+
+def test_repeats_divide_the_per_rank_batch_which_stays_in_view_sets():
+    with pytest.raises(ConfigError, match=r"data.repeats: 3 view-sets per video must divide "
+                                          r"trainer.batch_size_per_gpu=4"):
+        load_config(ROOT / "configs" / "demo_cpu.yaml", ["data.repeats=3"])
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["data.repeats=2"])
+    assert (cfg.data.repeats, cfg.trainer.batch_size_per_gpu, cfg.objective.mask_same_video) == (2, 4, True)
 
 
 def test_overrides_parse_as_yaml():

@@ -24,7 +24,7 @@ TINY_MODEL = ["model.backbone=timesformer_tiny_patch16", "model.backbone_kwargs=
               "model.drop_path_rate=0.0"]
 TINY_TRAINER = ["trainer.batch_size_per_gpu=2", "trainer.ckpt_every_steps=2", "trainer.log_every_steps=1",
                 "trainer.progress_bar=false", "trainer.torch_threads=1", "trainer.dist_timeout_s=300",
-                "optim.lr_reference_batch=0", "optim.warmup_epochs=0", "data.num_threads=1", "data.shuffle_buffer=4"]
+                "optim.lr_reference_batch=0", "optim.warmup_epochs=0", "data.num_threads=1"]
 SVT_TINY = ["data.svt.global_frames=[4, 2]", "data.svt.global_size=32", "data.svt.local_frames=[2, 2]",
             "data.svt.local_size=16", "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16"]
 LSTCL_TINY = ["data.lstcl.size=32", "data.lstcl.short_frames=4", "data.lstcl.short_stride=2",
@@ -66,9 +66,9 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    from training.metrics import read_jsonl
+    from training.metrics import read_metrics
 
-    return read_jsonl(run_dir / "metrics.jsonl")
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from test_pipelines import damaged
 from train_fixtures import subprocess_env
 
 from training.lineage import read_lineage
-from training.metrics import read_jsonl
+from training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # multi-process runs (make test-fast skips them)
 
@@ -57,10 +57,11 @@ def _launch(args: list[str], nproc: int, **popen) -> list[str]:
             str(ROOT / "train.py"), *args]
 
 
-def _train(shards: Path, out: Path, world: int, stage: int, resume: str | None = None) -> None:
+def _train(shards: Path, out: Path, world: int, stage: int, resume: str | None = None, batch: int = GLOBAL_BATCH,
+           extra: tuple[str, ...] = ()) -> None:
     args = ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), f"data.shards={shards}",
             f"trainer.output_dir={out}", f"trainer.zero_stage={stage}",
-            f"trainer.batch_size_per_gpu={GLOBAL_BATCH // world}", *TINY]
+            f"trainer.batch_size_per_gpu={batch // world}", *TINY, *extra]
     if resume:
         args += ["--resume", resume]
     result = subprocess.run(_launch(args, world), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
@@ -100,7 +101,7 @@ def _train_killed(shards: Path, out: Path, world: int, stage: int, after: int) -
 
 
 def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
 def _assert_continues(reference: Path, resumed: Path, after: int) -> None:
@@ -138,6 +139,36 @@ def test_resume_on_one_and_three_ranks_continues_the_data_exactly(elastic_shards
         resumed = tmp_path / f"resume_{world}"
         _train(elastic_shards, resumed, world=world, stage=stage, resume=str(checkpoint))
         _assert_continues(reference, resumed, after=CKPT)
+
+
+# LSTCL MoCo v3 on the same tiny backbone, 2 view-sets per video (the same-video mask on)
+MOCO_REPEATS = ["objective.name=mocov3", "data.recipe=lstcl", "data.lstcl.short_frames=4",
+                "data.lstcl.long_frames=4", "data.lstcl.size=32", "model.proj_dim=16", "model.proj_hidden_dim=32",
+                "model.pred_hidden_dim=32", "optim.clip_mode=global", "optim.freeze_last_layer_epochs=0",
+                "data.repeats=2"]
+
+
+def test_repeats_resume_on_one_rank_continues_the_view_sets_and_losses_exactly(elastic_shards, tmp_path):
+    """data.repeats=2, global batch 8 view-sets (4 videos): 2 ranks -> 1 rank from a mid-epoch
+    checkpoint trains the same view-sets (key + repeat index in the lineage) with the same MoCo v3
+    losses; the damaged video is replaced by a spare with both its view-sets."""
+    def train(out: Path, world: int, resume: str | None = None) -> None:
+        _train(elastic_shards, out, world=world, stage=2, resume=resume, batch=8,
+               extra=MOCO_REPEATS)
+
+    reference = tmp_path / "two_ranks"
+    train(reference, world=2)
+    lineage = read_lineage(reference / "lineage.jsonl")
+    assert all(len(line["keys"]) == 8 and line["repeat"] == [0, 1] * 4 for line in lineage)
+    assert all(keys[0::2] == keys[1::2] for keys in (line["keys"] for line in lineage))   # a video's 2 view-sets
+    # 13 videos, 4 per step: epoch 0 is data steps 0-3, the last wrapping to its start
+    assert [(line["epoch"], line["data_step"]) for line in lineage] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    replaced = [r for line in lineage for r in line.get("replaced", [])]
+    assert [r["key"] for r in replaced] == ["cut"] and all("cut" not in line["keys"] for line in lineage)
+    assert len({k for line in lineage[:3] for k in line["keys"]}) == 12
+    resumed = tmp_path / "resume_1"
+    train(resumed, world=1, resume=str(reference / "checkpoints" / f"step_{CKPT:08d}"))
+    _assert_continues(reference, resumed, after=CKPT)
 
 
 def _free_port() -> int:

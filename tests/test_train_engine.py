@@ -56,9 +56,9 @@ def _wait(proc: subprocess.Popen, workdir: Path, name: str, timeout: float = 400
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    from training.metrics import read_jsonl
+    from training.metrics import read_metrics
 
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 def _run(name: str, workdir: Path, **overrides) -> dict:
@@ -237,9 +237,9 @@ def test_zero_stage_matches_plain_pytorch(stage_runs, reference, stage):
     assert _max_diff(reference["teacher"], final["teacher"]) <= WEIGHT_TOL
     assert _max_diff(reference["student"], final["student"]) <= WEIGHT_TOL
     assert torch.allclose(final["center"], reference["center"], atol=WEIGHT_TOL)
-    from training.metrics import read_jsonl
+    from training.metrics import read_metrics
 
-    grad_norms = [r["grad_norm"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    grad_norms = [r["grad_norm"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert all(np.isfinite(g) and g > 0 for g in grad_norms), grad_norms
     assert grad_norms == pytest.approx(reference["grad_norms"], rel=1e-4)
     # the run really trained: the teacher moved away from the initial weights
@@ -274,9 +274,9 @@ def test_zero3_really_partitions(stage_runs):
 
 def test_last_layer_frozen_then_trained(stage_runs):
     """The first steps leave the last layer untouched (gradient hook + lr 0), later steps move it."""
-    from training.metrics import read_jsonl
+    from training.metrics import read_metrics
 
-    records = read_jsonl(stage_runs / "stage2" / "metrics.jsonl")
+    records = read_metrics(stage_runs / "stage2" / "metrics.jsonl")
     assert [r["last_layer_frozen"] for r in records] == [True, True, False, False, False, False]
     assert records[0]["lr"] < records[1]["lr"] or records[0]["lr"] == 0.0  # linear warmup from 0
 
@@ -303,7 +303,7 @@ def test_last_layer_update_after_freeze_is_dinos(stage_runs, reference, lr0_refe
 @pytest.mark.parametrize("stage", (0, 2))
 def test_global_norm_clipping_matches_plain_pytorch(stage_runs, stage):
     """optim.clip_mode=global: DeepSpeed's one-norm clipping against torch's clip_grad_norm_."""
-    from training.metrics import read_jsonl
+    from training.metrics import read_metrics
 
     ref = reference_run(clip_mode="global")
     run_dir = stage_runs / f"global_clip_stage{stage}"
@@ -312,7 +312,7 @@ def test_global_norm_clipping_matches_plain_pytorch(stage_runs, stage):
     for step, ref_loss in ref["losses"].items():
         assert abs(losses[step] - ref_loss) <= LOSS_TOL, (stage, step, losses[step], ref_loss)
     assert _max_diff(ref["student"], final["student"]) <= WEIGHT_TOL
-    assert [r["grad_norm"] for r in read_jsonl(run_dir / "metrics.jsonl")] == pytest.approx(ref["grad_norms"], rel=1e-4)
+    assert [r["grad_norm"] for r in read_metrics(run_dir / "metrics.jsonl")] == pytest.approx(ref["grad_norms"], rel=1e-4)
 
 
 def test_per_parameter_clipping_is_active(reference):
@@ -328,7 +328,7 @@ def test_sigkill_resume_gives_same_losses(killed_and_resumed):
         assert abs(resumed[step] - loss) <= 1e-6, (step, resumed[step], loss)
     log = (killed_and_resumed / "resume.log").read_text()
     assert "resumed from" in log and "step_00000004" in log
-    # each step once in the file itself (not only through read_jsonl's last-record rule)
+    # each step once in the file itself (not only through read_metrics's last-record rule)
     rows = [json.loads(line) for line in (killed_and_resumed / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == sorted(reference_losses)
 
@@ -347,11 +347,11 @@ def test_resume_into_other_world_size_and_stage(killed_and_resumed):
 
 
 def test_nonfinite_loss_skipped_or_stops(killed_and_resumed):
-    from training.metrics import read_jsonl
+    from training.metrics import read_metrics
 
     skip = torch.load(killed_and_resumed / "nan_skip" / "final.pt", weights_only=False)
     assert skip["status"] == "ok" and skip["summary"]["nonfinite_skipped"] == 1
-    records = read_jsonl(killed_and_resumed / "nan_skip" / "metrics.jsonl")
+    records = read_metrics(killed_and_resumed / "nan_skip" / "metrics.jsonl")
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     assert all(torch.isfinite(v).all() for v in skip["student"].values())
     log = (killed_and_resumed / "single.log").read_text()

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import pytest
 import torch
 
-from typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections, precision_name, torch_dtype
+from common.precision import precision_name, torch_dtype
+from common.typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections
 
 
 def test_one_precision_vocabulary():
@@ -41,16 +41,15 @@ class _Inner:
 
 @dataclasses.dataclass
 class _Outer:
-    MOVED_KEYS: ClassVar[dict[str, str]] = {"a": "inner.a"}
     inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(b="protocol"))
     c: float = 0.5
 
 
-def test_nested_sections_start_from_the_fields_default_and_moved_keys_name_their_place():
+def test_nested_sections_start_from_the_fields_default_and_a_key_of_the_wrong_level_is_unknown():
     outer = dataclass_from_dict(_Outer, {"inner": {"a": 3}}, "p")
     assert outer.inner == _Inner(a=3, b="protocol")  # the field's default instance, not _Inner()
     assert dataclass_from_dict(_Outer, {}, "p").inner.b == "protocol"
-    with pytest.raises(ConfigError, match=r"^p\.a: moved to p\.inner\.a$"):
+    with pytest.raises(ConfigError, match=r"^p\.a: unknown key \(valid keys of p: c, inner\)$"):
         dataclass_from_dict(_Outer, {"a": 3}, "p")
     with pytest.raises(ConfigError, match=r"p\.inner\.z: unknown key"):
         dataclass_from_dict(_Outer, {"inner": {"z": 3}}, "p")
@@ -67,3 +66,42 @@ def test_yaml_sections_with_overrides(tmp_path):
     path.write_text("[1, 2]\n")
     with pytest.raises(ConfigError, match="c.yaml: expected a mapping"):
         load_yaml_sections(path)
+
+
+@dataclasses.dataclass
+class _Entry:
+    path: str
+    frames: int
+
+
+@dataclasses.dataclass
+class _Listing:
+    entries: list[_Entry]
+    counts: dict[str, int]
+    scale: tuple[float, float] = (0.4, 1.0)
+    sizes: tuple[int, ...] = ()
+
+
+def test_required_keys_and_the_items_of_lists_and_mappings_are_checked_by_dotted_name():
+    good = {"entries": [{"path": "a", "frames": 3}], "counts": {"x": 1}, "scale": [0, 1], "sizes": [2, 4]}
+    listing = dataclass_from_dict(_Listing, good, "")
+    assert listing.entries == [_Entry("a", 3)] and listing.scale == (0.0, 1.0) and listing.sizes == (2, 4)
+    for bad, expected in ((dict(good, entries=[{"path": "a", "frames": 3}, {"path": "b"}]), r"^entries\[1\]\.frames: missing$"),
+                          ({"entries": []}, r"^counts: missing$"),
+                          (dict(good, counts={"x": "1"}), r"^counts\.x: expected an integer"),
+                          (dict(good, scale=[1, 2, 3]), r"^scale: expected 2 values"),
+                          (dict(good, sizes=[2, 4.5]), r"^sizes\[1\]: expected an integer"),
+                          (dict(good, colour="red"), r"^colour: unknown key \(valid keys: counts, entries, scale, sizes\)$")):
+        with pytest.raises(ConfigError, match=expected):
+            dataclass_from_dict(_Listing, bad, "")
+
+
+def test_the_loader_and_the_atomic_writes_import_the_standard_library_only():
+    # Ray workers receive the shard_tools and common packages only (shard_tools/executors.py)
+    import subprocess
+    import sys
+
+    code = ("import sys, common.typed_config, common.atomic_io, shard_tools.format; "
+            "sys.exit(sorted({'yaml', 'numpy', 'torch'} & set(sys.modules)) or None)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ Layout under ``<run_dir>/checkpoints``::
     latest                             text file naming the newest complete checkpoint
 
 A checkpoint is written under ``tmp-step_...``, renamed when every rank has finished, and only then
-named by ``latest`` (written to a temp file and ``os.replace``d): a run killed while saving leaves a
+named by ``latest`` (``common.atomic_io``: whole or not at all): a run killed while saving leaves a
 ``tmp-*`` folder that nothing reads. DeepSpeed's own files refuse a different ZeRO stage or world
 size, so resuming into another layout (a cluster job that comes back on fewer nodes) goes through
 ``portable.pt``, built with ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from common.atomic_io import atomic_write_text, atomic_writer
 from training.engine import _inner_optimizer, _optimizer_state_keys
 
 __all__ = ["CheckpointManager", "find_latest", "rng_state", "set_rng_state", "portable_state",
@@ -279,12 +280,7 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp_dir, final)
-            pointer_tmp = self.root / f".{LATEST_FILE}.tmp"
-            with open(pointer_tmp, "w") as fh:
-                fh.write(tag)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(pointer_tmp, self.root / LATEST_FILE)
+            atomic_write_text(self.root / LATEST_FILE, tag)
             self._prune(keep_tag=tag)
         dist.barrier()
         return final
@@ -343,7 +339,6 @@ def export_weights(ckpt_dir: Path, out_path: Path) -> Path:
     payload["backbone"] = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out_path)
+    with atomic_writer(out_path) as f:
+        torch.save(payload, f)
     return out_path

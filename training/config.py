@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.precision import precision_name
+from common.typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections
 from pipelines.config import DataConfig
-from typed_config import ConfigError, apply_overrides, dataclass_from_dict, load_yaml_sections, precision_name
 
 __all__ = [
     "ConfigError",
@@ -90,6 +91,9 @@ class ObjectiveConfig:
     pair_set: str = "paper"  # SVT view pairs (objectives.PAIR_SETS): paper | local_to_global | ...
     # MoCo v3 InfoNCE temperature
     temperature: float = 0.2
+    # MoCo v3 with data.repeats > 1: the other view-sets of a query's video are not negatives (their
+    # logits are masked). Our choice (issue 19): they show the same video; false is the ablation.
+    mask_same_video: bool = True
     # EMA teacher / momentum encoder: cosine from momentum_teacher to momentum_teacher_final
     momentum_teacher: float = 0.996
     momentum_teacher_final: float = 1.0
@@ -212,6 +216,9 @@ def validate(cfg: Config, check_data: bool = True) -> None:
         raise ConfigError(f"trainer.loader: must be 'dali' or 'baseline', got {t.loader!r}")
     if t.dist_backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"trainer.dist_backend: must be auto, gloo or nccl, got {t.dist_backend!r}")
+    if t.batch_size_per_gpu % cfg.data.repeats:
+        raise ConfigError(f"data.repeats: {cfg.data.repeats} view-sets per video must divide "
+                          f"trainer.batch_size_per_gpu={t.batch_size_per_gpu} (a rank's batch holds whole videos)")
     if check_data:
         if not cfg.data.shards.strip():
             raise ConfigError("data.shards: empty; set it to a shard folder written by `python -m shard_tools shard`")

@@ -58,7 +58,10 @@ class SSLMethod:
                    for name in dict.fromkeys(self.student_views + self.teacher_views)}
         return [tensors[n] for n in self.student_views], [tensors[n] for n in self.teacher_views]
 
-    def loss(self, student_out, teacher_out, *, teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, student_out, teacher_out, *, teacher_temp: float, video_ids: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``video_ids``: the video of each row (``data.repeats > 1`` puts several view-sets of one
+        video in a batch); only an objective with negatives (MoCo v3) uses it."""
         raise NotImplementedError
 
     def _flops_module(self) -> nn.Module:
@@ -122,8 +125,9 @@ class SVTMethod(SSLMethod):
         self.teacher_views = list(global_views)
         self.backbone_prefix = "backbone."
 
-    def loss(self, student_out, teacher_out, *, teacher_temp: float):
-        # SVTLoss reports the collapse monitors itself: teacher entropy and KL(teacher || student)
+    def loss(self, student_out, teacher_out, *, teacher_temp: float, video_ids: torch.Tensor | None = None):
+        # SVTLoss reports the collapse monitors itself: teacher entropy and KL(teacher || student);
+        # no negatives, so repeated view-sets of a video need no mask (video_ids unused)
         return _split_terms(self.objective(student_out, teacher_out, teacher_temp=teacher_temp))
 
     def _flops_module(self) -> nn.Module:
@@ -134,20 +138,27 @@ class TwoViewMethod(SSLMethod):
     """LSTCL with MoCo v3 / BYOL (momentum teacher) or SimSiam (no teacher), symmetric over two clips."""
 
     def __init__(self, kind: str, student: ContrastiveEncoder, teacher: ContrastiveEncoder | None,
-                 objective: nn.Module, view_names: list[str]) -> None:
+                 objective: nn.Module, view_names: list[str], mask_same_video: bool = False) -> None:
         if len(view_names) != 2:
             raise ValueError(f"TwoViewMethod: expected two clips (short, long), got views {view_names}")
         self.kind = kind
+        # MoCo v3 with repeated sampling: a query's other view-sets are masked out of its negatives
+        self.mask_same_video = mask_same_video and kind == "mocov3"
         self.student, self.teacher, self.objective = student, teacher, objective
         self.student_views = list(view_names)
         self.teacher_views = list(view_names) if teacher is not None else []
         self.backbone_prefix = "backbone."
 
-    def loss(self, student_out, teacher_out, *, teacher_temp: float):
+    def loss(self, student_out, teacher_out, *, teacher_temp: float, video_ids: torch.Tensor | None = None):
         (p1, p2), (z1, z2) = student_out
-        if self.kind == "simsiam":
+        if self.kind == "simsiam":  # BYOL and SimSiam have no negatives: no mask
             return _split_terms(self.objective(p1, p2, z1.detach(), z2.detach()))
         _, (k1, k2) = teacher_out
+        if self.mask_same_video:
+            if video_ids is None:
+                raise ValueError("MoCo v3 with data.repeats > 1 needs the batch's video ids (the loader's "
+                                 "'video_id') to keep a video's other view-sets out of the negatives")
+            return _split_terms(self.objective(p1, p2, k1.float(), k2.float(), video_ids=video_ids))
         return _split_terms(self.objective(p1, p2, k1.float(), k2.float()))
 
     def _flops_module(self) -> nn.Module:
@@ -208,7 +219,7 @@ class ClassifierMethod(SSLMethod):
         views, _ = super().split_views(batch, device, bf16)
         return views, torch.as_tensor(batch["label"]).view(-1).long().to(device)
 
-    def loss(self, student_out, teacher_out, *, teacher_temp: float):
+    def loss(self, student_out, teacher_out, *, teacher_temp: float, video_ids: torch.Tensor | None = None):
         return self.objective(student_out.float(), teacher_out), {}
 
     def throughput_counts(self, batch: dict) -> tuple[float, float, float]:
@@ -284,4 +295,5 @@ def build_method(cfg: Config, view_names: list[str]) -> SSLMethod:
     teacher = None
     if o.name != "simsiam":
         teacher = _teacher_from_student(ContrastiveEncoder(backbone(0.0), projector()), student)
-    return TwoViewMethod(o.name, student, teacher, objective, view_names)
+    return TwoViewMethod(o.name, student, teacher, objective, view_names,
+                         mask_same_video=o.mask_same_video and cfg.data.repeats > 1)

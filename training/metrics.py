@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-__all__ = ["MetricsWriter", "summarize", "read_jsonl", "format_summary", "truncate_jsonl"]
+from common.atomic_io import atomic_write_text, read_jsonl
+
+__all__ = ["MetricsWriter", "summarize", "read_metrics", "format_summary", "truncate_jsonl"]
 
 
 class MetricsWriter:
@@ -85,7 +86,7 @@ class MetricsWriter:
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keeps the records of steps <= ``last_step`` (rewritten through a temp file and ``os.replace``)."""
+    """Keeps the records of steps <= ``last_step`` (rewritten whole: ``atomic_write_text``)."""
     if not path.is_file():
         return
     kept = []
@@ -98,19 +99,12 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """Records of a metrics file, keeping only the last record of each step."""
-    by_step: dict[int, dict] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "step" in record:
-                by_step[record["step"]] = record
+    by_step = {record["step"]: record for record in read_jsonl(path) if "step" in record}
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.precision import torch_dtype
 from common.seeding import seed_all
 from objectives.schedules import cosine_schedule
 from pipelines.protocol import Loader
@@ -29,9 +30,8 @@ from training.config import Config, config_to_dict
 from training.engine import DistInfo, _inner_optimizer, build_engine, clip_gradients_per_parameter, set_hyperparameters
 from training.lineage import LineageWriter
 from training.methods import SSLMethod
-from training.metrics import MetricsWriter, read_jsonl, summarize, truncate_jsonl
+from training.metrics import MetricsWriter, read_metrics, summarize, truncate_jsonl
 from training.teacher import EMATeacher
-from typed_config import torch_dtype
 
 __all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
 
@@ -288,7 +288,7 @@ class Trainer:
             if self._optimizer_log is not None:
                 self._optimizer_log.close()
             self.epoch = self._data.epoch
-        summary = summarize(read_jsonl(writer.jsonl_path)) if self.dist.rank == 0 else {}
+        summary = summarize(read_metrics(writer.jsonl_path)) if self.dist.rank == 0 else {}
         summary.update(checkpoint=str(find_latest(self.run_dir / "checkpoints")), tensorboard=str(writer.tb_dir),
                        metrics=str(writer.jsonl_path))
         return summary
@@ -350,7 +350,11 @@ class Trainer:
         student_out = self.engine(student_views)
         # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy to undo
         objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
-        loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=float(self.schedules.teacher_temp[s]))
+        video_ids = batch.get("video_id")
+        if video_ids is not None:
+            video_ids = torch.as_tensor(video_ids, dtype=torch.long).to(self.dist.device)
+        loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=float(self.schedules.teacher_temp[s]),
+                                       video_ids=video_ids)
         # one all-reduce carries the loss terms and the non-finite flag of every rank
         names = ["loss", *terms]
         packed = torch.stack([loss.detach().float(), *[v.detach().float() for v in terms.values()]])
