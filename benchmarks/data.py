@@ -47,6 +47,10 @@ from shard_tools.sources import SourceListing, VideoInput
 from storage import is_url
 
 MODES = ("dali", "baseline", "decode_only")
+# Child modes of the URL benchmark (benchmarks/data_storage.py): ``reads`` reads and plans the DALI
+# loader's batches without decoding them (``planned_batches``), so it measures what the storage and
+# the read-ahead deliver, free of the decoder.
+CHILD_MODES = (*MODES, "reads")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(first batch of the next epoch); JSON in --out's folder: data_scale.json, shard sets in "
                         "its loader_scale/")
     p.add_argument("--out", type=Path, default=Path("runs/bench/data.json"))
-    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--reads-only", action="store_true",
+                   help="URL benchmarks: time reading and planning the loader's batches without decoding them "
+                        "(what the storage and the read-ahead can deliver)")
+    p.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     return p
 
 
@@ -166,15 +173,19 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def print_table(report: dict) -> None:
-    print(f"recipe {report['recipe']}, batch {report['batch_size']}, {report['threads']} threads, "
+def print_table(report: dict, columns: list[tuple[str, str, str]] | None = None, title: str = "") -> None:
+    """The report's modes as rows, one column per ``(heading, result key, format)``, then its ratios."""
+    columns = columns or [("videos/s", "videos_per_s", ".2f"), ("views/s", "views_per_s", ".1f"),
+                          ("frames/s", "decoded_frames_per_s", ".0f"), ("CPU-s/video", "cpu_s_per_video", ".3f"),
+                          ("peak RSS MB", "peak_rss_mb", ".0f")]
+    print(f"{title}recipe {report['recipe']}, batch {report['batch_size']}, {report['threads']} threads, "
           f"device {report['device']}, load average {report['load_average'][0]:.1f}")
-    header = f"{'mode':<12}{'videos/s':>10}{'views/s':>10}{'frames/s':>11}{'CPU-s/video':>13}{'peak RSS MB':>13}"
+    width = max(12, *(len(mode) + 2 for mode in report["results"]))
+    header = f"{'mode':<{width}}" + "".join(f"{h:>{len(h) + 2}}" for h, _, _ in columns)
     print(header)
     print("-" * len(header))
     for mode, r in report["results"].items():
-        print(f"{mode:<12}{r['videos_per_s']:>10.2f}{r['views_per_s']:>10.1f}{r['decoded_frames_per_s']:>11.0f}"
-              f"{r['cpu_s_per_video']:>13.3f}{r['peak_rss_mb']:>13.0f}")
+        print(f"{mode:<{width}}" + "".join(f"{r[key]:>{len(h) + 2}{fmt}}" for h, key, fmt in columns))
     for name, value in report["ratios"].items():
         print(f"{name}: {'n/a (window too short)' if value is None else f'{value:.2f}'}")
 
@@ -258,15 +269,24 @@ def run_mode(mode: str, args) -> dict:
     torch.set_num_threads(1)
     cfg = _bench_config(args)
     meter = _ResourceMeter()
+    loader = None
     if mode == "decode_only":
         batches = _decode_only_batches(cfg, args.batch_size)
         num_views = 0
-        store = None
+    elif mode == "reads":
+        loader = build_loader(cfg, batch_size=args.batch_size, loader="dali")
+        batches = (b.keys for epoch in range(10**6) for b in loader.planned_batches(epoch))
+        num_views = 0
     else:
         loader = build_loader(cfg, batch_size=args.batch_size, loader=mode if mode == "baseline" else "dali")
         batches = _epochs(loader)
         num_views = len(loader.view_names)
-        store = loader.store
+    store = loader.store if loader is not None else None
+
+    def ahead() -> dict:
+        """The read-ahead counts of the loader's current epoch (the DALI loader's; none otherwise)."""
+        return getattr(loader, "read_ahead_stats", {})
+
     meta = _metadata(cfg)
     views = recipe_views(cfg)
 
@@ -281,6 +301,7 @@ def run_mode(mode: str, args) -> dict:
     for _ in range(args.warmup):  # pipeline build, worker start, then steady state
         next(batches)
     io0 = store.counters.snapshot() if store else {}
+    wait0 = (ahead().get("waited", 0), ahead().get("wait_s", 0.0))
     cpu0, t0 = meter.cpu_seconds(), time.perf_counter()
     videos = frames = member_bytes = 0
     for _ in range(args.batches):
@@ -293,9 +314,13 @@ def run_mode(mode: str, args) -> dict:
     # Storage counts over the timed window: the read-ahead runs a fixed distance ahead of the decoder,
     # so in steady state it fetched the window's samples (shifted by that distance).
     io = {k: v - io0[k] for k, v in store.counters.snapshot().items()} if store else {}
+    # how often and how long the decoder waited for a read that was not ready (the DALI loader's
+    # read-ahead; the baseline's live in its workers); the timed window stays in one epoch
+    waits = {"read_waits": ahead().get("waited", 0) - wait0[0],
+             "read_wait_s": ahead().get("wait_s", 0.0) - wait0[1]}
     return {"videos": videos, "views": videos * num_views, "decoded_frames": frames, "seconds": elapsed,
             "cpu_s": cpu, "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20,
-            "io": {**io, "member_bytes": member_bytes}}
+            "io": {**io, "member_bytes": member_bytes, **waits}}
 
 
 def _bench_config(args):

@@ -13,9 +13,11 @@ moto's S3 server (uploaded to a bucket) started here, so the whole comparison ru
 
 Reported per mode: videos/s, CPU-seconds per video (the loader process and its threads: the storage
 driver's event loop and the read-ahead included; not the servers'), bytes fetched over the member bytes
-of the timed samples, requests per video, retries; ratios ``url/local`` and ``latency/local`` videos/s
-(goal for the latency mode: >= 0.9) and the byte ratio (goal: <= 1.05). JSON to ``--out`` (default
-``runs/bench/data_storage.json``).
+of the timed samples, requests per video, retries, and the time the decoder waited for a read that
+was not ready yet (read-ahead misses); ratios ``url/local`` and ``latency/local`` videos/s
+(goal for the latency mode: >= 0.9) and the byte ratio (goal: <= 1.05). ``--reads-only`` times the
+loader's reads and plans without the decoder (``planned_batches``): what the storage and the read-ahead
+can deliver. JSON to ``--out`` (default ``runs/bench/data_storage.json``).
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ from storage import Storage, is_url, join, protocol
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+COLUMNS = [("videos/s", "videos_per_s", ".2f"), ("CPU-s/video", "cpu_s_per_video", ".3f"),
+           ("bytes/member", "bytes_over_member_bytes", ".3f"), ("requests/video", "requests_per_video", ".2f"),
+           ("retries", "retries", "d"), ("read wait ms/video", "read_wait_ms_per_video", ".1f")]
+
 
 def local_copy(url: str, folder: Path) -> Path:
     """A local copy of a remote shard folder (manifest, quarantine, every tar and index), kept for reuse."""
@@ -51,8 +57,8 @@ def local_copy(url: str, folder: Path) -> Path:
     return folder
 
 
-def _child(argv: list[str], shards: str, env: dict[str, str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.data", *argv, "--child", "dali", "--shards", shards]
+def _child(argv: list[str], mode: str, shards: str, env: dict[str, str]) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.data", *argv, "--child", mode, "--shards", shards]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                           env={**os.environ, **env, "OMP_NUM_THREADS": "1"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -85,7 +91,7 @@ def _latency_target(url: str, env: dict[str, str]) -> tuple[str, str] | None:
 
 
 def storage_bench(args, argv: list[str]) -> int:
-    from benchmarks.data import combine, plot
+    from benchmarks.data import combine, plot, print_table
 
     servers = []
     env: dict[str, str] = {}
@@ -126,7 +132,7 @@ def storage_bench(args, argv: list[str]) -> int:
         runs: dict[str, list[dict]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
             for mode, (shards, mode_env) in modes.items():
-                runs[mode].append(_child(child_argv, shards, mode_env))
+                runs[mode].append(_child(child_argv, "reads" if args.reads_only else "dali", shards, mode_env))
     finally:
         for server in reversed(servers):
             server.stop()
@@ -135,32 +141,21 @@ def storage_bench(args, argv: list[str]) -> int:
         totals = combine(mode_runs)
         io = {k: sum(r["io"][k] for r in mode_runs) for k in mode_runs[0]["io"]}
         totals.update(bytes_over_member_bytes=io["bytes"] / io["member_bytes"],
-                      requests_per_video=io["requests"] / totals["videos"], retries=io["retries"], io=io)
+                      requests_per_video=io["requests"] / totals["videos"], retries=io["retries"],
+                      read_wait_ms_per_video=1000 * io["read_wait_s"] / totals["videos"], io=io)
         results[mode] = totals
     ratios = {f"{mode}_over_local_videos_per_s": results[mode]["videos_per_s"] / results["local"]["videos_per_s"]
               for mode in results if mode != "local"}
     report = {"recipe": args.recipe, "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
               "shards": url, "local_copy": str(local), "serve": args.serve, "latency_ms": args.latency_ms,
+              "reads_only": args.reads_only,
               "batches": args.batches, "rounds": args.rounds, "cpu_count": os.cpu_count(),
               "load_average": os.getloadavg(), "results": results, "ratios": ratios}
-    print_table(report)
+    what = "reading and planning only (no decode)" if args.reads_only else "DALI loader"
+    print_table(report, COLUMNS, title=f"{url} beside {local}, {what}: ")
     out = args.out if args.out != Path("runs/bench/data.json") else Path("runs/bench/data_storage.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
-
-
-def print_table(report: dict) -> None:
-    print(f"{report['shards']} beside {report['local_copy']}: recipe {report['recipe']}, batch {report['batch_size']}, "
-          f"{report['threads']} threads, device {report['device']}, load average {report['load_average'][0]:.1f}")
-    header = (f"{'mode':<14}{'videos/s':>10}{'CPU-s/video':>13}{'bytes/member':>14}{'requests/video':>16}"
-              f"{'retries':>9}")
-    print(header)
-    print("-" * len(header))
-    for mode, r in report["results"].items():
-        print(f"{mode:<14}{r['videos_per_s']:>10.2f}{r['cpu_s_per_video']:>13.3f}{r['bytes_over_member_bytes']:>14.3f}"
-              f"{r['requests_per_video']:>16.2f}{r['retries']:>9d}")
-    for name, value in report["ratios"].items():
-        print(f"{name}: {value:.2f}")

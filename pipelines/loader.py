@@ -42,11 +42,10 @@ import nvidia.dali.types as types
 import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from common.precision import torch_dtype
+from storage import join
 
 from .config import DataConfig
 from .graph import decode_only_pipeline, views_pipeline
-from storage import join
-
 from .member_reads import Found, MemberReader, UnusableSample, first_readable
 from .position import PositionedLoader
 from .read_ahead import rank_read_ahead

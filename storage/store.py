@@ -59,7 +59,7 @@ class Storage:
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._filesystems: dict[str, Any] = {}
+        self._filesystems: dict[tuple, Any] = {}
         self._fds: dict[str, int] = {}
         self._pid = os.getpid()
 
@@ -341,16 +341,22 @@ class Storage:
             self._reset()
 
     def _fs(self, location: str) -> tuple[Any, str]:
-        """The fsspec filesystem for a URL's protocol (one per Storage and process) and its path."""
+        """The fsspec filesystem for a URL's protocol and its path: one per Storage, process and
+        driver environment (the drivers read endpoints and credentials from ``AWS_*`` / ``GOOGLE_*`` /
+        ``FSSPEC_*`` variables when they start, so a changed variable gets a fresh driver)."""
         self._check_pid()
-        proto = protocol(location)
-        fs = self._filesystems.get(proto)
+        key = (protocol(location), _driver_environment())
+        fs = self._filesystems.get(key)
         if fs is None:
             with self._lock:
-                fs = self._filesystems.get(proto)
+                fs = self._filesystems.get(key)
                 if fs is None:
-                    fs = self._filesystems[proto] = _filesystem(proto, self.retry, location)
+                    fs = self._filesystems[key] = _filesystem(key[0], self.retry, location)
         return fs, fs._strip_protocol(location)
+
+
+def _driver_environment() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "FSSPEC_"))))
 
 
 def _filesystem(proto: str, retry: RetryPolicy, location: str):
