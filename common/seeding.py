@@ -33,10 +33,19 @@ def derive_seed(seed: int, *keys: int) -> int:
 def seed_all(seed: int, *keys: int) -> None:
     """Seeds torch, numpy's global generator and ``random`` with the stream ``keys`` (e.g. rank, step) of
     ``seed``: per-rank, per-step randomness (drop path, dropout) without the collisions of
-    ``seed + 1000 * rank + step``. No keys: the run's root stream, the same on every rank."""
+    ``seed + 1000 * rank + step``.
+
+    No keys: the root seed itself, the same on every rank, as the official DINO / SVT code's
+    ``fix_random_seeds(seed)`` seeds torch and numpy, so a recipe's seed starts the models where theirs do.
+    """
     import torch  # not at import time: seeds are derived where torch is not installed (the shard driver)
 
-    int_seed = derive_seed(seed, *keys)
+    if keys:
+        int_seed = derive_seed(seed, *keys)
+        numpy_seed = seed_sequence(seed, *keys).generate_state(4)  # RandomState takes the 128-bit state as uint32 words
+    else:
+        seed_sequence(seed)  # the same check as with keys: a seed >= 0
+        int_seed = numpy_seed = int(seed)
     torch.manual_seed(int_seed)
-    np.random.seed(seed_sequence(seed, *keys).generate_state(4))  # RandomState takes the 128-bit state as uint32 words
+    np.random.seed(numpy_seed)
     random.seed(int_seed)

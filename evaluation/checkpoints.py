@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 import models
+from pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 from training.checkpoint import TRAINER_FILE, consolidated_weights, find_latest
 
 __all__ = ["LoadedBackbone", "load_backbone", "read_checkpoint_weights"]
@@ -43,6 +44,10 @@ class LoadedBackbone:
     which: str            # teacher | student | random
     step: int | None = None
     data_config: dict[str, Any] = field(default_factory=dict)  # the run's data section (mean / std)
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The pretraining run's mean / std (features depend on them), else ImageNet's."""
+        return (tuple(self.data_config.get("mean", IMAGENET_MEAN)), tuple(self.data_config.get("std", IMAGENET_STD)))
 
 
 def _torch_load(path: Path, *, trusted_objects: bool) -> Any:
@@ -71,8 +76,8 @@ def _read_folder(folder: Path) -> dict:
         return consolidated_weights(folder)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{folder}: incomplete checkpoint ({error.filename} missing)") from None
-    except KeyError as error:
-        raise ValueError(f"{folder}: the checkpoint records no {error} (written by an older trainer)") from None
+    except ValueError:  # a file without a key the trainer writes: the message names the file and the key
+        raise
     except Exception as error:
         raise ValueError(f"{folder}: cannot read checkpoint ({type(error).__name__}: {error})") from error
 
@@ -91,7 +96,7 @@ def read_checkpoint_weights(path: str | os.PathLike, which: str
         if not isinstance(payload, dict) or "student" not in payload:
             raise ValueError(f"{path}: not a train.py export (expected keys student / teacher / config)")
         if "backbone_prefix" not in payload:
-            raise ValueError(f"{path}: the export records no backbone_prefix (an older train.py --export); "
+            raise ValueError(f"{path}: the export records no backbone_prefix, which train.py --export writes; "
                              f"export the checkpoint again")
     else:
         raise FileNotFoundError(f"{path}: checkpoint does not exist")

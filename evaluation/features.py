@@ -131,7 +131,7 @@ class FeatureSet:
                                torch.from_numpy(data["slow"]), torch.from_numpy(data["fast"]),
                                json.loads(str(data["meta"])))
             data = torch.load(path, map_location="cpu", weights_only=True)
-            return cls(list(data["keys"]), data["labels"], data["slow"], data["fast"], data.get("meta", {}))
+            return cls(list(data["keys"]), data["labels"], data["slow"], data["fast"], data["meta"])
         except Exception as error:  # not a torch / numpy file, truncated, missing entries: name the file
             raise ValueError(f"{path}: not a feature file written by evaluate.py extract ({error})") from error
 

@@ -1,4 +1,5 @@
-"""Video backbones (TimeSformer, Space-Time Swin), SSL heads, the multi-view runner, FLOP counts."""
+"""Video backbones (TimeSformer, Space-Time Swin), pretrained weights, SSL heads, the multi-view runner, the
+video classifier, FLOP counts."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,13 +9,15 @@ import torch.nn as nn
 from models import stswin, timesformer
 from models.heads import (BYOLPredictor, BYOLProjector, DINOHead, MoCoPredictor, MoCoProjector,
                           SimSiamPredictor, SimSiamProjector)
+from models.classifier import VideoClassifier
 from models.multiview import ContrastiveEncoder, MultiViewRunner
+from models.pretrained import PretrainedUnavailable, resolve_pretrained
 from models.stswin import SpaceTimeSwin
-from models.timesformer import PretrainedUnavailable, TimeSformer, load_pretrained, resolve_pretrained, split_checkpoint
+from models.timesformer import TimeSformer, load_pretrained, split_checkpoint
 
 __all__ = [
     "BACKBONES", "build_backbone", "TimeSformer", "SpaceTimeSwin", "MultiViewRunner", "ContrastiveEncoder", "DINOHead",
-    "PretrainedUnavailable", "load_pretrained", "resolve_pretrained", "split_checkpoint",
+    "PretrainedUnavailable", "load_pretrained", "resolve_pretrained", "split_checkpoint", "VideoClassifier",
     "MoCoProjector", "MoCoPredictor", "BYOLProjector", "BYOLPredictor", "SimSiamProjector", "SimSiamPredictor",
 ]
 

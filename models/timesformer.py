@@ -20,9 +20,7 @@ makes the spatial step a free view.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 from typing import Literal, Sequence
 
 import torch
@@ -32,19 +30,16 @@ from einops import rearrange
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from common.typed_config import ConfigError
 from models.layers import Attention, Tokens, call_packed, init_vit_weights, map_tokens
+from models.pretrained import pretrained_state_dict
 
 __all__ = [
     "DividedSpaceTimeBlock",
-    "PretrainedUnavailable",
     "TimeSformer",
     "checkpoint_filter_fn",
     "interpolate_pos_embed",
     "interpolate_time_embed",
     "load_pretrained",
-    "read_checkpoint",
-    "resolve_pretrained",
     "split_checkpoint",
     "timesformer_tiny_patch16",
     "timesformer_small_patch16",
@@ -408,107 +403,13 @@ def checkpoint_filter_fn(state_dict: dict, model: TimeSformer,
     return out
 
 
-class PretrainedUnavailable(ConfigError):
-    """``model.pretrained`` names weights that cannot be had here; the message says how to get them."""
-
-
-# DINO's own release of the self-supervised ImageNet ViT-B/16 (facebookresearch/dino README), the
-# weights SVT starts from (paper Sec. 4); timm hosts the same network as vit_base_patch16_224.dino.
-DINO_VITB16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
-_FILE_SUFFIXES = (".pth", ".pt", ".pyth", ".bin", ".safetensors", ".ckpt", ".tar")
-# timm's own order of weight files in a Hub repo (timm.models._hub.load_state_dict_from_hf).
-_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _resolve(spec: str | None) -> tuple[str, str | None]:
-    """``("none" | "file" | "timm", local path)`` for a ``model.pretrained`` value; raises PretrainedUnavailable."""
-    if spec is None or spec == "none":
-        return "none", None
-    if os.path.isfile(spec):
-        return "file", spec
-    scratch = "or model.pretrained=none to train from scratch"
-    looks_like_path = "/" in spec or os.sep in spec or spec.startswith(("~", "."))
-    if not spec or looks_like_path or spec.lower().endswith(_FILE_SUFFIXES):
-        raise PretrainedUnavailable(f"model.pretrained: {spec}: no such file; download the DINO ViT-B/16 weights "
-                                    f"({DINO_VITB16_URL}) to it, or use the timm tag vit_base_patch16_224.dino, "
-                                    f"{scratch}")
-    import timm.models
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import RemoteEntryNotFoundError
-
-    cfg = timm.models.get_pretrained_cfg(spec)
-    if cfg is None or not cfg.hf_hub_id:
-        raise PretrainedUnavailable(f"model.pretrained: {spec!r} is neither an existing file nor a timm pretrained tag "
-                                    f"(e.g. vit_base_patch16_224.dino), {scratch}")
-    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HUB_FILES
-    for filename in files:  # timm's cache is the Hugging Face Hub cache: a cached file needs no network
-        cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
-        if isinstance(cached, str):
-            return "timm", cached
-    for filename in files:
-        try:
-            # One request without retries: hf_hub_download alone retries for ~25 s per file offline.
-            get_hf_file_metadata(hf_hub_url(cfg.hf_hub_id, filename), timeout=10)
-        except RemoteEntryNotFoundError:
-            continue
-        except Exception as error:  # offline mode, no route, proxy, HTTP error: all "unreachable" here
-            raise PretrainedUnavailable(
-                f"model.pretrained: {spec!r} is not in timm's Hugging Face cache and the Hub is unreachable "
-                f"({type(error).__name__}); fetch it where there is internet with `python -c \"import timm; "
-                f"timm.create_model('{spec}', pretrained=True)\"` and copy ~/.cache/huggingface here, or set "
-                f"model.pretrained to a local file (DINO ViT-B/16: {DINO_VITB16_URL}), {scratch}") from error
-        try:
-            return "timm", hf_hub_download(cfg.hf_hub_id, filename)
-        except Exception as error:
-            reason = " ".join(str(error).split())  # one line
-            raise PretrainedUnavailable(f"model.pretrained: downloading {spec!r} from {cfg.hf_hub_id} failed "
-                                        f"({type(error).__name__}: {reason}), {scratch}") from error
-    raise PretrainedUnavailable(f"model.pretrained: the Hub repo {cfg.hf_hub_id} of {spec!r} holds none of {files}")
-
-
-def resolve_pretrained(spec: str | None) -> str | None:
-    """The local file ``model.pretrained`` stands for (None for ``none``), fetched into timm's cache if needed.
-
-    ``spec`` is ``none``, a local checkpoint file, or a timm pretrained tag (``vit_base_patch16_224.dino``)
-    found in timm's Hugging Face cache or downloaded into it. Raises ``PretrainedUnavailable`` (a
-    ``ConfigError``: train.py prints it as one line and exits 2) when neither is reachable.
-    """
-    return _resolve(spec)[1]
-
-
-def read_checkpoint(path: str) -> dict:
-    """A checkpoint file's contents: safetensors, or a torch file loaded with ``weights_only=True``.
-
-    DINO / SVT training checkpoints hold their ``argparse.Namespace`` args beside the weights; that
-    class is allowed, nothing else beyond torch's safe types.
-    """
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unreadable / not a checkpoint: name the file and the reason
-        raise ValueError(f"{path}: cannot read checkpoint ({error})") from error
-
-
 def load_pretrained(model: TimeSformer, source: str | None, temporal_init: TemporalInit = "fresh") -> None:
-    """Load ``source`` (a ``model.pretrained`` value: file or timm tag) into ``model`` strictly, after filtering.
-
-    A timm tag loads through timm itself (``timm.create_model(tag, pretrained=True)`` from the cached
-    file), then through ``checkpoint_filter_fn`` like any image checkpoint.
-    """
-    kind, path = _resolve(source)
-    if kind == "none":
+    """Load ``source`` (a ``model.pretrained`` value: file or timm tag, ``models.pretrained``) into ``model``
+    strictly, after ``checkpoint_filter_fn``."""
+    weights = pretrained_state_dict(source)
+    if weights is None:
         return
-    if kind == "timm":
-        import timm
-
-        vit = timm.create_model(source, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path})
-        state_dict = vit.state_dict()
-    else:
-        state_dict = read_checkpoint(path)
+    path, state_dict = weights
     try:
         model.load_state_dict(checkpoint_filter_fn(state_dict, model, temporal_init), strict=True)
     except (RuntimeError, KeyError, ValueError) as error:

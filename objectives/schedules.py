@@ -1,14 +1,20 @@
-"""Per-step schedules from one helper (DINO ``cosine_scheduler``), indexed by global step.
+"""Every schedule of the project: per-step values from one helper (DINO ``cosine_scheduler``), indexed by
+global step, and the per-epoch lr of the fine-tuning protocols.
 
 lr: ``cosine_schedule(lr, min_lr, total, warmup_steps=w)``; weight decay:
 ``cosine_schedule(wd, wd_end, total)``; EMA momentum to 1: ``cosine_schedule(0.996, 1.0, total)``;
-teacher temperature warmup then constant: ``cosine_schedule(t, t, total, warmup_steps=w, warmup_start=t0)``.
+teacher temperature warmup then constant: ``cosine_schedule(t, t, total, warmup_steps=w, warmup_start=t0)``;
+fine-tuning lr set once per epoch: ``epoch_lr("multistep" | "cosine_epochs", lr, epoch, epochs, ...)``.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["cosine_schedule"]
+__all__ = ["cosine_schedule", "epoch_lr", "EPOCH_SCHEDULES"]
+
+EPOCH_SCHEDULES = ("multistep", "cosine_epochs")
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -29,3 +35,17 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     progress = np.arange(cosine_steps) / max(cosine_steps - 1, 1)
     cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * progress))
     return np.concatenate((warmup, cosine)).astype(np.float64)
+
+
+def epoch_lr(schedule: str, lr: float, epoch: int, epochs: float, milestones=(), gamma: float = 0.1) -> float:
+    """lr of ``epoch`` (0-based) for the per-epoch schedules of the fine-tuning protocols.
+
+    ``multistep``: ``lr * gamma ** (milestones <= epoch)`` (TimeSformer's / SVT's fine-tuning);
+    ``cosine_epochs``: cosine from ``lr`` to 0 over ``epochs``, as the official SVT / DINO
+    eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)`` stepped once per epoch.
+    """
+    if schedule == "cosine_epochs":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "multistep":
+        return lr * gamma ** sum(epoch >= m for m in milestones)
+    raise ValueError(f"epoch_lr: schedule must be one of {', '.join(EPOCH_SCHEDULES)}, got {schedule!r}")

@@ -30,6 +30,17 @@ therefore a sentinel colour (``MISSING_FILL``) instead of a copy of the last fra
 emits one extra output per sample, ``frames_check``: the largest channel distance of the last
 requested frame (the highest index: the union is sorted, padding only ever follows real frames)
 from the sentinel. 0 means the decoder ran out of real frames. Costs one frame's reduction.
+
+On ``mixed`` that check alone would read uninitialised memory: DALI 2.4's NVDEC path
+(``FramesDecoderGpu::ReadNextFrameWithIndex``) returns without writing the output slot when the
+decoder delivers no picture for a frame its index lists (a partial last packet, a damaged one), and
+every later requested frame is then skipped too; the slot keeps whatever the memory pool held,
+often an earlier batch's real frames. The sentinel is written only for frames past the index. So
+the mixed graph requests the last frame twice (``frames_guard``: the union, then its last index
+again, decoded anew after a seek back to its keyframe) and the check also demands the two copies be
+identical: a decoded frame is reproducible, stale memory in two different slots is not. Costs up to
+one keyframe interval of extra decoding per video on NVDEC; the CPU graph writes every slot and
+needs no guard (tests force it on the CPU to run the same logic).
 """
 
 from __future__ import annotations
@@ -58,10 +69,20 @@ def decode_union(encoded, frames, device: str):
                              fill_value=list(MISSING_FILL))
 
 
-def frames_check(video):
-    """Per sample: distance of the last decoded frame from ``MISSING_FILL``; 0 = frames were missing."""
-    last = fn.cast(video[-1], dtype=types.INT16)
-    return fn.reductions.max(dmath.abs(last - types.Constant(np.array(MISSING_FILL, dtype=np.int16))))
+def frames_check(video, guarded: bool = False):
+    """Per sample: distance of the last decoded frame from ``MISSING_FILL``; 0 = frames were missing.
+
+    ``guarded``: the last requested frame comes twice (its guard copy last); the distance counts only
+    when both copies are identical, else 0 (a slot the decoder never wrote).
+    """
+    sentinel = types.Constant(np.array(MISSING_FILL, dtype=np.int16))
+    if not guarded:
+        return fn.reductions.max(dmath.abs(fn.cast(video[-1], dtype=types.INT16) - sentinel))
+    last = fn.cast(video[-2], dtype=types.INT16)
+    guard = fn.cast(video[-1], dtype=types.INT16)
+    distance = fn.reductions.max(dmath.abs(last - sentinel))
+    identical = fn.reductions.max(dmath.abs(last - guard)) == 0
+    return distance * fn.cast(identical, dtype=types.INT16)
 
 
 def solarize(video, threshold: int):
@@ -140,10 +161,11 @@ def augment_view(frames_fhwc, params, view: ViewSpec, aug: AugmentConfig, mean: 
 @pipeline_def(enable_conditionals=True)
 def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], device: str,
                    aug: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...],
-                   dtype: types.DALIDataType, repeats: int = 1):
+                   dtype: types.DALIDataType, repeats: int = 1, frames_guard: bool = False):
     """Decode once, then every view of the recipe, ``repeats`` times. ``source`` returns one batch of
     videos per call: (encoded, frames, then per view-set: positions per slot..., params per view...).
     Outputs: one per view (``(R, C, T, H, W)`` per video when ``repeats`` > 1), then ``frames_check``.
+    ``frames_guard``: the frames end with a guard copy of the last one (``frames_check``).
     """
     per_set = len(slots) + len(views)
     inputs = fn.external_source(source=source, num_outputs=2 + repeats * per_set, batch=True)
@@ -161,7 +183,7 @@ def views_pipeline(source: Callable, views: list[ViewSpec], slots: list[str], de
         outputs = view_sets[0]
     else:
         outputs = [fn.stack(*per_view, axis=0, axis_name="R") for per_view in zip(*view_sets)]
-    return (*outputs, frames_check(video))
+    return (*outputs, frames_check(video, frames_guard))
 
 
 @pipeline_def

@@ -22,7 +22,9 @@ its plan needs (damaged mid-stream or truncated: the decoder pads instead of fai
 ``frames_check``). When the views pipeline raises, every batch fed but not yet delivered is checked
 sample by sample with a one-sample decode pipeline, bad samples are replaced in those batches, the
 pipeline is rebuilt and they are fed again. A padded sample is found after its batch ran; its spare
-goes through a one-sample views pipeline and is put in its place.
+goes through a one-sample views pipeline and is put in its place. Only data errors make a sample bad:
+a device error (CUDA, out of memory, NVDEC) stops the iteration with ``DecoderDeviceError`` before the
+position records anything (decode_errors.py).
 
 Repeated sampling (``data.repeats: R``): a rank's batch of B view-sets holds B / R videos (the order
 counts videos); the views pipeline runs on those videos, decodes each once and returns R view-sets
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import nvidia.dali.types as types
@@ -45,6 +47,7 @@ from common.precision import torch_dtype
 from storage import join
 
 from .config import DataConfig
+from .decode_errors import DecoderDeviceError, decode_error_kind
 from .graph import decode_only_pipeline, views_pipeline
 from .member_reads import Found, MemberReader, UnusableSample, first_readable
 from .position import PositionedLoader
@@ -110,9 +113,13 @@ class _Batch:
     def keys(self) -> list[str]:
         return [s.key for s in self.samples]
 
-    def decode_inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The decoder's external-source inputs: encoded videos and the frames each must give."""
-        return [s.encoded for s in self.samples], [s.plan.frames for s in self.samples]
+    def decode_inputs(self, guard: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The decoder's external-source inputs: encoded videos and the frames each must give
+        (``guard``: the last frame once more, graph.py's ``frames_guard``)."""
+        frames = [s.plan.frames for s in self.samples]
+        if guard:
+            frames = [np.append(f, f[-1]).astype(f.dtype) for f in frames]
+        return [s.encoded for s in self.samples], frames
 
     def view_inputs(self, slots: list[str], views: list) -> list[list[np.ndarray]]:
         """The views' external-source inputs, per view-set (repeat index): frame positions per slot,
@@ -153,6 +160,13 @@ class DALILoader(PositionedLoader):
         self.device = resolve_device(cfg.device)
         check_codec(self.shards, self.device)
         self.min_side = decoder_min_side(self.device, self.shards.codec)
+        # NVDEC can leave a frame's output slot unwritten: the mixed graph checks a guard copy of the
+        # last frame (graph.py); settable so the CPU graph can run the same check in tests
+        self.frames_guard = self.device == "mixed"
+        # fault-injection point for tests: called with the keys of every batch handed to a DALI
+        # pipeline and where ("batch", "spare", "alone"), inside the pipeline's external source, so
+        # an exception raised here comes out of pipe.run() as a decoder failure would
+        self.feed_hook: Callable[[list[str], str], None] | None = None
         self.index: list[IndexedSample] = self.shards.sample_index()
         self.repeats = cfg.repeats
         self.videos_per_batch = batch_size // cfg.repeats
@@ -226,7 +240,7 @@ class DALILoader(PositionedLoader):
     def _build_views(self, source, batch_size: int | None = None, prefetch: int | None = None):
         pipe = views_pipeline(
             source, self.views, self.slots, self.device, self.cfg.augment, tuple(self.cfg.mean),
-            tuple(self.cfg.std), DALI_OUTPUT_DTYPE[self.cfg.dtype], self.repeats,
+            tuple(self.cfg.std), DALI_OUTPUT_DTYPE[self.cfg.dtype], self.repeats, self.frames_guard,
             batch_size=batch_size or self.videos_per_batch,
             num_threads=self.cfg.num_threads, device_id=self._device_id(), seed=self.position.seed,
             prefetch_queue_depth=prefetch or self.cfg.prefetch, exec_dynamic=True)
@@ -285,7 +299,9 @@ class DALILoader(PositionedLoader):
             pipe = self._build_views(_OneShot(one, self), batch_size=1, prefetch=1)
             try:
                 outputs = pipe.run()
-            except RuntimeError:
+            except RuntimeError as err:
+                if decode_error_kind(err) != "data":
+                    raise self._stop(err, "decoding a spare") from err
                 self.position.record_bad(sample.key, sample.shard, "the video decoder cannot read it")
                 continue
             finally:
@@ -295,6 +311,9 @@ class DALILoader(PositionedLoader):
                                                            "plan needs")
                 continue
             return sample, self._to_torch(outputs[:-1], one)
+
+    def _stop(self, err: BaseException, why: str) -> DecoderDeviceError:
+        return DecoderDeviceError.from_error(err, shards=str(self.cfg.shards), device=self.device, why=why)
 
     def _frames_check(self, check) -> np.ndarray:
         """The graph's ``frames_check`` output per sample (0: the decoder ran out of real frames)."""
@@ -338,7 +357,10 @@ class _OneShot:
         if self.done:
             raise StopIteration
         self.done = True
-        return (*self.batch.decode_inputs(), *self.batch.view_inputs(self.loader.slots, self.loader.views))
+        if self.loader.feed_hook is not None:
+            self.loader.feed_hook(self.batch.keys, "spare")
+        return (*self.batch.decode_inputs(self.loader.frames_guard),
+                *self.batch.view_inputs(self.loader.slots, self.loader.views))
 
 
 class _Feeder:
@@ -368,6 +390,8 @@ class _Feeder:
     def __call__(self):
         batch = self.replay.popleft() if self.replay else self._read()
         self.in_flight.append(batch)
+        if self.loader.feed_hook is not None:
+            self.loader.feed_hook(batch.keys, "batch")
         return self._feed(batch)
 
     def _read(self) -> _Batch:
@@ -380,46 +404,51 @@ class _Feeder:
         return _Batch(step, [ld._take(self.epoch, step, p, next(self.ahead)) for p in positions])
 
     def _feed(self, batch: _Batch):
-        return (*batch.decode_inputs(), *batch.view_inputs(self.loader.slots, self.loader.views))
+        return (*batch.decode_inputs(self.loader.frames_guard), *batch.view_inputs(self.loader.slots, self.loader.views))
 
     def delivered(self) -> _Batch:
         """The batch whose views the pipeline just returned."""
         return self.in_flight.popleft()
 
     def recover(self, err: Exception) -> None:
-        """After a decoder error: find the bad samples among undelivered batches, replace, re-feed."""
+        """After a pipeline error: a device error stops the run (nothing recorded); otherwise find the
+        bad samples among undelivered batches (each decoded alone), replace them, re-feed."""
+        ld = self.loader
+        if decode_error_kind(err) == "device":
+            raise ld._stop(err, "not on a sample") from err
         pending = list(self.in_flight)
         self.in_flight.clear()
-        ld = self.loader
         found = False
         for batch in pending:
             for i, sample in enumerate(batch.samples):
                 bad_keys = ld.position.bad_keys
-                if sample.key in bad_keys or not _decodes(sample.encoded, sample.plan.frames, ld.device,
-                                                          ld._device_id()):
+                if sample.key in bad_keys or not _decodes(sample, ld):
                     if sample.key not in bad_keys:
                         ld.position.record_bad(sample.key, sample.shard, "the video decoder cannot read it")
                         found = True
                     batch.samples[i] = ld._sample_at(self.epoch, batch.step, sample.position)
         if not found:
-            err.add_note("pipelines: every pending sample decodes on its own, so this is not a "
-                         "corrupt-sample error; not retrying")
-            raise err
+            raise ld._stop(err, "yet every sample in flight decodes on its own") from err
         ld.stats["pipeline_rebuilds"] += 1
         self.replay.extendleft(reversed(pending))
 
 
-def _decodes(encoded: np.ndarray, frames: np.ndarray, device: str, device_id: int | None) -> bool:
-    """Whether one video decodes alone (a fresh one-sample pipeline; errors invalidate pipelines)."""
+def _decodes(sample: _Sample, loader: DALILoader) -> bool:
+    """Whether one video decodes alone (a fresh one-sample pipeline; errors invalidate pipelines).
+    False only for a data error (decode_errors.py); any other failure stops the run."""
     def source():
-        return [encoded], [frames]
-    pipe = decode_only_pipeline(source, device, batch_size=1, num_threads=1, device_id=device_id,
+        if loader.feed_hook is not None:
+            loader.feed_hook([sample.key], "alone")
+        return [sample.encoded], [sample.plan.frames]
+    pipe = decode_only_pipeline(source, loader.device, batch_size=1, num_threads=1, device_id=loader._device_id(),
                                 prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
     try:
         pipe.build()
         pipe.run()
         return True
-    except RuntimeError:
-        return False
+    except RuntimeError as err:
+        if decode_error_kind(err) == "data":
+            return False
+        raise loader._stop(err, f"decoding {sample.key} alone") from err
     finally:
         del pipe

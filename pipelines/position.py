@@ -82,7 +82,10 @@ class Position:
 
     # ----------------------------------------------------------------- bad samples
     def record_bad(self, key: str, shard: str, reason: str) -> None:
-        """One sample found bad: remembered (part of the position), counted and logged."""
+        """One sample found bad: remembered (part of the position), counted and logged, once (a
+        sample already in flight when it was found bad, e.g. a spare read ahead, is found again)."""
+        if key in self.bad_keys:
+            return
         self.bad_keys[key] = shard
         self.stats["decode_failures"] += 1
         self.stats["skipped_keys"].append({"key": key, "shard": shard})

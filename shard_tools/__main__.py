@@ -1,4 +1,7 @@
-"""``python -m shard_tools [shard|verify|stats|bench] ...`` (``shard`` is the default subcommand)."""
+"""``python -m shard_tools [shard|verify|stats] ...`` (``shard`` is the default subcommand).
+
+The sharding job's benchmark is ``python bench.py shard`` (``benchmarks/shard.py``).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from shard_tools.executors import EXECUTORS, default_workers
 from shard_tools.sources import (DATASET_KINDS, as_location, is_url, load_label_map, location_name, read_folder,
                                  read_kinetics_csv, read_ssv2)
 
-SUBCOMMANDS = ("shard", "verify", "stats", "bench")
+SUBCOMMANDS = ("shard", "verify", "stats")
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -48,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m shard_tools",
         description="Re-encode video datasets into shuffled WebDataset tar shards for DALI "
                     "(plus .idx, manifest.json, quarantine.jsonl). Subcommands: shard (default), "
-                    "verify, stats, bench. See docs/shards.md.")
+                    "verify, stats. See docs/shards.md.")
     sub = parser.add_subparsers(dest="command")
 
     shard = sub.add_parser("shard", help="list, re-encode, test-decode and shard videos",
@@ -122,22 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="totals, per-label counts, duration/fps/resolution histograms")
     stats.add_argument("out", help="a shard folder (holding manifest.json): a path or a URL (s3://, gs://, https://)")
 
-    bench = sub.add_parser("bench", help="videos/s and MB/s for 1 and 2 workers, VP9 and H.264; "
-                                         "--scale: driver cost per input at 10k..1M inputs")
-    bench.add_argument("--videos", type=Path, help="folder of input videos (default: bundled footage)")
-    bench.add_argument("--num-videos", type=int, default=12, help="inputs when generating footage")
-    bench.add_argument("--workers", type=int, nargs="+", default=None,
-                       help="worker counts (default 1 2; --scale: one count, default 0 = in the driver)")
-    bench.add_argument("--scale", action="store_true",
-                       help="synthetic jobs with a near-free encoder stand-in: driver s/input, peak RSS, PNG")
-    bench.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
-                       help="--scale: input counts")
-    bench.add_argument("--shard-size", type=int, default=1000, help="--scale: samples per shard")
-    bench.add_argument("--codecs", nargs="+", choices=("vp9", "h264", "vp9_good"), default=["vp9", "h264"],
-                       help="encode variants (vp9_good: libvpx good/cpu-used 5, to price the realtime tuning)")
-    bench.add_argument("--work-dir", type=Path, default=Path("runs/bench/shard_work"))
-    bench.add_argument("--out", type=Path, default=None,
-                       help="JSON (default runs/bench/shard.json; --scale: runs/bench/shard_scale.json + .png)")
     return parser
 
 
@@ -251,22 +238,10 @@ def _dispatch(argv: list[str]) -> int:
                                executor=args.executor, ray_address=args.ray_address)
         print(json.dumps(report, indent=1))
         return 0 if report["ok"] else 1
-    if args.command == "stats":
-        from shard_tools.stats import format_stats
+    from shard_tools.stats import format_stats
 
-        print(format_stats(args.out))
-        return 0
-    if args.scale:
-        from shard_tools.bench_scale import run_scale_bench
-
-        run_scale_bench(args.sizes, args.work_dir, args.out or Path("runs/bench/shard_scale.json"),
-                        shard_size=args.shard_size, workers=(args.workers or [0])[0])
-        return 0
-    from shard_tools.bench import run_bench
-
-    args.workers = args.workers or [1, 2]
-    args.out = args.out or Path("runs/bench/shard.json")
-    return run_bench(args)
+    print(format_stats(args.out))
+    return 0
 
 
 if __name__ == "__main__":

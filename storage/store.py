@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import tempfile
+import shutil
 import threading
 from collections.abc import Iterable
 from urllib.parse import unquote
 from typing import Any
+
+from common.atomic_io import atomic_write_bytes, atomic_writer
 
 from .counters import StorageCounters
 from .disk_cache import DiskCache
@@ -307,13 +309,8 @@ class Storage:
         if not is_url(location):
             target = local_path(location)
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", prefix=".put-")
-            with os.fdopen(fd, "wb") as dst, open(local, "rb") as src:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, target)
+            with atomic_writer(target) as dst, open(local, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
             return
         fs, path = self._fs(location)
         with _access(location):
@@ -324,12 +321,7 @@ class Storage:
         if not is_url(location):
             target = local_path(location)
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            tmp = f"{target}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            atomic_write_bytes(target, data)
             return
         fs, path = self._fs(location)
         with _access(location):

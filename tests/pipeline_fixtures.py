@@ -17,10 +17,10 @@ import av
 import torch
 import webdataset as wds
 
+from footage import decode_index_color, write_synthetic_video
 from pipelines.views import plan_sample
 from shard_tools.format import (QUARANTINE_NAME, Manifest, QuarantineSummary, ShardEntry, ShardSize, Totals,
                                 index_file_name, read_manifest, shard_file_name, write_manifest)
-from shard_tools.media import decode_index_color, write_synthetic_video
 
 WDS2IDX = Path(sys.executable).parent / "wds2idx"
 
@@ -79,7 +79,7 @@ def write_shards(folder: Path, videos: list[FixtureVideo], *, per_shard: int, co
 
 def index_videos(folder: Path, lengths: list[int], *, width: int = 64, height: int = 48,
                  prefix: str = "idx") -> list[FixtureVideo]:
-    """Videos whose frames encode their own index (shard_tools.media pattern "index")."""
+    """Videos whose frames encode their own index (footage pattern "index")."""
     videos = []
     for i, n in enumerate(lengths):
         path = folder / f"{prefix}{i:03d}.webm"
@@ -133,15 +133,17 @@ def meta_of(shards: Path) -> dict[str, dict]:
     return metas
 
 
-def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> None:
+def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> list[dict]:
     """One epoch of ``loader`` over index videos: every view of every view-set holds exactly the frames
     its plan names, in order, with the sample's label; every sample of ``shards`` comes once per epoch
-    with its ``cfg.repeats`` view-sets next to each other (repeat 0 .. R-1)."""
+    with its ``cfg.repeats`` view-sets next to each other (repeat 0 .. R-1). Returns the epoch's
+    batches (for checks of their own, e.g. the device the views are on)."""
     metas = meta_of(shards)
     seen = []
     r = cfg.repeats
     # All steps are collected first: the zero-copy outputs of early steps must survive later steps.
-    for batch in list(loader):
+    batches = list(loader)
+    for batch in batches:
         assert set(batch) == set(loader.view_names) | {"label", "key", "video_id", "repeat", "data_step"}
         assert batch["repeat"].tolist() == list(range(r)) * (len(batch["key"]) // r)
         for b, key in enumerate(batch["key"]):
@@ -155,3 +157,4 @@ def assert_views_hold_planned_frames(loader, cfg, shards: Path, seed: int) -> No
             assert batch["key"][b - b % r] == key and batch["video_id"][b] == batch["video_id"][b - b % r]
         seen += batch["key"][::r]
     assert set(seen) == set(metas)              # one epoch: every sample (a partial last step wraps)
+    return batches

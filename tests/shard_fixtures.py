@@ -12,7 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from shard_tools.media import write_synthetic_video
+from footage import write_synthetic_video
 
 KINETICS_HEADER = ["label", "youtube_id", "time_start", "time_end", "split", "is_cc"]
 

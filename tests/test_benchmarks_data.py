@@ -119,7 +119,7 @@ def test_bench_shard_set_is_the_sharding_jobs(tmp_path):
     loader), confirmed on a second call, replaced when the size asked for changes."""
     from pipelines.shard_index import read_shard_set
     from shard_tools.encode import EncodeSettings
-    from shard_tools.media import write_synthetic_video
+    from footage import write_synthetic_video
 
     clip = write_synthetic_video(tmp_path / "clip.webm", num_frames=32, width=64, height=48)  # 19 at 15 fps
     folder = tmp_path / "set"
@@ -169,9 +169,10 @@ def test_benchmark_help_speaks_of_the_product(capsys):
     import pytest
 
     import bench
-    from benchmarks import e2e, model, shard
+    from benchmarks import cli, e2e, model, shard
 
-    texts = [bench.__doc__, benchmark.build_parser().format_help(), e2e.build_parser().format_help()]
+    texts = [bench.__doc__, cli.build_parser().format_help(), benchmark.build_parser().format_help(),
+             e2e.build_parser().format_help()]
     for main in (model.main, shard.main):
         with pytest.raises(SystemExit):
             main(["--help"])

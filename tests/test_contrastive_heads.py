@@ -168,7 +168,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from deepspeed.utils import safe_get_full_grad
 
         from tests.train_fixtures import SyntheticLoader, build_tiny_method
-        from training.engine import clip_gradients_per_parameter
+        from training.partitions import LocalPartitions, clip_gradients_per_parameter
 
         batch = next(iter(SyntheticLoader(16, 4, rank, world)))
         result["clip"] = {}
@@ -182,7 +182,8 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 teacher_out = method.teacher([v.float() for v in teacher_views])
             loss, _ = method.loss(engine(student_views), teacher_out, teacher_temp=0.07)
             engine.backward(loss)
-            before = clip_gradients_per_parameter(engine, 0.01)
+            partitions = LocalPartitions(engine, [p for p in engine.module.parameters() if p.requires_grad])
+            before = clip_gradients_per_parameter(partitions, 0.01)
             after = torch.stack([safe_get_full_grad(p).float().norm() for p in engine.module.parameters()
                                  if p.requires_grad])
             result["clip"][stage] = (before, after)

@@ -42,7 +42,7 @@ SHARD = [sys.executable, "-m", "shard_tools", "shard", "--source", "folder", "--
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """VP9 and H.264 shards of 4 synthetic clips (made by ``python -m shard_tools``), a folder without a
     manifest, a manifest that lists no shards, and a plain file."""
-    from shard_tools.media import write_synthetic_video
+    from footage import write_synthetic_video
 
     root = tmp_path_factory.mktemp("errors")
     videos = root / "videos"

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from common.typed_config import dataclass_from_dict
 from evaluation.attention import last_block_cls_attention, save_attention_grid
 from evaluation.checkpoints import load_backbone
-from evaluation.config import config_from_dict
 from evaluation.features import FeatureSet, extract_features, group_eval_views
 from evaluation.knn import KNNConfig, knn_classify, knn_predict_scores, knn_shuffled_label_control
 from evaluation.linear_probe import LinearProbeConfig, shuffled_label_control, train_linear_probe
@@ -164,9 +164,9 @@ def test_attention_maps_reproduce_the_fused_attention_and_draw(tmp_path):
 
 
 def test_configs_reject_unknown_keys_and_bad_values():
-    assert config_from_dict(KNNConfig, {"ks": [10, 3]}, "knn").ks == (10, 3)
+    assert dataclass_from_dict(KNNConfig, {"ks": [10, 3]}, "knn").ks == (10, 3)
     with pytest.raises(ValueError, match="knn.temprature"):
-        config_from_dict(KNNConfig, {"temprature": 0.1}, "knn")
+        dataclass_from_dict(KNNConfig, {"temprature": 0.1}, "knn")
     with pytest.raises(ValueError, match="temperature"):
         KNNConfig(temperature=0.0)
     with pytest.raises(ValueError, match="epochs"):
@@ -176,32 +176,32 @@ def test_configs_reject_unknown_keys_and_bad_values():
 def test_evaluate_takes_train_py_overrides_and_extract_embeds_the_data_section(tmp_path, capsys):
     """One config route: YAML section, then flags, then trailing section.key=value overrides (train.py's
     parser); extract's loader settings are a DataConfig section, its clips the data.eval section."""
-    import evaluate
+    from evaluation import cli
 
     config = tmp_path / "eval.yaml"
     config.write_text("extract:\n  batch_size: 2\n  data:\n    num_threads: 3\n    eval: {crops: 1, slow_size: 64}\n")
     argv = ["extract", "--checkpoint", "random", "--shards", "S", "--out", "f.pt", "--config", str(config)]
-    args = evaluate.build_parser().parse_args([*argv, "--slow-frames", "4", "extract.data.eval.clips=2",
+    args = cli.build_parser().parse_args([*argv, "--slow-frames", "4", "extract.data.eval.clips=2",
                                                "extract.batch_size=5", "extract.precision=bfloat16"])
-    cfg = evaluate._extract_config(args)
+    cfg = cli._extract_config(args)
     assert (cfg.data.shards, cfg.data.recipe, cfg.data.shuffle, cfg.data.num_threads) == ("S", "eval", False, 3)
     assert (cfg.data.eval.clips, cfg.data.eval.crops, cfg.data.eval.slow_frames, cfg.data.eval.slow_size) == (2, 1, 4, 64)
     assert (cfg.data.eval.fast_frames, cfg.batch_size, cfg.precision) == (64, 5, "bf16")
-    assert evaluate._extract_config(args, clips=1).data.eval.clips == 1  # attention draws one clip
+    assert cli._extract_config(args, clips=1).data.eval.clips == 1  # attention draws one clip
 
     # A key outside its section is unknown, naming the file; a section of another command is an error.
     for text, expected in (("extract:\n  clips: 2\n", f"{config}: extract.clips: unknown key"),
                            ("extract:\n  data_device: cpu\n", f"{config}: extract.data_device: unknown key"),
                            ("extract:\n  data: {mean: [0, 0, 0]}\n", "extract.data.mean: taken from the checkpoint")):
         config.write_text(text)
-        assert evaluate.main(argv) == 2
+        assert cli.main(argv) == 2
         assert expected in capsys.readouterr().err
     config.write_text("")
-    assert evaluate.main([*argv, "knn.ks=[5]"]) == 2
+    assert cli.main([*argv, "knn.ks=[5]"]) == 2
     assert "reads the extract: section" in capsys.readouterr().err
-    assert evaluate.main([*argv, "extract.data.eval.clip=2"]) == 2
+    assert cli.main([*argv, "extract.data.eval.clip=2"]) == 2
     assert "extract.data.eval.clip: unknown key" in capsys.readouterr().err
-    assert evaluate.main(["knn", "--train", "a.pt", "--val", "b.pt", "knn.temprature=0.1"]) == 2
+    assert cli.main(["knn", "--train", "a.pt", "--val", "b.pt", "knn.temprature=0.1"]) == 2
     assert "knn.temprature" in capsys.readouterr().err
 
 
@@ -256,3 +256,12 @@ def test_the_backbone_prefix_is_read_from_the_export_not_guessed(tmp_path):
     torch.save(payload, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="old.pt: the export records no backbone_prefix"):
         load_backbone(str(tmp_path / "old.pt"), which="student")
+
+
+def test_a_checkpoint_file_without_a_key_the_trainer_writes_names_the_file_and_the_key(tmp_path):
+    folder = tmp_path / "checkpoints" / "step_00000001"
+    folder.mkdir(parents=True)
+    torch.save({"step": 1, "epoch": 0}, folder / "trainer.pt")
+    torch.save({}, folder / "portable.pt")
+    with pytest.raises(ValueError, match=r"step_00000001/trainer\.pt: no 'nonfinite_skipped'; not a checkpoint file"):
+        load_backbone(str(folder))

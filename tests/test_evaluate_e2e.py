@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluate
+from common.typed_config import dataclass_from_dict
+from evaluation import cli
 from evaluation.checkpoints import load_backbone
-from evaluation.config import config_from_dict
 from evaluation.features import ExtractConfig, FeatureSet, group_eval_views, mean_view_features
 
 from tests.train_fixtures import subprocess_env
@@ -36,7 +36,7 @@ VIEWS = ["--slow-frames", "4", "--slow-size", "32", "--fast-frames", "8", "--fas
 def make_eval_shards(root: Path, train_per_class: int = 8, val_per_class: int = 4) -> dict[str, Path]:
     """Train and val shards of the two classes, 64x48 VP9, 24-32 frames, one label map."""
     from shard_tools.__main__ import main as shard_main
-    from shard_tools.media import write_synthetic_video
+    from footage import write_synthetic_video
 
     torch.set_num_threads(1)
     label_map = root / "labels.json"
@@ -63,7 +63,7 @@ def eval_shards(tmp_path_factory) -> dict[str, Path]:
 
 
 def _run(argv: list[str], capsys) -> str:
-    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    assert cli.main(argv) == 0, capsys.readouterr().err
     return capsys.readouterr().out
 
 
@@ -80,8 +80,8 @@ def test_frozen_protocols_separate_the_classes_and_shuffled_labels_stay_at_chanc
 
     # The saved slow-fast feature is the mean slow CLS feature plus the mean fast one, per video.
     model = load_backbone("random", model_name=MODEL[1], model_kwargs=json.loads(MODEL[3])).model
-    loader = evaluate._eval_loader(
-        config_from_dict(ExtractConfig, {"data": {"shards": str(eval_shards["train"]), "num_threads": 1,
+    loader = cli._eval_loader(
+        dataclass_from_dict(ExtractConfig, {"data": {"shards": str(eval_shards["train"]), "num_threads": 1,
                                                   "eval": {"slow_frames": 4, "slow_size": 32, "fast_frames": 8,
                                                            "fast_size": 32}},
                                          "batch_size": 4}, "extract"),
@@ -115,7 +115,7 @@ def test_frozen_protocols_separate_the_classes_and_shuffled_labels_stay_at_chanc
     assert sorted(p.stem for p in (tmp_path / "attention").iterdir()) == sorted(keys)
     for key in keys:
         assert (tmp_path / "attention" / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
-    assert evaluate.main(["attention", "--checkpoint", "random", *MODEL, "--shards", str(eval_shards["train"]),
+    assert cli.main(["attention", "--checkpoint", "random", *MODEL, "--shards", str(eval_shards["train"]),
                           "--keys", "no_such_key", "--out", str(tmp_path / "a2"), *VIEWS]) != 0
     report = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "report", "--results", str(results),
                              "--out", str(tmp_path / "results.md")], cwd=ROOT, env=subprocess_env(), capture_output=True,
@@ -126,14 +126,14 @@ def test_frozen_protocols_separate_the_classes_and_shuffled_labels_stay_at_chanc
 
 
 def test_bad_inputs_give_one_clear_error(eval_shards, tmp_path, capsys):
-    assert evaluate.main(["knn", "--train", str(tmp_path / "nope.pt"), "--val", str(tmp_path / "nope.pt")]) == 2
+    assert cli.main(["knn", "--train", str(tmp_path / "nope.pt"), "--val", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt: feature file does not exist" in capsys.readouterr().err
-    assert evaluate.main(["extract", "--checkpoint", str(tmp_path / "none"), "--shards", str(eval_shards["val"]),
+    assert cli.main(["extract", "--checkpoint", str(tmp_path / "none"), "--shards", str(eval_shards["val"]),
                           "--out", str(tmp_path / "f.pt")]) == 2
     assert "none: checkpoint does not exist" in capsys.readouterr().err
     config = tmp_path / "eval.yaml"
     config.write_text("linear:\n  epoch: 3\n")
-    assert evaluate.main(["linear", "--train", str(tmp_path / "x.pt"), "--val", "b.pt", "--config", str(config)]) == 2
+    assert cli.main(["linear", "--train", str(tmp_path / "x.pt"), "--val", "b.pt", "--config", str(config)]) == 2
     assert "linear.epoch" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from evaluation.checkpoints import load_backbone
-from evaluation.finetune import PROTOCOLS, FinetuneConfig, epoch_lr, resolve_protocol
+from evaluation.protocols import PROTOCOLS, FinetuneConfig, resolve_protocol
 from models import build_backbone
 from pipelines import DataConfig, build_loader
 from pipelines.config import EvalConfig
@@ -62,7 +62,7 @@ def _assert_settings_reached_the_optimizer(steps: list, protocol: str) -> None:
         assert s["optimizer"] == "SGD" and s["batch"] == preset.batch_size == 32
         for group in s["param_groups"]:
             assert group["momentum"] == preset.momentum == 0.9
-            assert group["lr"] == pytest.approx(epoch_lr(preset, s["epoch"]), rel=1e-12)
+            assert group["lr"] == pytest.approx(preset.lr_at(s["epoch"]), rel=1e-12)
         # Decay on weights only (biases and norms none), at the protocol's value.
         assert {g["weight_decay"] for g in s["param_groups"]} == ({preset.weight_decay, 0.0} if preset.weight_decay
                                                                   else {0.0})
@@ -120,11 +120,11 @@ def test_lstcl_finetune_uses_stride_8_clips_and_the_5_clip_centre_crop_test(batc
 def test_protocol_presets_and_schedules():
     svt_ft = resolve_protocol({}, "svt-finetune")
     assert svt_ft == FinetuneConfig()  # the dataclass defaults are SVT's fine-tuning protocol
-    assert [epoch_lr(svt_ft, e) for e in (0, 10, 11, 13, 14)] == pytest.approx([5e-3, 5e-3, 5e-4, 5e-4, 5e-5])
+    assert [svt_ft.lr_at(e) for e in (0, 10, 11, 13, 14)] == pytest.approx([5e-3, 5e-3, 5e-4, 5e-4, 5e-5])
     linear = resolve_protocol({"protocol": "svt-linear"}, "svt-finetune")
     assert (linear.lr, linear.batch_size, linear.epochs, linear.momentum, linear.weight_decay, linear.freeze_backbone) \
         == (8e-3, 32, 20, 0.9, 0.0, True)
-    assert epoch_lr(linear, 10) == pytest.approx(4e-3) and epoch_lr(linear, 19) < 1e-4
+    assert linear.lr_at(10) == pytest.approx(4e-3) and linear.lr_at(19) < 1e-4
     changed = resolve_protocol({"epochs": 3, "lr": 0.1}, "svt-linear")
     assert changed.changes() == {"epochs": 3, "lr": 0.1} and linear.changes() == {}
     with pytest.raises(ValueError, match="not one of svt-finetune, lstcl-finetune"):
@@ -194,13 +194,13 @@ def test_lstcl_test_views_decode_the_planned_frames_from_the_centre_crop(tmp_pat
 
 
 def test_a_protocol_of_the_wrong_command_is_one_clear_error(tmp_path, capsys):
-    import evaluate
+    from evaluation import cli
 
     config = tmp_path / "eval.yaml"
     config.write_text("probe:\n  protocol: svt-finetune\n")
     argv = ["probe", "--checkpoint", "random", *MODEL, "--train-shards", "t", "--val-shards", "v", "--out", "o"]
-    assert evaluate.main([*argv, "--config", str(config)]) == 2
+    assert cli.main([*argv, "--config", str(config)]) == 2
     assert "protocol 'svt-finetune' is not one of svt-linear" in capsys.readouterr().err
     config.write_text("probe:\n  lr: 0.1\n  shedule: cosine\n")
-    assert evaluate.main([*argv, "--config", str(config)]) == 2
+    assert cli.main([*argv, "--config", str(config)]) == 2
     assert "probe.shedule" in capsys.readouterr().err

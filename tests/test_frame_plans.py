@@ -298,7 +298,7 @@ def test_loader_views_span_the_same_seconds_in_15_25_30_fps_shards(tmp_path):
 
     from pipelines import build_loader
     from pipelines.config import AugmentConfig
-    from shard_tools.media import write_synthetic_video
+    from footage import write_synthetic_video
 
     videos = []
     for fps in (15, 25, 30):

@@ -13,7 +13,8 @@ from einops import rearrange
 from timm.layers import resample_abs_pos_embed
 
 from models import DINOHead, TimeSformer, build_backbone, load_pretrained, split_checkpoint
-from models.timesformer import interpolate_pos_embed, interpolate_time_embed, read_checkpoint
+from models.pretrained import read_checkpoint
+from models.timesformer import interpolate_pos_embed, interpolate_time_embed
 
 torch.set_num_threads(1)
 

@@ -424,7 +424,7 @@ def test_bad_metadata_names_the_shard(tmp_path, index_shards):
 def test_shards_written_by_shard_tools_load(tmp_path):
     """The contract between the areas: `python -m shard_tools` output feeds both loaders."""
     import subprocess
-    from shard_tools.media import write_synthetic_video
+    from footage import write_synthetic_video
     for label in ("a", "b"):
         write_synthetic_video(tmp_path / "videos" / label / f"{label}0.mp4", num_frames=24, width=64,
                               height=48, codec="h264", pattern="index")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from footage import write_synthetic_video
 from pipeline_fixtures import index_videos, write_shards
 from shard_tools import __version__
 from shard_tools.__main__ import main
 from shard_tools.format import (MANIFEST_NAME, Manifest, ManifestError, index_file_name, read_dali_index,
                                 read_manifest, shard_file_name, split_member_name, write_dali_index,
                                 write_manifest)
-from shard_tools.media import write_synthetic_video
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "data" / "manifest_golden.json"
@@ -162,8 +162,8 @@ def test_dali_index_round_trip_and_bad_index(small_job, tmp_path):
 
 
 def test_the_loader_takes_paths_from_the_manifest_only(tmp_path, monkeypatch):
-    """A folder-prefixed shard path (valid only relative to the working directory) used to be guessed
-    into place; now it is an error naming the manifest."""
+    """A folder-prefixed shard path (valid only relative to the working directory) is an error naming the
+    manifest, never guessed into place."""
     from pipelines.shard_index import read_shard_set
 
     shards = write_shards(tmp_path / "shards", index_videos(tmp_path / "media", [6, 6]), per_shard=2)

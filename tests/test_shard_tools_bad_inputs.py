@@ -18,9 +18,9 @@ import av
 import numpy as np
 import pytest
 
+from footage import write_synthetic_video, write_timestamped_video
 from shard_fixtures import (write_audio_only, write_encoder_breaker, write_truncated, write_unsupported_codec,
                             write_with_audio)
-from shard_tools.media import write_synthetic_video, write_timestamped_video
 from shard_tools.sources import MAX_KEY_LENGTH
 from shard_tools.verify import read_shard_samples
 

@@ -20,11 +20,11 @@ import pytest
 import storage
 from benchmarks.object_servers import start_range_http
 from executor_fixtures import overlap_probe
+from footage import write_synthetic_video
 from object_store_fixtures import moto_server, s3_env, s3_proxy  # noqa: F401 (fixtures)
 from shard_fixtures import build_ssv2
 from shard_tools.__main__ import main
 from shard_tools.executors import map_unordered
-from shard_tools.media import write_synthetic_video
 from shard_tools.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import av
 import numpy as np
 import pytest
 
+from footage import decode_index_color, write_synthetic_video, write_timestamped_video
 from shard_fixtures import make_bad_inputs, write_with_audio
 from shard_tools.encode import EncodeSettings, process_video, target_size
-from shard_tools.media import decode_index_color, write_synthetic_video, write_timestamped_video
 from shard_tools.sources import VideoInput
 
 

@@ -16,9 +16,9 @@ import av
 import numpy as np
 import pytest
 
+from footage import decode_index_color, write_synthetic_video
 from shard_fixtures import build_kinetics, build_ssv2
 from shard_tools.__main__ import main
-from shard_tools.media import decode_index_color, write_synthetic_video
 from shard_tools.stats import format_stats
 from shard_tools.verify import read_shard_samples, verify_shards
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from footage import write_synthetic_video
 from shard_tools.__main__ import main
-from shard_tools.media import write_synthetic_video
 from shard_tools.verify import verify_shards
 
 pytestmark = pytest.mark.slow  # multi-process runs (make test-fast skips them)

@@ -1,5 +1,5 @@
-"""shard_tools at scale: the driver's journal (batched durability, crash recovery), the scale
-benchmark, orphan-free pool workers after kill -9, parallel streaming verify, shard sizes."""
+"""shard_tools at scale: the driver's journal (batched durability, crash recovery), orphan-free pool
+workers after kill -9, parallel streaming verify, shard sizes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from footage import write_synthetic_video
 from shard_tools.__main__ import main
-from shard_tools.media import write_synthetic_video
 from shard_tools.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,20 +145,6 @@ def test_resume_redoes_inputs_whose_records_or_bytes_a_crash_lost(tmp_path):
     assert _files(out) == reference
     redone = [json.loads(line)["key"] for line in journal.read_bytes().splitlines()[len(lines) - 1:]]
     assert sorted(redone) == sorted({lost_record, damaged})
-
-
-def test_scale_bench_runs_at_a_tiny_size(tmp_path):
-    from shard_tools.bench_scale import run_scale_bench
-
-    result = run_scale_bench([300], tmp_path / "work", tmp_path / "scale.json", shard_size=100)
-    rows = result["rows"]
-    assert [r["inputs"] for r in rows] == [300] and result["max_over_min_cpu_ms_per_input"] == 1.0
-    for row in rows:
-        assert row["samples"] + row["quarantined"] == row["inputs"] and row["shards"] >= 3
-        assert row["wall_ms_per_input"] > 0 and row["driver_cpu_ms_per_input"] > 0 and row["peak_rss_mb"] > 0
-    assert json.loads((tmp_path / "scale.json").read_text())["rows"] == rows
-    assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (tmp_path / "work" / "n300").exists()
 
 
 @pytest.fixture(scope="module")

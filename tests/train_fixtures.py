@@ -200,9 +200,84 @@ def tiny_config(**overrides):
 NUM_SAMPLES = 24  # 2 ranks x micro 2 -> 6 micro-batches per epoch -> 3 steps per epoch at accumulation 2
 
 
+def full_grad_clip_reference(engine, clip: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-parameter clipping through DeepSpeed's full-tensor API, one collective per parameter: the
+    pre-clip full-gradient norms and the full gradients DINO's clip_gradients makes of them (the
+    arithmetic of ``utils.clip_gradients`` with the coefficient formed from ``float(norm)``).
+    Reads only: call on every rank, before ``training.partitions.clip_gradients_per_parameter``."""
+    from deepspeed.utils import safe_get_full_grad
+
+    norms, clipped = [], []
+    for param in engine.module.parameters():
+        if not param.requires_grad:
+            continue
+        grad = safe_get_full_grad(param).float().clone()
+        norm = grad.norm(2)
+        coef = clip / (float(norm) + 1e-6)
+        norms.append(norm)
+        clipped.append(grad * coef if coef < 1 else grad)
+    return norms, clipped
+
+
+def full_master_ema_reference(teacher: nn.Module, engine, momentum: float) -> dict[str, torch.Tensor]:
+    """The EMA teacher update through DeepSpeed's full-tensor API (``safe_get_full_fp32_param`` per
+    parameter, or every ZeRO-3 parameter gathered): the teacher weights it gives, on a copy."""
+    import copy
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    teacher = copy.deepcopy(teacher)
+    student = dict(engine.module.named_parameters())
+    pairs = [(t, student[n]) for n, t in teacher.named_parameters() if student[n].requires_grad]
+    with torch.no_grad():
+        for t, s in pairs:
+            full = safe_get_full_fp32_param(s)
+            if full is None:  # no ZeRO: the parameter is the fp32 master
+                with deepspeed.zero.GatheredParameters([s]):
+                    full = s.detach().clone()
+            t.mul_(momentum).add_(full.to(t.dtype).view_as(t), alpha=1.0 - momentum)
+    return {n: v.clone() for n, v in teacher.state_dict().items()}
+
+
+def check_partitions(trainer, info) -> dict:
+    """One real optimizer step of ``trainer``'s engine with clipping and EMA from the local partitions
+    (training.partitions), each compared with the full-tensor reference on the same state, and the
+    collectives / host syncs they issue (training.sync_counter)."""
+    from training.partitions import clip_gradients_per_parameter
+    from training.sync_counter import SyncCounter
+
+    method, engine, clip = trainer.method, trainer.engine, trainer.cfg.optim.clip_grad
+    batch = next(iter(trainer.loader))
+    student_views, teacher_views = method.split_views(batch, info.device, trainer.bf16)
+    teacher_out = trainer._teacher_forward(teacher_views)
+    loss, _ = method.loss(engine(student_views), teacher_out, teacher_temp=0.07)
+    engine.backward(loss)
+    assert engine.is_gradient_accumulation_boundary()
+    ref_norms, ref_clipped = full_grad_clip_reference(engine, clip)
+    counter = SyncCounter()
+    with counter.phase("clip"):
+        norms = clip_gradients_per_parameter(trainer.partitions, clip)
+    clipped = full_grad_clip_reference(engine, float("inf"))[1]  # the gradients as they are now
+    engine.step()
+    momentum = 0.9
+    ref_teacher = full_master_ema_reference(method.teacher, engine, momentum)
+    with counter.phase("ema"):
+        trainer.teacher.update(momentum)
+    teacher = {n: v.clone() for n, v in method.teacher.state_dict().items()}
+    return {"norms": norms.cpu(), "ref_norms": torch.stack(ref_norms).cpu(),
+            "clipped": [g.cpu() for g in clipped], "ref_clipped": [g.cpu() for g in ref_clipped],
+            "teacher": teacher, "ref_teacher": ref_teacher,
+            "teacher_out_dtypes": [str(t.dtype) for t in teacher_out],
+            "teacher_param_dtypes": sorted({str(p.dtype) for p in method.teacher.parameters()}),
+            "counts": {phase: {kind: counter.by_origin(phase, kind) for kind in ("collective", "host_sync")}
+                       for phase in ("clip", "ema")}}
+
+
 def run_worker(spec: dict) -> None:
     """Runs each scenario of ``spec["runs"]`` in this process (one engine after another)."""
     from training.engine import init_distributed
+    from training.sync_counter import SyncCounter
     from training.trainer import NonFiniteLossError, Trainer
 
     info = init_distributed("gloo", timeout_s=120, torch_threads=1)
@@ -212,7 +287,17 @@ def run_worker(spec: dict) -> None:
         loader = SyntheticLoader(NUM_SAMPLES, cfg.trainer.batch_size_per_gpu, info.rank, info.world_size,
                                  seed=cfg.trainer.seed, delay_s=run.get("delay_s", 0.0),
                                  nan_batches=tuple(run.get("nan_batches", ())))
-        trainer = Trainer(cfg, method, loader, info)
+        counter = SyncCounter() if run.get("count_syncs") else None
+        trainer = Trainer(cfg, method, loader, info, sync_counter=counter)
+        if run.get("check_partitions"):
+            result = check_partitions(trainer, info)
+            if info.rank == 0:
+                out = Path(cfg.trainer.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                torch.save(result, out / "partitions.pt")
+            dist.barrier()
+            del trainer
+            continue
         status = "ok"
         resume = run.get("resume")
         if run.get("save_first"):
@@ -230,7 +315,9 @@ def run_worker(spec: dict) -> None:
             out = Path(cfg.trainer.output_dir)
             torch.save({"student": state["params"], "teacher": trainer.teacher.state_dict(),
                         "center": method.objective.center.clone(), "status": status, "summary": summary,
-                        "total_steps": trainer.total_steps}, out / "final.pt")
+                        "total_steps": trainer.total_steps,
+                        "syncs": counter.per_step() if counter is not None else None,
+                        "matmul_precision": torch.get_float32_matmul_precision()}, out / "final.pt")
         dist.barrier()
         del trainer
 

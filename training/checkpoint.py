@@ -41,6 +41,28 @@ SGD_KEYS = ("momentum_buffer",)
 TRAINER_FILE = "trainer.pt"
 PORTABLE_FILE = "portable.pt"
 LATEST_FILE = "latest"
+# What trainer.pt (training.Trainer._trainer_state) and portable.pt (portable_state) hold: a file that
+# lacks one is not this trainer's checkpoint and is refused naming the file and the key, never filled
+# with a default.
+TRAINER_KEYS = ("step", "epoch", "nonfinite_skipped", "teacher", "objective", "config", "world_size", "zero_stage",
+                "precision", "backbone_prefix", "data_position")
+PORTABLE_KEYS = ("params", "moments", "frozen_params", "buffers", "adam_step", "adam_steps_by_group")
+
+
+def _checked(state: dict, keys: tuple[str, ...], path: Path) -> dict:
+    """``state`` if it holds every one of ``keys``; else a ValueError naming ``path`` and the first missing key."""
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise ValueError(f"{path}: no {missing[0]!r}; not a checkpoint file written by this trainer "
+                         f"(it holds {', '.join(keys)})")
+    return state
+
+
+def read_state(ckpt_dir: Path, name: str) -> dict:
+    """``trainer.pt`` or ``portable.pt`` of a checkpoint folder, checked against what the trainer writes."""
+    path = Path(ckpt_dir) / name
+    keys = {TRAINER_FILE: TRAINER_KEYS, PORTABLE_FILE: PORTABLE_KEYS}[name]
+    return _checked(torch.load(path, map_location="cpu", weights_only=False), keys, path)
 
 
 def rng_state() -> dict:
@@ -144,8 +166,7 @@ def portable_state(engine) -> dict:
             "adam_step": _adam_step_count(engine), "adam_steps_by_group": _adam_steps_by_group(engine)}
 
 
-def _ensure_optimizer_state(engine, keys: tuple[str, ...], step: int,
-                            steps_by_group: list[int | None] | None = None) -> None:
+def _ensure_optimizer_state(engine, keys: tuple[str, ...], step: int, steps_by_group: list[int | None]) -> None:
     """Creates the optimizer state (lazily made at the first step) so the saved values can be written
     into it; Adam's step counts too."""
     inner = _inner_optimizer(engine)
@@ -158,7 +179,7 @@ def _ensure_optimizer_state(engine, keys: tuple[str, ...], step: int,
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if keys == ADAM_KEYS:  # torch keeps `step` as a float tensor per parameter (non-capturable, non-fused)
             state["step"] = torch.tensor(float(step))
-    if steps_by_group and keys == ADAM_KEYS:
+    if keys == ADAM_KEYS:
         for group, group_step in enumerate(steps_by_group):
             for key in _optimizer_state_keys(engine, [group]):
                 inner.state[key]["step"] = torch.tensor(float(group_step if group_step is not None else step))
@@ -215,7 +236,7 @@ def load_portable_state(engine, state: dict) -> None:
     # the saved state names its own keys: AdamW's moments or SGD's momentum buffer
     keys = tuple(next(iter(state["moments"].values()))) if state["moments"] else ()
     if keys:
-        _ensure_optimizer_state(engine, keys, state["adam_step"], state.get("adam_steps_by_group"))
+        _ensure_optimizer_state(engine, keys, state["adam_step"], state["adam_steps_by_group"])
     import deepspeed
 
     for name, param in module.named_parameters():
@@ -270,7 +291,8 @@ class CheckpointManager:
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
         tmp_dir = self.root / tmp_tag
-        portable = portable_state(engine)
+        portable = _checked(portable_state(engine), PORTABLE_KEYS, tmp_dir / PORTABLE_FILE)
+        _checked(trainer_state, TRAINER_KEYS, tmp_dir / TRAINER_FILE)
         torch.save(rank_state, tmp_dir / f"trainer_rank{self.rank:05d}.pt")
         if self.rank == 0:
             torch.save(portable, tmp_dir / PORTABLE_FILE)
@@ -293,7 +315,7 @@ class CheckpointManager:
     def load(self, engine, ckpt_dir: Path, *, zero_stage: int, precision: str) -> tuple[dict, dict | None]:
         """Restores the engine; returns (trainer state, this rank's state or None if the layout changed)."""
         ckpt_dir = Path(ckpt_dir)
-        trainer_state = torch.load(ckpt_dir / TRAINER_FILE, map_location="cpu", weights_only=False)
+        trainer_state = read_state(ckpt_dir, TRAINER_FILE)
         same_layout = (trainer_state["world_size"] == self.world_size and trainer_state["zero_stage"] == zero_stage
                        and trainer_state["precision"] == precision)
         if same_layout:
@@ -304,8 +326,7 @@ class CheckpointManager:
             rank_state = torch.load(ckpt_dir / f"trainer_rank{self.rank:05d}.pt", map_location="cpu",
                                     weights_only=False)
         else:
-            portable = torch.load(ckpt_dir / PORTABLE_FILE, map_location="cpu", weights_only=False)
-            load_portable_state(engine, portable)
+            load_portable_state(engine, read_state(ckpt_dir, PORTABLE_FILE))
             rank_state = None
         return trainer_state, rank_state
 
@@ -319,10 +340,9 @@ def consolidated_weights(ckpt_dir: Path) -> dict:
     ``config`` and ``step``.
     """
     ckpt_dir = Path(ckpt_dir)
-    trainer_state = torch.load(ckpt_dir / TRAINER_FILE, map_location="cpu", weights_only=False)
-    portable = torch.load(ckpt_dir / PORTABLE_FILE, map_location="cpu", weights_only=False)
+    trainer_state, portable = read_state(ckpt_dir, TRAINER_FILE), read_state(ckpt_dir, PORTABLE_FILE)
     return {"student": {**portable["params"], **portable["frozen_params"], **portable["buffers"]},
-            "teacher": trainer_state.get("teacher"), "backbone_prefix": trainer_state["backbone_prefix"],
+            "teacher": trainer_state["teacher"], "backbone_prefix": trainer_state["backbone_prefix"],
             "config": trainer_state["config"], "step": trainer_state["step"]}
 
 

@@ -148,6 +148,9 @@ class TrainerConfig:
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     dist_timeout_s: int = 900
     torch_threads: int = 0  # 0 leaves torch's default
+    # TF32 tensor cores for fp32 matmuls on CUDA (training.engine.configure_matmul_precision: the official
+    # SVT code's PyTorch 1.7-1.11 had them on by default); no effect on CPU
+    tf32: bool = True
     peak_tflops: float = 0.0  # per device, for the MFU estimate; 0 omits MFU
     tensorboard: bool = True
     progress_bar: bool = True

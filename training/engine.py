@@ -28,7 +28,7 @@ from training.config import Config
 
 __all__ = ["DistInfo", "init_distributed", "ParamGroupInfo", "build_param_groups", "param_groups_weight_decay",
            "model_no_weight_decay", "deepspeed_config", "build_engine", "set_hyperparameters", "LastLayerFreezer",
-           "clip_gradients_per_parameter"]
+           "configure_matmul_precision"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": cfg.optim.clip_grad if cfg.optim.clip_mode == "global" else 0.0,
         "steps_per_print": 10**12,  # our metrics writer logs; keep DeepSpeed's stdout quiet
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device at every micro-batch's forward and
+        # backward by default; the metrics writer measures throughput itself
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "zero_allow_untested_optimizer": True,  # torch AdamW as a client optimizer
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -234,31 +237,18 @@ def _optimizer_state_keys(engine, group_indices: list[int]) -> list[torch.Tensor
     return [p for i in sorted(wanted) for p in _inner_optimizer(engine).param_groups[i]["params"]]
 
 
-@torch.no_grad()
-def clip_gradients_per_parameter(engine, clip: float) -> torch.Tensor:
-    """DINO's ``utils.clip_gradients`` on the engine's reduced gradients; returns the pre-clip norms.
+def configure_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """TF32 for fp32 matmuls on CUDA (``trainer.tf32``): the fp32 work left in a step (the teacher
+    outside bf16, fp32 recipes, the loss heads) runs on tensor cores, ~7x the fp32 FLOP/s of an H100.
 
-    Each trainable parameter's full (data-parallel averaged) gradient is scaled by
-    ``clip / (norm + 1e-6)`` when that is below 1. Call after the boundary ``engine.backward`` and
-    before ``engine.step`` on every rank (``safe_get_full_grad`` / ``safe_set_full_grad`` are
-    collectives at ZeRO 1-3: each assembles one full gradient, an extra all-reduce of the gradients
-    per step at ZeRO 1/2 and an all-gather at ZeRO 3).
+    The official SVT code (kahnchana/svt, requirements torch>=1.7.1) ran on PyTorch 1.7-1.11, whose
+    default was ``torch.backends.cuda.matmul.allow_tf32 = True`` (PyTorch 1.12 turned it off), so
+    its fp32 matmuls on Ampere GPUs were TF32. ``torch.set_float32_matmul_precision`` is the one
+    setting used here (mixing it with the per-backend ``fp32_precision`` flags makes torch's own
+    getter raise). CPU runs keep "highest": the setting also reaches oneDNN's CPU matmuls.
     """
-    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad  # local: after DS_ACCELERATOR is set
-
-    norms = []
-    for param in engine.module.parameters():
-        if not param.requires_grad:
-            continue
-        grad = safe_get_full_grad(param)
-        if grad is None:
-            continue
-        norm = grad.float().norm(2)
-        norms.append(norm)
-        coef = clip / (float(norm) + 1e-6)
-        if coef < 1:
-            safe_set_full_grad(param, grad * coef)
-    return torch.stack(norms) if norms else torch.zeros(0)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
 def build_engine(student: nn.Module, cfg: Config, world_size: int, teacher: nn.Module | None = None):

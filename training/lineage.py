@@ -12,6 +12,11 @@ its view-sets next to each other) and ``repeat`` the view-set's repeat index, so
 ``keys[i]`` + ``repeat[i]`` for every row of the global batch; with R = 1 there is no ``repeat``. A resumed
 run first drops the lines after its checkpoint's step, so every step appears once and the file is
 the whole run's data order: comparable line by line with another run's.
+
+Each rank keeps its own micro-batches' records until ``flush`` (the trainer flushes at log steps,
+before every checkpoint and at the end): one exchange of pickled records on a gloo group then, none
+per micro-batch. Lines not yet flushed when a run dies lie after its last checkpoint, which a resume
+truncates to anyway.
 """
 from __future__ import annotations
 
@@ -26,9 +31,13 @@ __all__ = ["LineageWriter", "read_lineage"]
 
 
 class LineageWriter:
-    def __init__(self, run_dir: Path, *, rank: int, world_size: int, resume_step: int | None) -> None:
+    """``write`` per micro-batch (local), ``flush`` (collective on ``group``) writes the lines."""
+
+    def __init__(self, run_dir: Path, *, rank: int, world_size: int, resume_step: int | None,
+                 group=None) -> None:
         self.path = Path(run_dir) / "lineage.jsonl"
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.pending: list[dict] = []
         self._file = None
         if rank != 0:
             return
@@ -38,30 +47,42 @@ class LineageWriter:
         self._file = open(self.path, "a" if resume_step is not None else "w", buffering=1)
 
     def write(self, step: int, batch: dict, replaced: list[dict]) -> None:
-        """Collective: every rank calls it once per micro-batch it draws."""
+        """Records one micro-batch this rank drew (every rank draws the same number of them)."""
+        data_step = batch.get("data_step")
         repeat = batch.get("repeat")
-        mine = {"keys": list(batch.get("key", [])), "data_step": batch.get("data_step"), "replaced": replaced,
-                "repeat": [int(r) for r in repeat] if repeat is not None else None}
-        gathered = [None] * self.world_size if self.world_size > 1 else [mine]
+        self.pending.append({"step": step, "keys": list(batch.get("key", [])),
+                             "data_step": None if data_step is None else [int(v) for v in data_step],
+                             "repeat": [int(r) for r in repeat] if repeat is not None else None,
+                             "replaced": [{"key": r["key"], "shard": r["shard"], "spare": r["spare"]}
+                                          for r in replaced]})
+
+    def flush(self) -> None:
+        """Collective: every rank's pending records, merged per micro-batch in rank order, to the file."""
+        mine, self.pending = self.pending, []
+        gathered = [mine]
         if self.world_size > 1:
-            dist.all_gather_object(gathered, mine)
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, mine, group=self.group)
         if self._file is None:
             return
-        data_step = gathered[0]["data_step"]
-        line = {"step": step}
-        if data_step is not None:
-            line.update(epoch=int(data_step[0]), data_step=int(data_step[1]))
-        line["keys"] = [k for g in gathered for k in g["keys"]]
-        repeats = [r for g in gathered for r in (g["repeat"] or [])]
-        if any(repeats):
-            line["repeat"] = repeats
-        replaced_all = [{"key": r["key"], "shard": r["shard"], "spare": r["spare"]} for g in gathered
-                        for r in g["replaced"]]
-        if replaced_all:
-            line["replaced"] = replaced_all
-        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        for records in zip(*gathered):
+            first = records[0]
+            line = {"step": first["step"]}
+            if first["data_step"] is not None:
+                line.update(epoch=first["data_step"][0], data_step=first["data_step"][1])
+            line["keys"] = [k for r in records for k in r["keys"]]
+            repeats = [x for r in records for x in (r["repeat"] or [])]
+            if any(repeats):
+                line["repeat"] = repeats
+            replaced = [x for r in records for x in r["replaced"]]
+            if replaced:
+                line["replaced"] = replaced
+            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Flushes (collective, unless ``flush`` is False: after a failure) and closes the file."""
+        if flush:
+            self.flush()
         if self._file is not None:
             self._file.close()
             self._file = None

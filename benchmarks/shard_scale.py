@@ -1,4 +1,4 @@
-"""``python -m shard_tools bench --scale``: the driver's cost per input at 10k ... 1M inputs.
+"""``python bench.py shard --scale``: the sharding driver's cost per input at 10k ... 1M inputs.
 
 Each size runs a whole sharding job (fingerprint, shard plan, journal, shard tars + DALI indexes,
 quarantine, manifest, cleanup) in a fresh process, with a near-free stand-in for the encoder: every
