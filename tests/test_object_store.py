@@ -175,7 +175,7 @@ def test_a_missing_bucket_credentials_or_manifest_is_one_line_and_exit_2(s3_shar
 
 
 def test_evaluate_extracts_the_same_features_from_a_bucket(s3_shards, small_shards, tmp_path, capsys):
-    import evaluate
+    from evaluation import cli
 
     args = ["extract", "--checkpoint", "random", "--model", "timesformer_tiny_patch16", "--model-kwargs",
             '{"depth": 1, "img_size": 32, "num_frames": 4}', "--slow-frames", "4", "--slow-size", "32",
@@ -183,7 +183,7 @@ def test_evaluate_extracts_the_same_features_from_a_bucket(s3_shards, small_shar
     feats = {}
     for name, shards in (("local", str(small_shards)), ("s3", s3_shards)):
         feats[name] = tmp_path / f"{name}.pt"
-        assert evaluate.main([*args, "--shards", shards, "--out", str(feats[name])]) == 0, capsys.readouterr().err
+        assert cli.main([*args, "--shards", shards, "--out", str(feats[name])]) == 0, capsys.readouterr().err
     from evaluation.features import FeatureSet
 
     local, remote = FeatureSet.load(feats["local"]), FeatureSet.load(feats["s3"])
