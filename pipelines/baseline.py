@@ -4,9 +4,11 @@ The comparison point for ``bench.py data`` and a cross-check of the DALI graph: 
 shards, draws the same per-sample plans and view parameters (``views.plan_sample``: same seed, epoch
 and key give the same frames, crop boxes, flips and colour factors), decodes each video once with
 PyAV (up to the last needed frame) and builds every view with torchvision's functional ops.
-It reads the same shards in the same global order (``order.GlobalOrder``, one positioned read per
-member) with the DALI loader's spares and its position (``position.Position``): a resume starts at
-the saved data step, nothing is replayed. Each DataLoader worker builds whole data steps. With
+It reads the same shards in the same global order (``order.GlobalOrder``, one positioned or ranged
+read per sample, local or remote: ``member_reads``) with the DALI loader's spares and its position
+(``position.Position``): a resume starts at the saved data step, nothing is replayed. Each
+DataLoader worker builds whole data steps, reading the members of its next steps ahead on its own
+read-ahead threads (``read_ahead``; the byte budget split over the workers). With
 ``data.repeats: R`` each video is decoded once and gives R rows (its view-sets), as in the DALI loader.
 """
 
@@ -24,8 +26,9 @@ from einops import rearrange
 from common.precision import torch_dtype
 
 from .config import DataConfig
-from .member_reads import MemberReader
+from .member_reads import Found, MemberReader, UnusableSample, first_readable
 from .position import PositionedLoader
+from .read_ahead import rank_read_ahead
 from .views import (BLUR, BRIGHTNESS, CONTRAST, FLIP, HUE_DEG, ROI_X0, ROI_X1, ROI_Y0, ROI_Y1,
                     SATURATION, SIGMA, SOLARIZE, SamplePlan, ViewSpec, plan_sample, recipe_views)
 
@@ -95,12 +98,39 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         ld = self.loader
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        self.reader = MemberReader()
+        self.reader = MemberReader(ld.store)   # in a worker: the store's copy, with its own sessions
+        self.in_worker = worker is not None
+        self.reported = ld.store.counters.snapshot()   # what the copy held when the worker started
         self.bad = dict(ld.position.bad_keys)
         self.mean = torch.tensor(ld.cfg.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(ld.cfg.std).view(1, 3, 1, 1)
-        for step in range(self.start + worker_id, len(ld), num_workers):
-            yield self._step(step)
+        steps = range(self.start + worker_id, len(ld), num_workers)
+        self.ahead = rank_read_ahead(lambda key: self._fetch(key[1]), order=ld.position.order, index=ld.index,
+                                     epoch=self.epoch, steps=steps, rank=ld.shard_id, world_size=ld.num_shards,
+                                     cfg=ld.cfg, share=num_workers)
+        try:
+            for step in steps:
+                yield self._step(step)
+        finally:
+            self.ahead.close()
+
+    def _fetch(self, position: int) -> Found[tuple[dict[str, Any], bytes, SamplePlan]]:
+        """The first usable sample of ``position``, read and planned (on a read-ahead thread)."""
+        ld = self.loader
+        return first_readable(ld.position.order.candidates(self.epoch, position), ld.index,
+                              lambda key: key in self.bad, self._read, ld.cfg.shards)
+
+    def _read(self, sample_id: int) -> tuple[dict[str, Any], bytes, SamplePlan]:
+        ld = self.loader
+        entry = ld.index[sample_id]
+        try:
+            meta, video = self.reader.read_sample(entry)
+        except ValueError as err:   # an unreadable member or a bad json: this loader replaces both
+            raise UnusableSample(str(err)) from err
+        plan = plan_sample(ld.cfg, ld.views, seed=ld.position.seed, epoch=self.epoch, key=meta["key"],
+                           num_frames=int(meta["num_frames"]), fps=float(meta.get("fps", 30)),
+                           width=int(meta["width"]), height=int(meta["height"]))
+        return meta, video, plan
 
     def _step(self, step: int) -> dict[str, Any]:
         ld = self.loader
@@ -108,37 +138,47 @@ class _BaselineDataset(torch.utils.data.IterableDataset):
         samples, failed, replaced = [], [], []
         for position in order.positions(step, ld.shard_id, ld.num_shards):
             own = order.sample_at(self.epoch, position)
-            for candidate in order.candidates(self.epoch, position):
-                entry = ld.index[candidate]
-                if entry.key in self.bad:
+            found = next(self.ahead)
+            while True:
+                # Same policy as the DALI loader: report and take the position's next spare. The
+                # records travel in the batch so the parent process counts them (workers are other
+                # processes), in delivery order.
+                for key, shard, reason in found.bad:
+                    if key not in self.bad:
+                        self.bad[key] = shard
+                        failed.append({"key": key, "shard": shard, "reason": reason})
+                entry = ld.index[found.sample_id]
+                if entry.key in self.bad:      # found bad by a decode after it was read ahead
+                    found = self._fetch(position)
                     continue
                 try:
-                    samples += self._view_sets(entry, candidate)
+                    samples += self._view_sets(found.sample_id, *found.value)
                     break
                 except (av.error.FFmpegError, ValueError) as err:
-                    # Same policy as the DALI loader: report and take the position's next spare. The
-                    # record travels in the batch so the parent process counts it (workers are
-                    # other processes).
                     self.bad[entry.key] = entry.shard
                     failed.append({"key": entry.key, "shard": entry.shard, "reason": str(err)})
-            else:
-                raise RuntimeError(f"{ld.cfg.shards}: every sample is bad, no spare left")
-            if candidate != own:
+                    found = self._fetch(position)
+            if found.sample_id != own:
                 replaced.append({"position": position, "key": ld.index[own].key, "shard": ld.index[own].shard,
                                  "spare": entry.key})
         batch = torch.utils.data.default_collate(samples)
-        batch.update(failed=failed, replaced=replaced, data_step=(self.epoch, step))
+        batch.update(failed=failed, replaced=replaced, data_step=(self.epoch, step), io=self._io_counts())
         return batch
 
-    def _view_sets(self, entry, sample_id: int) -> list[dict[str, Any]]:
+    def _io_counts(self) -> dict[str, int]:
+        """A worker's storage counts since its last batch (the parent adds them to its own)."""
+        if not self.in_worker:
+            return {}
+        now = self.reader.store.counters.snapshot()
+        delta = {k: v - self.reported.get(k, 0) for k, v in now.items()}
+        self.reported = now
+        return delta
+
+    def _view_sets(self, sample_id: int, meta: dict[str, Any], video: bytes, plan: SamplePlan) -> list[dict[str, Any]]:
         """The video decoded once (the union of its view-sets' frames), and each of its
         ``data.repeats`` view-sets as one row."""
         ld = self.loader
-        meta = self.reader.read_meta(entry)
-        plan: SamplePlan = plan_sample(ld.cfg, ld.views, seed=ld.position.seed, epoch=self.epoch, key=meta["key"],
-                                       num_frames=int(meta["num_frames"]), fps=float(meta.get("fps", 30)),
-                                       width=int(meta["width"]), height=int(meta["height"]))
-        decoded = decode_frames(self.reader.read_video(entry), plan.frames)
+        decoded = decode_frames(video, plan.frames)
         rows = []
         for repeat, view_set in enumerate(plan.view_sets):
             out: dict[str, Any] = {}
@@ -179,6 +219,7 @@ class BaselineLoader(PositionedLoader):
                 self.position.record_bad(failed["key"], failed["shard"], failed["reason"])
             for r in batch.pop("replaced"):
                 self.position.record_replacement(epoch, step, r["position"], r["key"], r["shard"], r["spare"])
+            self.store.counters.add(**batch.pop("io"))
             self.position.delivered(step)
             yield batch
         self.position.finish(epoch)

@@ -14,6 +14,7 @@ from typing import Any
 
 from common.precision import PRECISIONS, precision_name
 from common.typed_config import dataclass_from_dict
+from storage import RetryPolicy
 
 RECIPES = ("svt", "lstcl", "eval")
 DEVICES = ("cpu", "mixed", "auto")
@@ -194,7 +195,8 @@ class DataConfig:
     """Everything the loader needs besides batch size, rank and seed (passed to ``build_loader``).
 
     Args:
-        shards: folder holding ``manifest.json`` and the tar shards it lists.
+        shards: folder holding ``manifest.json`` and the tar shards it lists: a local path or a URL
+            (``s3://bucket/prefix``, ``gs://...``, ``https://host/prefix``; ``storage``).
         recipe: ``svt`` | ``lstcl`` | ``eval``; picks the frame plan and the views.
         device: decoder device, ``cpu`` | ``mixed`` (NVDEC) | ``auto`` (mixed when a GPU is visible).
         num_threads: DALI worker threads for decoding and augmentation (baseline: DataLoader workers).
@@ -211,6 +213,16 @@ class DataConfig:
             decodes the union of R independent plans' frames once and emits R view-sets, each with its
             own frames, crops, flips, colour, blur and solarize; a per-rank batch of B view-sets then
             holds B / R videos (R must divide it), each video's R view-sets next to each other.
+        read_ahead_steps: data steps whose members are read (and plans drawn) ahead of the decoder,
+            on the read-ahead threads (``pipelines.read_ahead``); 0 reads on the loader's own thread.
+        read_ahead_bytes: memory budget of the read-ahead: member bytes read or being read but not
+            yet handed to the decoder (per rank; the baseline splits it over its workers).
+        read_threads: read-ahead threads (each waits on one read at a time; remote reads are latency
+            bound, so more threads than cores pay off).
+        cache_dir: node-local disk cache of remote member reads ("" = off); ranks and workers on a
+            node share it. Useful for multi-epoch runs on a bucket.
+        cache_bytes: the cache's size bound in bytes (least recently used entries go first).
+        retry: attempts, backoff, deadline and timeout of every remote request (``storage.RetryPolicy``).
     """
 
     shards: str = ""
@@ -225,6 +237,14 @@ class DataConfig:
     drop_last: bool = False
     prefetch: int = 2
     repeats: int = 1
+    # Our choices: two steps ahead hide a 50 ms request latency at CPU decode rates (docs/benchmarks.md,
+    # object storage) while holding at most 256 MiB of encoded video per rank.
+    read_ahead_steps: int = 2
+    read_ahead_bytes: int = 256 * 2**20
+    read_threads: int = 16
+    cache_dir: str = ""
+    cache_bytes: int = 0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     svt: SVTConfig = field(default_factory=SVTConfig)
     lstcl: LSTCLConfig = field(default_factory=LSTCLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -247,6 +267,11 @@ class DataConfig:
             raise ValueError("data.num_threads and data.prefetch must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"data.mean/std need 3 values with std > 0, got {self.mean}, {self.std}")
+        if self.read_ahead_steps < 0 or self.read_ahead_bytes < 1 or self.read_threads < 1:
+            raise ValueError(f"data.read_ahead_steps must be >= 0, data.read_ahead_bytes and data.read_threads "
+                             f">= 1, got {self.read_ahead_steps}, {self.read_ahead_bytes}, {self.read_threads}")
+        if self.cache_dir and self.cache_bytes < 1:
+            raise ValueError(f"data.cache_dir {self.cache_dir!r} needs data.cache_bytes >= 1 (its size bound)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":

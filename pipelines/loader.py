@@ -2,9 +2,11 @@
 
 Data flow per step: this module takes the rank's slice of the data step from the global order
 (``order.GlobalOrder``: a seeded permutation per epoch, independent of the world size), reads each
-sample's json and video with one positioned read per member (``member_reads``, offsets from the DALI
-``.idx``), draws its plan (``views.plan_sample``) and feeds the views pipeline through its external
-source; the views pipeline decodes each video once and emits every view.
+sample's json and video with one positioned or ranged read (``member_reads``, offsets from the DALI
+``.idx``; a local folder or a URL, ``storage``), draws its plan (``views.plan_sample``) and feeds the
+views pipeline through its external source; the views pipeline decodes each video once and emits
+every view. Reads and plans of the next ``data.read_ahead_steps`` steps run on the read-ahead's
+threads (``read_ahead``) while the current step decodes; they reach the pipeline in the same order.
 
 Position (``position.Position``, shared with the baseline loader): ``(epoch, data step)`` plus the
 keys found bad so far -- the same value on every rank, so a run saved on W ranks resumes on any W'
@@ -14,7 +16,8 @@ that divides the global batch, at the next data step, with the same samples. Pla
 Bad samples keep batch sizes fixed: each is replaced by the first readable spare of its position
 (``GlobalOrder.spare_candidates``), logged with key, shard and step, counted, and its key kept in
 ``bad_keys`` (part of the position), so a resume makes the same replacement without decoding it.
-A sample is bad when the decoder raises on it, or when its decode delivers fewer real frames than
+A sample is bad when a member cannot be read (after the storage's retries), when the decoder raises
+on it, or when its decode delivers fewer real frames than
 its plan needs (damaged mid-stream or truncated: the decoder pads instead of failing, see graph.py's
 ``frames_check``). When the views pipeline raises, every batch fed but not yet delivered is checked
 sample by sample with a one-sample decode pipeline, bad samples are replaced in those batches, the
@@ -41,12 +44,14 @@ import nvidia.dali.types as types
 import torch
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from common.precision import torch_dtype
+from storage import join
 
 from .config import DataConfig
 from .decode_errors import DecoderDeviceError, decode_error_kind
 from .graph import decode_only_pipeline, views_pipeline
-from .member_reads import MemberReader
+from .member_reads import Found, MemberReader, UnusableSample, first_readable
 from .position import PositionedLoader
+from .read_ahead import rank_read_ahead
 from .shard_index import IndexedSample, ShardSet
 from .views import SamplePlan, plan_sample, recipe_views
 
@@ -66,11 +71,11 @@ def resolve_device(device: str) -> str:
 def check_codec(shards: ShardSet, device: str) -> None:
     if shards.codec == "h264" and device == "cpu":
         raise ValueError(
-            f"{shards.folder / 'manifest.json'}: shards are H.264, which DALI's CPU video decoder "
+            f"{join(shards.folder, 'manifest.json')}: shards are H.264, which DALI's CPU video decoder "
             f"cannot read (support was dropped in DALI 2.1); use a GPU (data.device='mixed' or 'auto') "
             f"or reshard with `python -m shard_tools ... --codec vp9`")
     if shards.codec not in ("vp9", "h264"):
-        raise ValueError(f"{shards.folder / 'manifest.json'}: unknown codec {shards.codec!r} (vp9 | h264)")
+        raise ValueError(f"{join(shards.folder, 'manifest.json')}: unknown codec {shards.codec!r} (vp9 | h264)")
 
 
 # NVDEC decodes VP9 frames of at least 128x128 (NVIDIA's Video Codec SDK documentation; not verified
@@ -82,10 +87,6 @@ def decoder_min_side(device: str, codec: str) -> int:
     """The smallest frame side the graph's video decoder reads (0: no limit): NVDEC's for VP9 on
     ``mixed``; DALI's CPU decoder has none."""
     return NVDEC_VP9_MIN_SIDE if device == "mixed" and codec == "vp9" else 0
-
-
-class UnusableSample(ValueError):
-    """A sample this loader's decoder cannot read, known before decoding it (replaced by a spare)."""
 
 
 @dataclass
@@ -169,45 +170,54 @@ class DALILoader(PositionedLoader):
         self.index: list[IndexedSample] = self.shards.sample_index()
         self.repeats = cfg.repeats
         self.videos_per_batch = batch_size // cfg.repeats
-        self.reader = MemberReader()
+        self.reader = MemberReader(self.store)
+        self.read_ahead_stats: dict[str, Any] = {}
         self.views = recipe_views(cfg)
         self.view_names = [v.name for v in self.views]
         self.slots = list(dict.fromkeys(v.slot for v in self.views))
 
     # ----------------------------------------------------------------- samples
     def _read(self, sample_id: int, position: int, epoch: int) -> _Sample:
+        """One sample read and planned (on a read-ahead thread); ``UnusableSample`` if it cannot be."""
         entry = self.index[sample_id]
-        record = self.reader.read_meta(entry)
+        record, video = self.reader.read_sample(entry)
         if record["key"] != entry.key:
             raise ValueError(f"{entry.shard}: member {entry.key}.json names key {record['key']!r}")
         if min(int(record["width"]), int(record["height"])) < self.min_side:
             raise UnusableSample(f"{record['width']}x{record['height']} is below the decoder's minimum side "
                                  f"{self.min_side} (NVDEC, VP9); shard with --min-side {self.min_side}")
-        encoded = np.frombuffer(self.reader.read_video(entry), dtype=np.uint8)
         plan = plan_sample(self.cfg, self.views, seed=self.position.seed, epoch=epoch, key=entry.key,
                            num_frames=int(record["num_frames"]), fps=float(record.get("fps", 30.0)),
                            width=int(record["width"]), height=int(record["height"]))
+        encoded = np.frombuffer(video, dtype=np.uint8)
         return _Sample(position, sample_id, entry.key, entry.shard, int(record.get("label", -1)), encoded, plan)
 
+    def _fetch(self, epoch: int, position: int) -> Found[_Sample]:
+        """The first usable sample of ``position`` (its own, then its spares), read and planned.
+        Thread-safe: it only reads the position's bad keys; ``_take`` records what it found."""
+        return first_readable(self.position.order.candidates(epoch, position), self.index,
+                              lambda key: key in self.position.bad_keys,
+                              lambda sample_id: self._read(sample_id, position, epoch), self.cfg.shards)
+
+    def _take(self, epoch: int, step: int, position: int, found: Found[_Sample]) -> _Sample:
+        """Record what ``_fetch`` found (bad candidates, a replacement) in delivery order, so counts and
+        logs are those of reading one sample at a time; a sample found bad by the decoder after it was
+        read ahead is read again (its spare)."""
+        for key, shard, reason in found.bad:
+            if key not in self.position.bad_keys:
+                self.position.record_bad(key, shard, reason)
+        if found.value.key in self.position.bad_keys:
+            return self._sample_at(epoch, step, position)
+        own = self.position.order.sample_at(epoch, position)
+        if found.sample_id != own:
+            first = self.index[own]
+            self.position.record_replacement(epoch, step, position, first.key, first.shard, found.value.key)
+        return found.value
+
     def _sample_at(self, epoch: int, step: int, position: int) -> _Sample:
-        """The sample at ``position``, or its first spare not known to be bad (the replacement is
-        logged and counted)."""
-        order = self.position.order
-        own = order.sample_at(epoch, position)
-        for candidate in order.candidates(epoch, position):
-            entry = self.index[candidate]
-            if entry.key in self.position.bad_keys:
-                continue
-            try:
-                sample = self._read(candidate, position, epoch)
-            except UnusableSample as err:
-                self.position.record_bad(entry.key, entry.shard, str(err))
-                continue
-            if candidate != own:
-                first = self.index[own]
-                self.position.record_replacement(epoch, step, position, first.key, first.shard, entry.key)
-            return sample
-        raise RuntimeError(f"{self.cfg.shards}: every sample is bad, no spare left")
+        """The sample at ``position``, or its first spare not known to be bad, read now (the
+        replacement is logged and counted)."""
+        return self._take(epoch, step, position, self._fetch(epoch, position))
 
     def planned_batches(self, epoch: int = 0) -> Iterator[_Batch]:
         """This rank's batches of ``epoch``, read and planned but not decoded: what the views graph is
@@ -217,8 +227,11 @@ class DALILoader(PositionedLoader):
         replaced by spares as in iteration.
         """
         feeder = _Feeder(self, epoch, 0)
-        while feeder.next_step < feeder.steps:
-            yield feeder._read()
+        try:
+            while feeder.next_step < feeder.steps:
+                yield feeder._read()
+        finally:
+            feeder.close()
 
     # ----------------------------------------------------------------- pipelines
     def _device_id(self) -> int | None:
@@ -239,21 +252,24 @@ class DALILoader(PositionedLoader):
         epoch, start = self.position.start()
         feeder = _Feeder(self, epoch, start)
         pipe = self._build_views(feeder) if start < len(self) else None
-        while pipe is not None:
-            try:
-                outputs = pipe.run()
-            except StopIteration:
-                break
-            except RuntimeError as err:
-                feeder.recover(err)
-                del pipe
-                pipe = self._build_views(feeder)
-                continue
-            batch = feeder.delivered()
-            out = self._to_torch(outputs[:-1], batch)
-            self._repair(out, outputs[-1], batch, epoch)
-            self.position.delivered(batch.step)
-            yield out
+        try:
+            while pipe is not None:
+                try:
+                    outputs = pipe.run()
+                except StopIteration:
+                    break
+                except RuntimeError as err:
+                    feeder.recover(err)
+                    del pipe
+                    pipe = self._build_views(feeder)
+                    continue
+                batch = feeder.delivered()
+                out = self._to_torch(outputs[:-1], batch)
+                self._repair(out, outputs[-1], batch, epoch)
+                self.position.delivered(batch.step)
+                yield out
+        finally:
+            feeder.close()
         self.position.finish(epoch)
 
     def _repair(self, out: dict[str, Any], check, batch: _Batch, epoch: int) -> None:
@@ -348,7 +364,8 @@ class _OneShot:
 
 
 class _Feeder:
-    """External-source callback of the views pipeline: reads the rank's slice of each data step.
+    """External-source callback of the views pipeline: the rank's slice of each data step, read and
+    planned ahead on the read-ahead's threads (``read_ahead``), delivered in step order.
 
     Keeps every batch fed but not yet delivered, so that after a pipeline rebuild they are fed again
     in the same order (their bad samples replaced).
@@ -361,6 +378,14 @@ class _Feeder:
         self.steps = len(loader)
         self.in_flight: collections.deque[_Batch] = collections.deque()
         self.replay: collections.deque[_Batch] = collections.deque()
+        ld = loader
+        self.ahead = rank_read_ahead(lambda key: ld._fetch(epoch, key[1]), order=ld.position.order, index=ld.index,
+                                     epoch=epoch, steps=range(start_step, self.steps), rank=ld.shard_id,
+                                     world_size=ld.num_shards, cfg=ld.cfg)
+        ld.read_ahead_stats = self.ahead.stats
+
+    def close(self) -> None:
+        self.ahead.close()
 
     def __call__(self):
         batch = self.replay.popleft() if self.replay else self._read()
@@ -376,7 +401,7 @@ class _Feeder:
         self.next_step += 1
         ld = self.loader
         positions = ld.position.order.positions(step, ld.shard_id, ld.num_shards)
-        return _Batch(step, [ld._sample_at(self.epoch, step, p) for p in positions])
+        return _Batch(step, [ld._take(self.epoch, step, p, next(self.ahead)) for p in positions])
 
     def _feed(self, batch: _Batch):
         return (*batch.decode_inputs(self.loader.frames_guard), *batch.view_inputs(self.loader.slots, self.loader.views))

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .member_reads import open_storage
 from .order import GlobalOrder, build_order
 from .shard_index import read_shard_set
 
@@ -158,7 +159,8 @@ class PositionedLoader:
             raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
         self.cfg = cfg
         self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
-        self.shards = read_shard_set(cfg.shards)
+        self.store = open_storage(cfg)
+        self.shards = read_shard_set(cfg.shards, self.store)
         self.position = Position(build_order(cfg, self.shards, batch_size, num_shards, seed), batch_size,
                                  num_shards, cfg.repeats)
 

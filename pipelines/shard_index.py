@@ -1,19 +1,27 @@
 """The shards a manifest lists, and where each sample's members lie in them.
 
-A ``ShardSet`` is a manifest resolved to paths; ``read_sample_index`` turns the DALI ``.idx`` files
-into one ``IndexedSample`` per sample (its shard and each member's byte offset and size), so a member
-is one positioned read (``member_reads``), with no tar parsing and no reader state. The manifest and
-the ``.idx`` format are ``shard_tools.format``'s; this module only imports them, so the baseline
-loader reads shards without importing DALI.
+A ``ShardSet`` is a manifest resolved to locations (local paths, or URLs when the shard folder is
+``s3://...``, ``gs://...``, ``https://...``: ``storage``); ``read_sample_index`` turns the DALI
+``.idx`` files into one ``IndexedSample`` per sample (its shard and each member's byte offset and
+size), so a member is one positioned or ranged read (``member_reads``), with no tar parsing, no
+reader state and no listing per sample. At start-up the shard files are checked in one listing per
+folder (HTTP: one HEAD per file) and the ``.idx`` files of a remote folder are read concurrently, so
+start-up costs a round trip per few dozen shards, not per shard. The manifest and the ``.idx``
+format are ``shard_tools.format``'s; this module only imports them, so the baseline loader reads
+shards without importing DALI.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from shard_tools.format import MANIFEST_NAME, VIDEO_EXTENSIONS, read_dali_index, read_manifest, split_member_name
+from storage import Storage, default_storage, is_url, join
+
+# Index files read at once from remote storage (each is one GET; latency, not bandwidth, bounds them).
+INDEX_READS_IN_FLIGHT = 32
 
 
 @dataclass(frozen=True)
@@ -33,15 +41,23 @@ class IndexedSample:
     meta: Member
 
 
-def read_sample_index(paths: list[str], index_paths: list[str], counts: list[int]) -> list[IndexedSample]:
-    """Every sample of the shards, in manifest order, from the DALI ``.idx`` files.
+def read_sample_index(paths: list[str], index_paths: list[str], counts: list[int],
+                      store: Storage | None = None) -> list[IndexedSample]:
+    """Every sample of the shards, in manifest order, from the DALI ``.idx`` files (remote ones read
+    concurrently through ``store``).
 
     An index whose sample count disagrees with the manifest, or a sample without a video or a json
     member, is an error naming the index file.
     """
+    store = store or default_storage()
+    remote = [p for p in index_paths if is_url(p)]
+    fetched = {}
+    if remote:
+        with concurrent.futures.ThreadPoolExecutor(min(INDEX_READS_IN_FLIGHT, len(remote))) as pool:
+            fetched = dict(zip(remote, pool.map(lambda p: read_dali_index(p, store), remote)))
     samples: list[IndexedSample] = []
     for tar, idx, count in zip(paths, index_paths, counts):
-        rows = read_dali_index(idx)
+        rows = fetched.pop(idx) if idx in fetched else read_dali_index(idx)
         if len(rows) != count:
             raise ValueError(f"{idx}: indexes {len(rows)} samples, the manifest says {count}")
         for row in rows:
@@ -56,14 +72,15 @@ def read_sample_index(paths: list[str], index_paths: list[str], counts: list[int
 
 @dataclass
 class ShardSet:
-    """The shards a manifest lists, as paths under its folder."""
+    """The shards a manifest lists, as locations under its folder (a local path or a URL)."""
 
-    folder: Path
+    folder: str
     codec: str
     paths: list[str]
     index_paths: list[str]
     num_samples: list[int]
     label_map: dict[str, int] = field(default_factory=dict)
+    store: Storage | None = field(default=None, repr=False, compare=False)   # what reads them
 
     @property
     def total(self) -> int:
@@ -71,16 +88,24 @@ class ShardSet:
 
     def sample_index(self) -> list[IndexedSample]:
         """Every sample of these shards, in manifest order (``read_sample_index``)."""
-        return read_sample_index(self.paths, self.index_paths, self.num_samples)
+        return read_sample_index(self.paths, self.index_paths, self.num_samples, self.store)
 
 
-def read_shard_set(folder: str | os.PathLike) -> ShardSet:
+def read_shard_set(folder: str | os.PathLike, store: Storage | None = None) -> ShardSet:
     """The shards ``folder/manifest.json`` lists (``shard_tools.format.read_manifest``: paths relative to
-    the folder, nothing guessed); errors name the file and what is wrong."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
+    the folder, nothing guessed); ``folder`` may be a URL. Errors name the file and what is wrong; a
+    bucket or server that cannot be read at all is one ``StorageAccessError`` naming the URL."""
+    folder = os.fspath(folder)
+    store = store or default_storage()
+    manifest = read_manifest(folder, store)
+    where = join(folder, MANIFEST_NAME)
     if not manifest.shards:
-        raise ValueError(f"{folder / MANIFEST_NAME}: lists no shards")
-    files = manifest.shard_files(folder)
-    return ShardSet(folder, manifest.codec, [str(tar) for tar, _ in files], [str(idx) for _, idx in files],
-                    [s.num_samples for s in manifest.shards], dict(manifest.label_map))
+        raise ValueError(f"{where}: lists no shards")
+    files = manifest.shard_locations(folder)
+    sizes = store.sizes([p for pair in files for p in pair])
+    missing = [p for p, size in sizes.items() if size is None]
+    if missing:
+        raise FileNotFoundError(f"{where}: lists {missing[0]}, which does not exist"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return ShardSet(folder, manifest.codec, [tar for tar, _ in files], [idx for _, idx in files],
+                    [s.num_samples for s in manifest.shards], dict(manifest.label_map), store)

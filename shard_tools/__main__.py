@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     verify = sub.add_parser("verify", help="re-read every shard and check the invariants")
-    verify.add_argument("out", type=Path, help="a shard folder (holding manifest.json)")
+    verify.add_argument("out", help="a shard folder (holding manifest.json): a path or a URL (s3://, gs://, https://)")
     verify.add_argument("--decoder", choices=("auto", "stream", "pyav", "dali", "none"), default="auto",
                         help="frame-count check: auto/stream/pyav = PyAV frame by frame (bounded memory); "
                              "dali = the training reader (CPU for vp9, GPU for h264; whole videos in memory)")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--ray-address", help="Ray cluster address (--executor ray)")
 
     stats = sub.add_parser("stats", help="totals, per-label counts, duration/fps/resolution histograms")
-    stats.add_argument("out", type=Path, help="a shard folder (holding manifest.json)")
+    stats.add_argument("out", help="a shard folder (holding manifest.json): a path or a URL (s3://, gs://, https://)")
 
     return parser
 

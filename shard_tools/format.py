@@ -7,8 +7,9 @@ manifest with :func:`write_manifest`; the loaders, ``evaluate.py`` and ``verify`
 it with :func:`read_manifest`. Shard paths come from the manifest only (count-sized shards are
 fixed seeded groups, so shard numbers can skip), relative to the manifest's folder.
 
-Standard library only (plus ``common``'s strict loader and atomic writes, themselves standard
-library only): Ray ships ``shard_tools`` and ``common`` to its workers, and ``pipelines`` imports
+Standard library only (plus ``common``'s strict loader and atomic writes and ``storage``'s reads of
+a shard folder at a URL, whose drivers load only when a URL is read): Ray ships ``shard_tools``,
+``common`` and ``storage`` to its workers, and ``pipelines`` imports
 this module without pulling torch or DALI in (webdataset imports torch, so its key split is
 restated here and a test pins it to webdataset's).
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 from common.atomic_io import atomic_write_bytes, atomic_write_json
 from common.typed_config import ConfigError, dataclass_from_dict
+from storage import StorageAccessError, default_storage, is_url, join
 
 MANIFEST_NAME = "manifest.json"
 QUARANTINE_NAME = "quarantine.jsonl"
@@ -218,14 +220,36 @@ class Manifest:
         return files
 
 
-def read_manifest(folder: str | os.PathLike) -> Manifest:
-    """``folder/manifest.json`` as a :class:`Manifest`; errors name the file and what is wrong."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; is {folder} a shard folder written by "
-                                "`python -m shard_tools` (and did the job finish)?")
+    def shard_locations(self, folder: str | os.PathLike) -> list[tuple[str, str]]:
+        """``(tar, idx)`` of every shard as locations under ``folder``, a local path or a URL
+        (``storage.locations``); nothing is checked (``pipelines.shard_index`` checks them in one listing)."""
+        return [(join(folder, s.path), join(folder, s.idx_path)) for s in self.shards]
+
+
+def read_manifest(folder: str | os.PathLike, store=None) -> Manifest:
+    """``folder/manifest.json`` as a :class:`Manifest`; errors name the file and what is wrong.
+
+    ``folder`` may be a URL (``s3://bucket/prefix``, ``https://host/prefix``): the manifest is then
+    read through ``store`` (a ``storage.Storage``; the process's default if None), and a missing
+    bucket, missing credentials or a denied read is one ``StorageAccessError`` naming the URL.
+    """
+    if is_url(folder):
+        path = join(folder, MANIFEST_NAME)
+        try:
+            raw = (store or default_storage()).read_bytes(path)
+        except StorageAccessError as err:
+            if err.reason != "missing":
+                raise
+            raise StorageAccessError(f"{path}: no manifest; is {folder} a shard folder written by "
+                                     "`python -m shard_tools` (and did the job finish)?", reason="missing") from err
+    else:
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no manifest; is {folder} a shard folder written by "
+                                    "`python -m shard_tools` (and did the job finish)?")
+        raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: not valid JSON ({err})") from err
     return Manifest.from_dict(data, str(path))
@@ -283,10 +307,18 @@ def dali_index_bytes(tar_path: str | os.PathLike) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def read_dali_index(idx_path: str | os.PathLike) -> list[list[IndexMember]]:
-    """Every sample of a DALI index (its members in tar order); errors name the index file."""
-    with open(idx_path) as fh:
-        lines = fh.read().splitlines()
+def read_dali_index(idx_path: str | os.PathLike, store=None) -> list[list[IndexMember]]:
+    """Every sample of a DALI index (its members in tar order); errors name the index file. A URL is
+    read through ``store`` (as :func:`read_manifest`)."""
+    if is_url(idx_path):
+        raw = (store or default_storage()).read_bytes(os.fspath(idx_path))
+        try:
+            lines = raw.decode().splitlines()
+        except UnicodeDecodeError as err:
+            raise ManifestError(f"{idx_path}: not a DALI webdataset index ({err})") from err
+    else:
+        with open(idx_path) as fh:
+            lines = fh.read().splitlines()
     header = lines[0].split() if lines else []
     if len(header) != 2 or not header[0].startswith("v") or not header[1].isdigit():
         raise ManifestError(f"{idx_path}: not a DALI webdataset index (first line {lines[:1]})")

@@ -21,7 +21,6 @@ the line) and is uploaded again, not rebuilt.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -119,8 +118,7 @@ class BucketOutput:
             (self.work_folder / leftover).unlink(missing_ok=True)
         if MANIFEST_NAME not in self.remote:
             return None
-        where = self._object(MANIFEST_NAME)
-        manifest = Manifest.from_dict(json.loads(self.store.read_bytes(where)), where)
+        manifest = read_manifest(self.url, self.store)
         if manifest.job_fingerprint != fingerprint:
             raise ValueError(f"{self.url} already holds a finished job with other arguments or inputs; "
                              "write to a new prefix")
@@ -131,7 +129,7 @@ class BucketOutput:
         if not resumable:
             raise ValueError(f"{self.url}: shards {missing[:3]} are gone and the work folder "
                              f"{self.work_folder} holds no journal; rerun into a new prefix")
-        self.store.remove(where)  # the job is not complete any more: readers must not trust it
+        self.store.remove(self._object(MANIFEST_NAME))  # not complete any more: readers must not trust it
         del self.remote[MANIFEST_NAME]
         return None
 

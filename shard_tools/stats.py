@@ -1,32 +1,52 @@
 """``python -m shard_tools stats OUT``: totals, per-label counts and text histograms.
 
-Reads the manifest and the small ``.json`` member of every sample (video bytes are skipped).
+Reads the manifest and the small ``.json`` member of every sample (video bytes are skipped). A shard
+folder at a URL (``storage``) is read through its ``.idx`` files: one ranged read per json member,
+many in flight, never a whole shard.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
-from common.atomic_io import read_jsonl
-from shard_tools.verify import read_shard_samples
-from shard_tools.format import read_manifest
+from shard_tools.format import read_dali_index, read_manifest
+from shard_tools.verify import read_quarantine, read_shard_samples
+from storage import default_storage, is_url, join
 
 DURATION_EDGES = (0, 1, 2, 4, 6, 8, 10, 15, 20, 30, 60)
 BAR_WIDTH = 40
 
 
-def collect_records(out: Path) -> tuple[dict, list[dict], list[dict]]:
-    """(manifest, sample json records, quarantine entries) of a shard folder."""
-    out = Path(out)
+# json members read at once from remote storage (each a small ranged GET: latency bound).
+REMOTE_READS_IN_FLIGHT = 32
+
+
+def collect_records(out: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
+    """(manifest, sample json records, quarantine entries) of a shard folder, local or at a URL."""
     manifest = read_manifest(out).to_dict()  # checked against the format, then read as plain data
-    records = []
+    if is_url(out):
+        records = _remote_records(os.fspath(out), manifest)
+    else:
+        records = [json.loads(sample["members"]["json"]) for shard in manifest["shards"]
+                   for sample in read_shard_samples(Path(out) / shard["path"])]
+    return manifest, records, read_quarantine(out, manifest["quarantine"]["path"])
+
+
+def _remote_records(url: str, manifest: dict) -> list[dict]:
+    """Every sample's json of a remote shard folder, in manifest order, by ranged reads at the ``.idx``
+    offsets of the json members."""
+    store = default_storage()
+    members = []
     for shard in manifest["shards"]:
-        for sample in read_shard_samples(out / shard["path"]):
-            records.append(json.loads(sample["members"]["json"]))
-    quarantine = read_jsonl(out / manifest["quarantine"]["path"])
-    return manifest, records, quarantine
+        tar = join(url, shard["path"])
+        for sample in read_dali_index(join(url, shard["idx_path"]), store):
+            members += [(tar, m.offset, m.size) for m in sample if m.ext == "json"]
+    with concurrent.futures.ThreadPoolExecutor(REMOTE_READS_IN_FLIGHT) as pool:
+        return [json.loads(raw) for raw in pool.map(lambda m: store.read_range(*m), members)]
 
 
 def _bars(title: str, counts: list[tuple[str, int]]) -> list[str]:
@@ -52,7 +72,7 @@ def duration_histogram(durations: list[float]) -> list[tuple[str, int]]:
             for lo, hi in zip(edges[:-1], edges[1:]) if bins[(lo, hi)]]
 
 
-def format_stats(out: Path, *, top_labels: int = 50) -> str:
+def format_stats(out: str | os.PathLike, *, top_labels: int = 50) -> str:
     manifest, records, quarantine = collect_records(out)
     totals = manifest["totals"]
     frames = sum(r["num_frames"] for r in records)

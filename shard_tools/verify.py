@@ -13,12 +13,17 @@ Checks (docs/design.md section 1):
   ``--decoder dali`` uses the training reader itself (DALI's CPU decoder for VP9, its GPU decoder
   for H.264), which holds one whole decoded video at a time.
 Shards are checked in parallel with ``workers`` (process pool or Ray, the same :func:`check_shard`).
+``OUT`` may be a URL (``s3://bucket/prefix``, ``https://host/prefix``; ``storage``): each worker then
+copies one shard and its index at a time into a temporary folder (verify reads every byte of a
+shard anyway), checks it there and deletes it, so local disk use is one shard per worker.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tarfile
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import av
 from common.atomic_io import read_jsonl
 from shard_tools.format import dali_index_bytes, members_by_sample, read_manifest
 from shard_tools.sources import load_label_map, read_folder, read_kinetics_csv, read_ssv2
+from storage import StorageAccessError, default_storage, is_url, join
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -110,6 +116,8 @@ def check_shard(out: str, shard: dict, extension: str, label_names: dict, decode
             video at a time) or ``none``.
     Returns: {problems, input_ids, videos_decoded}.
     """
+    if is_url(out):
+        return _check_remote_shard(out, shard, extension, label_names, decoder, threads)
     out = Path(out)
     problems: list[str] = []
     input_ids: list[str] = []
@@ -181,7 +189,37 @@ def check_shard(out: str, shard: dict, extension: str, label_names: dict, decode
     return {"problems": problems, "input_ids": input_ids, "videos_decoded": len(decoded)}
 
 
-def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2, workers: int = 0,
+def _check_remote_shard(url: str, shard: dict, extension: str, label_names: dict, decoder: str,
+                        threads: int) -> dict:
+    """:func:`check_shard` on a local copy of one remote shard and its index, deleted afterwards."""
+    store = default_storage()
+    with tempfile.TemporaryDirectory(prefix="verify-shard-") as tmp:
+        for rel in (shard["path"], shard["idx_path"]):
+            target = Path(tmp, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                store.get_file(join(url, rel), target)
+            except StorageAccessError as err:
+                if err.reason != "missing":
+                    raise
+                return {"problems": [f"{shard['path']}: tar or index missing"], "input_ids": [], "videos_decoded": 0}
+        return check_shard(tmp, shard, extension, label_names, decoder, threads)
+
+
+def read_quarantine(out: str | os.PathLike, rel: str) -> list[dict]:
+    """The quarantine lines of a shard folder, local or at a URL (none if the file is absent)."""
+    if not is_url(out):
+        return read_jsonl(Path(out) / rel)
+    try:
+        raw = default_storage().read_bytes(join(out, rel))
+    except StorageAccessError as err:
+        if err.reason != "missing":
+            raise
+        return []
+    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+
+
+def verify_shards(out: str | os.PathLike, *, decoder: str = "auto", threads: int = 2, workers: int = 0,
                   executor: str = "process", ray_address: str | None = None) -> dict:
     """Check a shard folder; return a report with ``ok`` and the list of problems.
 
@@ -193,7 +231,7 @@ def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2, workers
     """
     from shard_tools.executors import map_unordered
 
-    out = Path(out)
+    out = os.fspath(out) if is_url(out) else Path(out)
     manifest = read_manifest(out).to_dict()  # checked against the format, then read as plain data
     problems: list[str] = []
     extension = manifest["extension"]
@@ -218,7 +256,7 @@ def verify_shards(out: Path, *, decoder: str = "auto", threads: int = 2, workers
         videos_decoded += result["videos_decoded"]
     problems.sort()  # workers finish in any order: the report does not depend on it
 
-    quarantine = read_jsonl(out / manifest["quarantine"]["path"])
+    quarantine = read_quarantine(out, manifest["quarantine"]["path"])
     quarantine_ids = [q["input_id"] for q in quarantine]
     totals = manifest["totals"]
     if len(sample_input_ids) != totals["samples"]:

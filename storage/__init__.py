@@ -15,12 +15,13 @@ fsspec protocol), with retries, clear start-up errors and counters.
 No project imports: ``shard_tools``, ``pipelines`` and the CLIs all build on it.
 """
 from .counters import StorageCounters
+from .disk_cache import DiskCache
 from .errors import ShortRead, StorageAccessError, StorageReadError, is_transient
 from .locations import is_url, join, local_path, name, parent, protocol
 from .retry import RetryPolicy, with_retries
 from .store import Storage
 
-__all__ = ["Storage", "RetryPolicy", "StorageCounters", "StorageAccessError", "StorageReadError", "ShortRead",
+__all__ = ["Storage", "DiskCache", "RetryPolicy", "StorageCounters", "StorageAccessError", "StorageReadError", "ShortRead",
            "is_transient", "with_retries", "is_url", "join", "local_path", "name", "parent", "protocol",
            "default_storage", "read_bytes", "read_range"]
 

@@ -34,6 +34,7 @@ from typing import Any
 from common.atomic_io import atomic_write_bytes, atomic_writer
 
 from .counters import StorageCounters
+from .disk_cache import DiskCache
 from .errors import ShortRead, StorageAccessError, StorageReadError, access_problem, describe
 from .locations import is_url, local_path, name, parent, protocol
 from .retry import RetryPolicy, with_retries
@@ -48,21 +49,24 @@ class Storage:
     Args:
         retry: attempts, backoff, deadline and per-attempt timeout of every remote request.
         counters: where requests, bytes, retries and failures are counted (a new set if None).
+        cache: a node-local disk cache of remote ranged reads (``DiskCache``), or None.
     """
 
-    def __init__(self, retry: RetryPolicy | None = None, counters: StorageCounters | None = None):
+    def __init__(self, retry: RetryPolicy | None = None, counters: StorageCounters | None = None,
+                 cache: DiskCache | None = None):
         self.retry = retry or RetryPolicy()
         self.counters = counters or StorageCounters()
+        self.cache = cache
         self._reset()
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._filesystems: dict[str, Any] = {}
+        self._filesystems: dict[tuple, Any] = {}
         self._fds: dict[str, int] = {}
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"retry": self.retry, "counters": self.counters}
+        return {"retry": self.retry, "counters": self.counters, "cache": self.cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -94,6 +98,11 @@ class Storage:
         what = f"{location} bytes {offset}..{offset + length}"
         if not is_url(location):
             return self._pread(location, offset, length, what)
+        if self.cache is not None:
+            cached = self.cache.get(location, offset, length)
+            if cached is not None:
+                self.counters.add(cache_hits=1, cache_bytes=length)
+                return cached
         fs, path = self._fs(location)
 
         def attempt() -> bytes:
@@ -107,13 +116,16 @@ class Storage:
             return data
 
         try:
-            return with_retries(attempt, self.retry, what, self.counters)
+            data = with_retries(attempt, self.retry, what, self.counters)
         except StorageReadError:
             raise
         except Exception as err:
             self.counters.add(failures=1)
             problem = access_problem(err)
             raise StorageReadError(f"{what}: {problem[1] if problem else describe(err)}") from err
+        if self.cache is not None:
+            self.cache.put(location, offset, length, data)
+        return data
 
     def _pread(self, location: str, offset: int, length: int, what: str) -> bytes:
         path = local_path(location)
@@ -187,7 +199,12 @@ class Storage:
             if protocol(loc) not in ("http", "https"):
                 by_folder.setdefault(parent(loc), []).append(loc)
         for folder, members in by_folder.items():
-            listing = self.list_files(folder)
+            try:
+                listing = self.list_files(folder)
+            except StorageAccessError as err:
+                if err.reason != "missing":
+                    raise
+                listing = {}
             for loc in members:
                 found[loc] = listing.get(name(loc))
         if heads:
@@ -316,16 +333,22 @@ class Storage:
             self._reset()
 
     def _fs(self, location: str) -> tuple[Any, str]:
-        """The fsspec filesystem for a URL's protocol (one per Storage and process) and its path."""
+        """The fsspec filesystem for a URL's protocol and its path: one per Storage, process and
+        driver environment (the drivers read endpoints and credentials from ``AWS_*`` / ``GOOGLE_*`` /
+        ``FSSPEC_*`` variables when they start, so a changed variable gets a fresh driver)."""
         self._check_pid()
-        proto = protocol(location)
-        fs = self._filesystems.get(proto)
+        key = (protocol(location), _driver_environment())
+        fs = self._filesystems.get(key)
         if fs is None:
             with self._lock:
-                fs = self._filesystems.get(proto)
+                fs = self._filesystems.get(key)
                 if fs is None:
-                    fs = self._filesystems[proto] = _filesystem(proto, self.retry, location)
+                    fs = self._filesystems[key] = _filesystem(key[0], self.retry, location)
         return fs, fs._strip_protocol(location)
+
+
+def _driver_environment() -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "FSSPEC_"))))
 
 
 def _filesystem(proto: str, retry: RetryPolicy, location: str):

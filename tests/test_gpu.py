@@ -311,3 +311,52 @@ def test_decode_error_kinds():
     assert decode_error_kind(RuntimeError(wrap.format("Failed to create video decoder for x: CUDA_ERROR_"
                                                       "OUT_OF_MEMORY"))) == "device"
     assert decode_error_kind(RuntimeError(wrap.format("Current pipeline object is no longer valid"))) == "unknown"
+
+
+@pytest.mark.parametrize("device", DATA_DEVICES)
+def test_member_reads_and_plans_of_the_next_steps_run_on_the_read_ahead_threads(gpu_shards, device, monkeypatch):
+    """GPU readiness, issue 20 item 5: while a step is decoded and trained on, the members of the next
+    steps are read and their plans drawn on the read-ahead's own threads (pipelines/read_ahead.py),
+    never on the training thread, and the next step's reads start before the current step reaches the
+    trainer; the views are the same as without read-ahead."""
+    import threading
+    import time
+
+    import pipelines.loader as loader_module
+
+    events = []  # (what, key, thread name, start)
+    plan = loader_module.plan_sample
+
+    def recording_plan(cfg, views, *, key, **kw):
+        events.append(("plan", key, threading.current_thread().name, time.perf_counter()))
+        return plan(cfg, views, key=key, **kw)
+
+    monkeypatch.setattr(loader_module, "plan_sample", recording_plan)
+    cfg = config(gpu_shards, device, recipe="lstcl", shuffle=False, read_ahead_steps=2, read_threads=2)
+    loader = build_loader(cfg, batch_size=1, seed=0)
+    read = loader.reader.read_sample
+
+    def recording_read(entry):
+        events.append(("read", entry.key, threading.current_thread().name, time.perf_counter()))
+        return read(entry)
+
+    loader.reader.read_sample = recording_read
+    delivered = {}   # key -> when its step reached the consumer
+    batches = []
+    for batch in loader:
+        delivered[batch["key"][0]] = time.perf_counter()
+        batches.append(batch)
+        time.sleep(0.05)  # the training step
+    keys = [b["key"][0] for b in batches]
+    assert len(keys) == len(LENGTHS) and {e[1] for e in events} == set(keys)
+    assert all(name.startswith("read-ahead") for _, _, name, _ in events), {e[2] for e in events}
+    for what in ("read", "plan"):
+        started = {key: t for w, key, _, t in events if w == what}
+        # step s + 1's member is read and planned before step s is delivered
+        assert all(started[nxt] < delivered[cur] for cur, nxt in zip(keys, keys[1:])), what
+    plain = list(build_loader(config(gpu_shards, device, recipe="lstcl", shuffle=False, read_ahead_steps=0),
+                              batch_size=1, seed=0))
+    assert [b["key"] for b in plain] == [b["key"] for b in batches]
+    for a, b in zip(plain, batches):
+        for name in loader.view_names:
+            assert torch.equal(a[name].cpu(), b[name].cpu()), name

@@ -25,6 +25,7 @@ from object_store_fixtures import moto_server, s3_env, s3_proxy  # noqa: F401 (f
 from shard_fixtures import build_ssv2
 from shard_tools.__main__ import main
 from shard_tools.executors import map_unordered
+from shard_tools.stats import format_stats
 from shard_tools.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +121,8 @@ def test_local_videos_to_s3_equal_a_local_run_byte_for_byte(s3_env, tmp_path, ca
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the default --work-dir lives there
     assert main(argv + ["--out", url]) == 0
     assert _objects(url) == _files(tmp_path / "local")  # tars, indexes, quarantine, manifest
+    assert verify_shards(url)["ok"] and format_stats(url).splitlines()[1:] == \
+        format_stats(tmp_path / "local").splitlines()[1:]
     assert f"building shards in {tmp_path / 'cache' / 'shard_tools' / 'work'}/" in capsys.readouterr().err
     # Every shard left the work folder once uploaded, and the journals went at the end.
     assert not list((tmp_path / "cache" / "shard_tools" / "work").iterdir())
@@ -162,13 +165,9 @@ def test_s3_videos_to_s3_equal_a_local_run(s3_env, tmp_path, layout):
         assert {q["reason"] for q in quarantine} == {"zero bytes", "not in a class folder"}
         assert all(data_url in q["detail"] for q in quarantine)
     assert not (tmp_path / "work").exists()
-    # verify on a copy of the bucket's shards: every video decodes, and the invariant holds against
-    # the sources listed again from the bucket (the manifest's source names the URLs).
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name, data in remote.items():
-        (copy / name).write_bytes(data)
-    report = verify_shards(copy)
+    # verify in the bucket: every video decodes, and the invariant holds against the sources listed
+    # again from the bucket (the manifest's source names the URLs).
+    report = verify_shards(out)
     assert report["ok"], report["problems"]
     assert report["invariant"] == f"sources listed again: {report['inputs']} inputs"
 
@@ -180,10 +179,16 @@ def test_videos_behind_an_http_server_equal_a_local_run(tmp_path):
     (videos / "dogs").rename(videos / "air drumming")  # a class folder whose URL needs quoting
     argv = [*COMMON, "--workers", "0"]
     assert main(["--videos", str(videos), "--out", str(tmp_path / "local")] + argv) == 0
-    with start_range_http(tmp_path / "data") as server:
-        url = f"{server.url}/videos"
+    with start_range_http(tmp_path) as server:
+        url = f"{server.url}/data/videos"
         assert main(["--videos", url, "--out", str(tmp_path / "from_http")] + argv) == 0
-    _assert_same_shards_but_sources(_files(tmp_path / "from_http"), _files(tmp_path / "local"), url, str(videos))
+        _assert_same_shards_but_sources(_files(tmp_path / "from_http"), _files(tmp_path / "local"), url, str(videos))
+        # The shards read back over HTTP: verify (relisting the inputs over HTTP) and stats agree with
+        # the local folder.
+        report = verify_shards(f"{server.url}/from_http")
+        assert report["ok"] and report["invariant"] == f"sources listed again: {report['inputs']} inputs"
+        assert format_stats(f"{server.url}/from_http").splitlines()[1:] == \
+            format_stats(tmp_path / "from_http").splitlines()[1:]
 
 
 def test_inputs_in_flight_stay_within_the_fetch_bound(tmp_path):

@@ -199,3 +199,27 @@ def test_retry_policy_is_checked_and_jitter_stays_under_the_ceiling():
     assert all(0 <= d <= 1.0 for d in delays)
     assert max(policy.delay(0, rng) for _ in range(200)) <= 0.1
     assert len({round(d, 6) for d in delays}) > 100     # jittered, not a fixed schedule
+
+
+def test_the_disk_cache_serves_repeated_reads_and_stays_within_its_bound(http, tmp_path):
+    from storage import DiskCache
+
+    bound = 60_000
+    st = Storage(FAST, cache=DiskCache(tmp_path / "cache", bound))
+    blob = f"{http.url}/f/blob.bin"
+    ranges = [(i * 10_000, 10_000) for i in range(20)]
+    for offset, length in ranges:
+        assert st.read_range(blob, offset, length) == PAYLOAD[offset:offset + length]
+        held = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir())
+        assert held <= bound + bound // 8          # one process: at most an eighth over between sweeps
+    requests = st.counters.snapshot()["requests"]
+    for offset, length in ranges[-3:]:              # the most recent reads are still cached
+        assert st.read_range(blob, offset, length) == PAYLOAD[offset:offset + length]
+    counts = st.counters.snapshot()
+    assert counts["requests"] == requests and counts["cache_hits"] == 3
+    assert st.read_range(blob, *ranges[0]) == PAYLOAD[:10_000]   # the oldest was evicted: read again
+    assert st.counters.snapshot()["requests"] == requests + 1
+    # another process's cache over the same folder (a second rank on the node) hits what this one wrote
+    other = Storage(FAST, cache=DiskCache(tmp_path / "cache", bound))
+    assert other.read_range(blob, *ranges[-1]) == PAYLOAD[190_000:200_000]
+    assert other.counters.snapshot()["cache_hits"] == 1 and other.counters.snapshot()["requests"] == 0
