@@ -357,6 +357,13 @@ def run_mode(mode: str, args) -> dict:
         member_bytes += sum(meta[k]["member_bytes"] for k in keys)
     elapsed, cpu = time.perf_counter() - t0, meter.cpu_seconds() - cpu0
     meter.stop()
+    # Storage counts over the timed window: the read-ahead runs a fixed distance ahead of the decoder,
+    # so in steady state it fetched the window's samples (shifted by that distance).
+    io = {k: v - io0[k] for k, v in store.counters.snapshot().items()} if store else {}
+    # how often and how long the decoder waited for a read that was not ready (the DALI loader's
+    # read-ahead; the baseline's live in its workers); the timed window stays in one epoch
+    waits = {"read_waits": ahead().get("waited", 0) - wait0[0],
+             "read_wait_s": ahead().get("wait_s", 0.0) - wait0[1]}
     return {"mode": mode, "repeats": repeats, "videos": videos, "view_sets": videos * repeats,
             "views": videos * repeats * num_views, "decoded_frames": frames, "seconds": elapsed, "cpu_s": cpu,
             "load_average": os.getloadavg()[0], "peak_rss_mb": meter.peak_rss / 2**20,
