@@ -5,6 +5,7 @@
 #   footage   synthetic videos written with PyAV (no download)
 #   shards    the footage sharded by `python -m shard_tools`, as a real job would (or --shards DIR)
 #   data_*    bench.py data --device mixed: DALI views graph vs baseline vs decode-only, SVT and LSTCL
+#             (SVT at data.repeats 1, 2, 4 side by side: CPU and wall per view-set)
 #   ops_*     bench.py data --op-costs --device mixed: decode and each graph step
 #   model     bench.py model --device cuda --dtype bfloat16: TimeSformer tiny / small / base, SVT views
 #   e2e       bench.py e2e (configs/svt_vitb16.yaml): steps/s, data wait, MFU, collectives + host syncs
@@ -55,6 +56,7 @@ if [ "$DRY" = 1 ]; then
     TESTS=(-k "cpu and (h264 or kinds or guard)")
     FOOTAGE=(4 16 160 128)            # videos, frames, width, height (NVDEC's VP9 minimum is 128x128)
     DATA=(--batch-size 2 --warmup 1 --batches 1 --rounds 1 --threads 1 --modes dali)
+    REPEATS=(--repeats 1 2)
     OPS=(--batch-size 2 --threads 1)
     MODEL=(--sizes tiny --batch 1 --depth 1 --warmup 1 --repeats 1 --device cpu --dtype float32
            data.svt.global_size=32 data.svt.local_size=16 model.out_dim=64 model.hidden_dim=32 model.bottleneck_dim=16)
@@ -69,6 +71,7 @@ else
     TESTS=()
     FOOTAGE=(128 120 340 256)         # Kinetics-like: short side 256, ~5 s at 25 fps
     DATA=(--threads 4)
+    REPEATS=(--repeats 1 2 4)
     OPS=(--threads 4)
     MODEL=(--config configs/svt_vitb16.yaml --sizes tiny,small,base --batch 8 --device cuda --dtype bfloat16)
     E2E=(--config configs/svt_vitb16.yaml --steps 10 --warmup 3 trainer.batch_size_per_gpu=8
@@ -139,8 +142,10 @@ elif selected shards; then
     printf '%-12s %-24s %6ss  %s\n' shards "given" 0 "$SHARDS" | tee -a "$OUT/summary.txt"
 fi
 for recipe in svt lstcl; do
+    extra=()
+    [ "$recipe" = svt ] && extra=("${REPEATS[@]}")
     run_part "data_$recipe" "$PY" bench.py data --recipe "$recipe" --device "$DEVICE" --shards "$SHARDS" "${DATA[@]}" \
-        --out "$OUT/data_${recipe}_$DEVICE.json"
+        "${extra[@]}" --out "$OUT/data_${recipe}_$DEVICE.json"
 done
 for recipe in svt lstcl; do
     run_part "ops_$recipe" "$PY" bench.py data --op-costs --recipe "$recipe" --device "$DEVICE" --shards "$SHARDS" \

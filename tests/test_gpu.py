@@ -69,6 +69,18 @@ def config(shards: Path, device: str, **kw) -> DataConfig:
     return DataConfig(shards=str(shards), device=device, num_threads=2, **kw)
 
 
+@pytest.mark.parametrize("device", DATA_DEVICES)
+def test_repeated_view_sets_hold_their_planned_frames(gpu_shards, device):
+    """data.repeats=2 through the same graph on both decoders: one decode per video, two view-sets of
+    it (``fn.stack``) on adjacent rows, each holding its own plan's frames, on the output device."""
+    cfg = config(gpu_shards, device, recipe="svt", repeats=2)
+    loader = build_loader(cfg, batch_size=4, seed=3)
+    for batch in assert_views_hold_planned_frames(loader, cfg, gpu_shards, seed=3):
+        assert batch["repeat"].tolist() == [0, 1, 0, 1]
+        for name in loader.view_names:
+            assert batch[name].device.type == output_device(device) and batch[name].shape[0] == 4, name
+
+
 @pytest.mark.parametrize("recipe", ["svt", "lstcl"])
 @pytest.mark.parametrize("device", DATA_DEVICES)
 def test_views_hold_exactly_their_planned_frames(gpu_shards, device, recipe):
