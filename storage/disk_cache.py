@@ -18,6 +18,8 @@ import hashlib
 import os
 import threading
 
+from common.atomic_io import atomic_write_bytes
+
 
 class DiskCache:
     """Member bytes by (location, offset, length) in ``folder``, at most about ``max_bytes`` of them."""
@@ -50,16 +52,9 @@ class DiskCache:
         if len(data) > self.max_bytes:
             return
         path = self._path(location, offset, length)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+        try:  # no fsync: a cache entry lost to a crash is only a miss
+            atomic_write_bytes(path, data, sync=False)
         except OSError:   # a full or vanished cache disk costs the cache, not the read
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             return
         with self._lock:
             self._added += len(data)
